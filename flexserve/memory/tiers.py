@@ -1,0 +1,190 @@
+"""Memory tiers and the one copy path between them.
+
+Three tiers: GPU (the compute device's own memory), CPU (pinned host memory, allocated once and reused) and
+DISK (one file per tensor under the offload directory, read and written by a thread pool with positional I/O).
+A `Handle` says where one tensor lives; `copy_to_device` moves it to a buffer on the compute device. This
+module knows nothing of models. On a machine without CUDA the compute device is the CPU: the "GPU" tier is then
+ordinary memory of the compute device and the CPU and disk tiers stay real, so every path runs in CI.
+"""
+from __future__ import annotations
+
+import atexit
+import enum
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import uuid
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PolicyError
+
+
+class Tier(enum.Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+def tier_by_fraction(mid_percent: float, gpu_percent: float, cpu_percent: float) -> Tier:
+    """FlexGen's rule: an object whose middle falls in the first gpu% goes to the GPU, the next cpu% to the CPU."""
+    if mid_percent < gpu_percent:
+        return Tier.GPU
+    if mid_percent < gpu_percent + cpu_percent:
+        return Tier.CPU
+    return Tier.DISK
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def _raw_view(t: torch.Tensor):
+    """Numpy uint8 view of a contiguous CPU tensor (works for bf16, which numpy lacks)."""
+    return t.view(torch.uint8).reshape(-1).numpy() if t.numel() else t.view(torch.uint8).numpy()
+
+
+class DiskTier:
+    """Tensors stored as raw files in a private directory; removed on close, at exit and on SIGINT/SIGTERM."""
+
+    _live: "weakref.WeakSet[DiskTier]" = weakref.WeakSet()
+    _hooks_installed = False
+
+    def __init__(self, offload_dir: str, num_threads: int = 4):
+        if not offload_dir:
+            raise PolicyError("the policy puts data on disk but no offload_dir was given")
+        try:
+            os.makedirs(offload_dir, exist_ok=True)
+            self.root = tempfile.mkdtemp(prefix="flexserve-", dir=offload_dir)
+        except OSError as e:
+            raise PolicyError(f"cannot use offload_dir {offload_dir!r}: {e}") from None
+        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexserve-disk")
+        self._lock = threading.Lock()
+        DiskTier._live.add(self)
+        DiskTier._install_hooks()
+
+    @classmethod
+    def _install_hooks(cls) -> None:
+        if cls._hooks_installed:
+            return
+        cls._hooks_installed = True
+        atexit.register(lambda: [t.close() for t in list(cls._live)])
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous = signal.getsignal(sig)
+
+                def handler(signum, frame, previous=previous):
+                    for t in list(cls._live):
+                        t.close()
+                    if callable(previous):
+                        previous(signum, frame)
+                    else:
+                        raise KeyboardInterrupt
+                signal.signal(sig, handler)
+
+    def new_path(self, name: str) -> str:
+        return os.path.join(self.root, f"{name}-{uuid.uuid4().hex[:8]}.bin")
+
+    def write(self, path: str, src: torch.Tensor, offset_bytes: int = 0) -> None:
+        """Write a contiguous CPU tensor at a byte offset (creating the file if needed)."""
+        data = _raw_view(src.contiguous())
+        flags = os.O_WRONLY | os.O_CREAT
+        fd = os.open(path, flags, 0o600)
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset_bytes + done)
+        finally:
+            os.close(fd)
+
+    def read_into(self, path: str, dst: torch.Tensor, offset_bytes: int = 0) -> None:
+        """Fill a contiguous CPU tensor (ideally pinned) from a file."""
+        view = memoryview(_raw_view(dst))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset_bytes + done)
+                if n <= 0:
+                    raise OSError(f"short read from {path}")
+                done += n
+        finally:
+            os.close(fd)
+
+    def submit(self, fn, *args) -> Future:
+        return self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if getattr(self, "root", None) and os.path.isdir(self.root):
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            shutil.rmtree(self.root, ignore_errors=True)
+        DiskTier._live.discard(self)
+
+
+@dataclass
+class Handle:
+    """Where one tensor lives: a tensor on the GPU or CPU tier, or a file on the disk tier."""
+
+    tier: Tier
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    data: torch.Tensor | None = None  # GPU and CPU tiers
+    path: str | None = None  # DISK tier
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.shape, self.dtype)
+
+
+class Tiers:
+    """The three tiers of one executor: allocation on each, and copies between them."""
+
+    def __init__(self, device: torch.device, offload_dir: str | None = None, pin: bool = True):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.pin = pin and self.is_cuda
+        self._offload_dir = offload_dir
+        self._disk: DiskTier | None = None
+
+    @property
+    def disk(self) -> DiskTier:
+        if self._disk is None:
+            self._disk = DiskTier(self._offload_dir or "")
+        return self._disk
+
+    def empty_cpu(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def allocate(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t") -> Handle:
+        """Uninitialised storage on a tier (disk files are created sparse)."""
+        if tier is Tier.GPU:
+            return Handle(tier, shape, dtype, data=torch.empty(shape, dtype=dtype, device=self.device))
+        if tier is Tier.CPU:
+            return Handle(tier, shape, dtype, data=self.empty_cpu(shape, dtype))
+        path = self.disk.new_path(name)
+        with open(path, "wb") as f:
+            f.truncate(nbytes(shape, dtype))
+        return Handle(tier, shape, dtype, path=path)
+
+    def store(self, tier: Tier, src: torch.Tensor, name: str = "t") -> Handle:
+        """Place a tensor on a tier, copying it there."""
+        h = self.allocate(tier, tuple(src.shape), src.dtype, name)
+        if h.data is not None:
+            h.data.copy_(src)
+        else:
+            self.disk.write(h.path, src.detach().to("cpu"))
+        return h
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None

@@ -1,0 +1,56 @@
+"""Attention over a dense, left-padded KV cache (offline generation and the offloading executor).
+
+The cache of one layer for one batch is a pair of tensors [B, Hkv, S_max, hd]; new keys/values are written at
+positions [start, start + S). Left padding is described by a key-validity mask; a padded query row is allowed
+to see itself so that no softmax row is empty (an empty row gives NaN, and 0 * NaN would leak into real rows).
+The same function runs on the GPU or on the CPU (FlexGen's CPU attention): the caller decides where the
+tensors are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward facts shared by every layer of one batch."""
+
+    start: int  # cache index of the first new token
+    num_new: int  # new tokens this forward (prompt length at prefill, 1 at decode)
+    key_valid: torch.Tensor | None  # [B, start + num_new] bool; None when nothing is padded
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask [B, 1, S, L] (True = attend) on `device`, or None for the unpadded case."""
+        if self.key_valid is None:
+            return None
+        if device not in self._masks:
+            total = self.start + self.num_new
+            valid = self.key_valid.to(device)
+            q_pos = torch.arange(self.start, total, device=device)[:, None]  # [S, 1]
+            k_pos = torch.arange(total, device=device)[None, :]  # [1, L]
+            causal = k_pos <= q_pos
+            mask = (causal[None] & valid[:, None, :]) | (k_pos == q_pos)[None]
+            self._masks[device] = mask[:, None]
+        return self._masks[device]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    """Write k/v into the cache and attend. q: [B, S, H, hd]; k, v: [B, S, Hkv, hd] -> [B, S, H * hd]."""
+    b, s, h, hd = q.shape
+    end = meta.start + s
+    k_cache[:, :, meta.start:end] = k.transpose(1, 2)
+    v_cache[:, :, meta.start:end] = v.transpose(1, 2)
+    keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # [B, Hkv, L, hd]
+    mask = meta.mask(q.device)
+    causal = mask is None and s > 1 and meta.start == 0
+    if mask is None and s > 1 and meta.start > 0:  # chunk after a prefix, no padding: explicit causal mask
+        q_pos = torch.arange(meta.start, end, device=q.device)[:, None]
+        mask = (torch.arange(end, device=q.device)[None, :] <= q_pos)[None, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
+                                         enable_gqa=h != keys.shape[1])  # [B, H, S, hd]
+    return out.transpose(1, 2).reshape(b, s, h * hd)

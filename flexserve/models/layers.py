@@ -1,0 +1,122 @@
+"""The layer math shared by every family: norms, rotary embedding, attention projections, MLP.
+
+Functions take weights as a plain dict of tensors already on the compute device, so the same math serves the
+resident runner, the offloading executor (which streams the dict in) and the paged serving runner. Attention
+itself is delegated to an `attend(q, k, v)` callable supplied by the caller: it owns the KV cache (dense,
+paged, on the GPU or on the CPU), so cache layout never leaks into the model code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+Weights = Mapping[str, torch.Tensor]
+# attend(q: [B, S, H, hd], k: [B, S, Hkv, hd], v: [B, S, Hkv, hd]) -> [B, S, H * hd]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def apply_norm(cfg: ModelConfig, x: torch.Tensor, w: Weights, prefix: str) -> torch.Tensor:
+    weight = w[f"{prefix}.weight"]
+    if cfg.norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight, w.get(f"{prefix}.bias"), cfg.norm_eps)
+    # RMSNorm in fp32, as the reference implementation does, then back to the activation dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    return weight * x32.to(x.dtype)
+
+
+def _activation(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    if cfg.activation == "relu":
+        return F.relu(x)
+    if cfg.activation == "gelu":
+        return F.gelu(x)
+    return F.silu(x)
+
+
+# --- rotary embedding ----------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [hd/2], with linear or llama3-style scaling when the config asks for it."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    factor = float(sc["factor"])
+    if kind == "linear":
+        return inv / factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    old_len = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    # positions: [B, S] -> cos, sin: [B, S, 1, hd]
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)[None, None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# --- the decoder layer ---------------------------------------------------------------------------------------
+def decoder_layer(cfg: ModelConfig, w: Weights, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
+                  attend: AttendFn) -> torch.Tensor:
+    """One pre- or post-norm decoder layer. x: [B, S, D] -> [B, S, D]."""
+    b, s, _ = x.shape
+    h = apply_norm(cfg, x, w, "attn_norm") if cfg.pre_norm else x
+    qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # [B, S, (H + 2 Hkv) hd]
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = q.view(b, s, cfg.num_heads, cfg.head_dim)
+    k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    if rope is not None:
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
+    x = x + F.linear(attend(q, k, v), w["o.weight"], w.get("o.bias"))
+    if not cfg.pre_norm:
+        x = apply_norm(cfg, x, w, "attn_norm")
+    h = apply_norm(cfg, x, w, "mlp_norm") if cfg.pre_norm else x
+    u = F.linear(h, w["up.weight"], w.get("up.bias"))
+    if cfg.gated_mlp:
+        gate, up = u.chunk(2, dim=-1)
+        u = F.silu(gate) * up
+    else:
+        u = _activation(cfg, u)
+    x = x + F.linear(u, w["down.weight"], w.get("down.bias"))
+    if not cfg.pre_norm:
+        x = apply_norm(cfg, x, w, "mlp_norm")
+    return x
+
+
+def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token (and learned positional) embedding. ids, positions: [B, S] -> [B, S, D]."""
+    x = F.embedding(ids, w["embed.weight"])
+    if "project_in.weight" in w:
+        x = F.linear(x, w["project_in.weight"])
+    if cfg.positional == "learned":
+        x = x + F.embedding(positions + cfg.learned_pos_offset, w["pos_embed.weight"])
+    return x
+
+
+def lm_head(cfg: ModelConfig, w: Weights, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and output projection. x: [..., D] -> logits [..., V]."""
+    if cfg.pre_norm:
+        x = apply_norm(cfg, x, w, "final_norm")
+    if "project_out.weight" in w:
+        x = F.linear(x, w["project_out.weight"])
+    return F.linear(x, w["lm_head.weight"] if "lm_head.weight" in w else w["embed.weight"])

@@ -1,0 +1,111 @@
+"""`Policy`: where weights, KV cache and activations live, and the shape of the zig-zag block.
+
+Field names follow FlexGen's so that FlexGen users can carry their settings over. Each pair of percentages
+gives the GPU and CPU shares; the remainder goes to disk. The planner (`flexserve.planner`) optimises this same
+object.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import PolicyError
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Placement and batching policy of the offloading executor.
+
+    One block is `num_gpu_batches` GPU batches of `gpu_batch_size` sequences; each layer's weights are loaded
+    once per block and reused for every GPU batch (FlexGen's zig-zag schedule).
+    """
+
+    gpu_batch_size: int = 1
+    num_gpu_batches: int = 1
+    w_gpu_percent: float = 100
+    w_cpu_percent: float = 0
+    cache_gpu_percent: float = 100
+    cache_cpu_percent: float = 0
+    act_gpu_percent: float = 100
+    act_cpu_percent: float = 0
+    overlap: bool = True
+    sep_layer: bool = True
+    pin_weight: bool = True
+    cpu_cache_compute: bool = False
+    attn_sparsity: float = 1.0
+    compress_weight: bool = False
+    compress_cache: bool = False
+    comp_group_size: int = 64
+    comp_num_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise PolicyError(f"gpu_batch_size and num_gpu_batches must be >= 1, got "
+                              f"{self.gpu_batch_size} and {self.num_gpu_batches}")
+        for kind in ("w", "cache", "act"):
+            gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
+            for label, v in (("gpu", gpu), ("cpu", cpu)):
+                if not 0 <= v <= 100:
+                    raise PolicyError(f"{kind}_{label}_percent must be within 0..100, got {v}")
+            if gpu + cpu > 100 + 1e-9:
+                raise PolicyError(f"{kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100")
+        if self.comp_num_bits not in (4, 8):
+            raise PolicyError(f"comp_num_bits must be 4 or 8, got {self.comp_num_bits}")
+        if self.comp_group_size < 2 or self.comp_group_size % 2:
+            raise PolicyError(f"comp_group_size must be an even number >= 2, got {self.comp_group_size}")
+        if not 0 < self.attn_sparsity <= 1:
+            raise PolicyError(f"attn_sparsity must be in (0, 1], got {self.attn_sparsity}")
+
+    @property
+    def w_disk_percent(self) -> float:
+        return 100 - self.w_gpu_percent - self.w_cpu_percent
+
+    @property
+    def cache_disk_percent(self) -> float:
+        return 100 - self.cache_gpu_percent - self.cache_cpu_percent
+
+    @property
+    def act_disk_percent(self) -> float:
+        return 100 - self.act_gpu_percent - self.act_cpu_percent
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def uses_disk(self) -> bool:
+        return min(self.w_disk_percent, self.cache_disk_percent, self.act_disk_percent) < 100 and max(
+            self.w_disk_percent, self.cache_disk_percent, self.act_disk_percent) > 1e-9
+
+    @property
+    def percent(self) -> tuple[float, float, float, float, float, float]:
+        """The six numbers of FlexGen's `--percent` flag."""
+        return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent, self.cache_cpu_percent,
+                self.act_gpu_percent, self.act_cpu_percent)
+
+    @classmethod
+    def from_percent(cls, percent: Sequence[float], **kw) -> "Policy":
+        if len(percent) != 6:
+            raise PolicyError(f"--percent takes 6 numbers (W_GPU W_CPU C_GPU C_CPU A_GPU A_CPU), got {len(percent)}")
+        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                 "act_gpu_percent", "act_cpu_percent")
+        return cls(**dict(zip(names, (float(p) for p in percent))), **kw)
+
+    def replace(self, **changes) -> "Policy":
+        return dataclasses.replace(self, **changes)
+
+    def percent_flags(self) -> str:
+        """The policy as CLI flags, e.g. `--percent 20 80 0 100 0 100 --gpu-batch-size 16 ...`."""
+        pct = " ".join(f"{p:g}" for p in self.percent)
+        flags = f"--percent {pct} --gpu-batch-size {self.gpu_batch_size} --num-gpu-batches {self.num_gpu_batches}"
+        if self.cpu_cache_compute:
+            flags += " --cpu-cache-compute"
+        if self.compress_weight:
+            flags += " --compress-weight"
+        if self.compress_cache:
+            flags += " --compress-cache"
+        return flags
+
+
+RESIDENT = Policy()

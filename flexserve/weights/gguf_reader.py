@@ -1,0 +1,118 @@
+"""GGUF files (llama.cpp's format) through the `gguf` package: metadata into `ModelConfig`, tensors
+dequantised on load (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows)."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from .base import Tensors, finish_globals
+
+_LAYER = {
+    "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
+    "ffn_norm": "mlp_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
+}
+_GLOBAL = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_ARCHS = ("llama", "mistral", "qwen2")
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.contents()
+    return value
+
+
+def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's conversion-time row permutation of Q/K (interleaved rotary -> HF's rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFSource:
+    """Lazy reader of a GGUF file. Tokenizer and chat template are read by `flexserve.tokenizer`."""
+
+    def __init__(self, path: str):
+        import gguf  # imported here: only GGUF users pay for it
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(path)
+        except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError ... on bad files
+            raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated?): {e}") from None
+        self._dequantize = gguf.quants.dequantize
+        self.config = self._config()
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._layers: dict[int, dict[str, str]] = {}
+        self._globals: dict[str, str] = {}
+        for name in self._tensors:
+            m = _LAYER_RE.match(name)
+            if m and m.group(2) in _LAYER:
+                self._layers.setdefault(int(m.group(1)), {})[f"{_LAYER[m.group(2)]}.{m.group(3)}"] = name
+            elif name.rsplit(".", 1)[0] in _GLOBAL:
+                stem, kind = name.rsplit(".", 1)
+                self._globals[f"{_GLOBAL[stem]}.{kind}"] = name
+        if "lm_head.weight" not in self._globals:
+            self.config = self.config.replace(tie_word_embeddings=True)
+        missing = [i for i in range(self.config.num_layers) if i not in self._layers]
+        if missing:
+            raise ModelLoadError(f"{path}: GGUF lacks decoder layers {missing[:5]}")
+
+    def _config(self) -> ModelConfig:
+        r = self._reader
+        arch = _field(r, "general.architecture")
+        if arch not in _ARCHS:
+            raise ModelLoadError(f"{self.path}: GGUF architecture {arch!r} is not supported (supported: {_ARCHS})")
+        try:
+            heads = int(_field(r, f"{arch}.attention.head_count"))
+            hidden = int(_field(r, f"{arch}.embedding_length"))
+            tokens = _field(r, "tokenizer.ggml.tokens")
+            vocab = int(_field(r, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+            eos = _field(r, "tokenizer.ggml.eos_token_id")
+            rope_dim = _field(r, f"{arch}.rope.dimension_count")
+            scaling = None
+            if _field(r, f"{arch}.rope.scaling.type") == "linear":
+                scaling = {"rope_type": "linear", "factor": float(_field(r, f"{arch}.rope.scaling.factor"))}
+            return ModelConfig(
+                family="llama", name=os.path.basename(self.path), vocab_size=vocab, hidden_size=hidden,
+                intermediate_size=int(_field(r, f"{arch}.feed_forward_length")),
+                num_layers=int(_field(r, f"{arch}.block_count")), num_heads=heads,
+                num_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", heads)),
+                head_dim=int(_field(r, f"{arch}.attention.key_length", rope_dim or hidden // heads)),
+                max_position=int(_field(r, f"{arch}.context_length", 2048)),
+                norm="rmsnorm", norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                qkv_bias=arch == "qwen2", rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+                rope_scaling=scaling, bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
+                eos_token_id=None if eos is None else int(eos),
+            )
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from None
+
+    def _get(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        try:
+            data = np.asarray(self._dequantize(t.data, t.tensor_type))
+        except NotImplementedError as e:
+            raise ModelLoadError(f"{self.path}: tensor {name} has unsupported type {t.tensor_type.name}: {e}") from None
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dimensions fastest-first
+        out = torch.from_numpy(data.astype(np.float32, copy=False).reshape(shape).copy())
+        return out
+
+    def global_parts(self) -> Tensors:
+        return finish_globals(self.config, {k: self._get(v) for k, v in self._globals.items()})
+
+    def layer_parts(self, index: int) -> Tensors:
+        parts = {k: self._get(v) for k, v in self._layers[index].items()}
+        cfg = self.config
+        for key, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+            if f"{key}.weight" in parts:
+                parts[f"{key}.weight"] = _unpermute(parts[f"{key}.weight"], heads)
+            if f"{key}.bias" in parts:
+                parts[f"{key}.bias"] = _unpermute(parts[f"{key}.bias"], heads)
+        return parts

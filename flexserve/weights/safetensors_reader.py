@@ -1,0 +1,102 @@
+"""Hugging Face folders: config.json plus one or many (indexed) *.safetensors files, read lazily."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ModelConfig, load_hf_config
+from ..errors import ModelLoadError
+from .base import Tensors, finish_globals
+
+# Checkpoint name -> raw part name, per family. "{i}" is the layer index.
+_OPT_LAYER = {
+    "self_attn_layer_norm": "attn_norm", "self_attn.q_proj": "q", "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v", "self_attn.out_proj": "o", "final_layer_norm": "mlp_norm", "fc1": "up", "fc2": "down",
+}
+_LLAMA_LAYER = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o", "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up", "mlp.down_proj": "down",
+}
+_OPT_GLOBAL = {
+    "decoder.embed_tokens": "embed", "decoder.embed_positions": "pos_embed", "decoder.final_layer_norm":
+    "final_norm", "decoder.project_in": "project_in", "decoder.project_out": "project_out", "lm_head": "lm_head",
+}
+_LLAMA_GLOBAL = {"embed_tokens": "embed", "norm": "final_norm", "lm_head": "lm_head"}
+_LAYER_RE = re.compile(r"^(?:model\.)?(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+class SafetensorsSource:
+    """Lazy reader of a Hugging Face safetensors folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.config: ModelConfig = load_hf_config(folder)
+        self._files = self._index()
+        self._handles: dict[str, object] = {}
+        layer_map = _OPT_LAYER if self.config.family == "opt" else _LLAMA_LAYER
+        global_map = _OPT_GLOBAL if self.config.family == "opt" else _LLAMA_GLOBAL
+        self._layers: dict[int, dict[str, str]] = {}
+        self._globals: dict[str, str] = {}
+        for name in self._files:
+            m = _LAYER_RE.match(name)
+            if m:
+                part = layer_map.get(m.group(2))
+                if part is not None:
+                    self._layers.setdefault(int(m.group(1)), {})[f"{part}.{m.group(3)}"] = name
+                continue
+            stem, _, kind = name.rpartition(".")
+            stem = stem.removeprefix("model.")
+            if stem in global_map:
+                self._globals[f"{global_map[stem]}.{kind}"] = name
+        missing = [i for i in range(self.config.num_layers) if i not in self._layers]
+        if missing:
+            raise ModelLoadError(f"{folder}: the checkpoint lacks decoder layers {missing[:5]}"
+                                 f"{'...' if len(missing) > 5 else ''}")
+
+    def _index(self) -> dict[str, str]:
+        """Tensor name -> file, from the shard index or by opening every *.safetensors file."""
+        index = os.path.join(self.folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from None
+            for shard in set(weight_map.values()):
+                if not os.path.isfile(os.path.join(self.folder, shard)):
+                    raise ModelLoadError(f"{self.folder}: shard {shard} named in the index is missing")
+            return {k: os.path.join(self.folder, v) for k, v in weight_map.items()}
+        files = sorted(f for f in os.listdir(self.folder) if f.endswith(".safetensors"))
+        if not files:
+            raise ModelLoadError(f"{self.folder}: no *.safetensors files (other formats are not supported)")
+        out: dict[str, str] = {}
+        for f in files:
+            path = os.path.join(self.folder, f)
+            for key in self._open(path).keys():
+                out[key] = path
+        return out
+
+    def _open(self, path: str):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ModelLoadError(f"{path} is corrupt or truncated: {e}") from None
+        return self._handles[path]
+
+    def _get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._files[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{self._files[name]}: cannot read {name}: {e}") from None
+
+    def global_parts(self) -> Tensors:
+        return finish_globals(self.config, {k: self._get(v) for k, v in self._globals.items()})
+
+    def layer_parts(self, index: int) -> Tensors:
+        return {k: self._get(v) for k, v in self._layers[index].items()}
