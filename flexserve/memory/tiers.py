@@ -184,6 +184,43 @@ class Tiers:
             self.disk.write(h.path, src.detach().to("cpu"))
         return h
 
+    def row_bytes(self, h: Handle) -> int:
+        return nbytes(h.shape[1:], h.dtype)
+
+    def read_rows(self, h: Handle, dst: torch.Tensor, lo: int, hi: int, staging: torch.Tensor | None = None,
+                  non_blocking: bool = True) -> None:
+        """Copy rows [lo, hi) of dim 0 of a stored tensor into `dst[lo:hi]` (dst on the compute device).
+
+        Disk rows go through `staging` (pinned, at least as large as the stored tensor): a positional read into
+        host memory, then one copy to the device.
+        """
+        if hi <= lo:
+            return
+        if h.data is not None:
+            dst[lo:hi].copy_(h.data[lo:hi], non_blocking=non_blocking)
+            return
+        buf = staging[lo:hi] if staging is not None else self.empty_cpu((hi - lo, *h.shape[1:]), h.dtype)
+        self.disk.read_into(h.path, buf, lo * self.row_bytes(h))
+        dst[lo:hi].copy_(buf, non_blocking=non_blocking and staging is not None)
+
+    def write_rows(self, h: Handle, src: torch.Tensor, lo: int, hi: int, staging: torch.Tensor | None = None,
+                   non_blocking: bool = True) -> None:
+        """Copy `src[lo:hi]` (on the compute device) into rows [lo, hi) of a stored tensor.
+
+        To disk this is a device-to-host copy into `staging` that must finish before the positional write, so
+        it synchronises the current stream: callers run it on the store lane, off the compute path.
+        """
+        if hi <= lo:
+            return
+        if h.data is not None:
+            h.data[lo:hi].copy_(src[lo:hi], non_blocking=non_blocking)
+            return
+        buf = staging[lo:hi] if staging is not None else self.empty_cpu((hi - lo, *h.shape[1:]), h.dtype)
+        buf.copy_(src[lo:hi], non_blocking=self.is_cuda)
+        if self.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        self.disk.write(h.path, buf, lo * self.row_bytes(h))
+
     def close(self) -> None:
         if self._disk is not None:
             self._disk.close()

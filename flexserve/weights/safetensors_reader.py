@@ -36,8 +36,8 @@ class SafetensorsSource:
     def __init__(self, folder: str):
         self.folder = folder
         self.config: ModelConfig = load_hf_config(folder)
-        self._files = self._index()
         self._handles: dict[str, object] = {}
+        self._files = self._index()
         layer_map = _OPT_LAYER if self.config.family == "opt" else _LLAMA_LAYER
         global_map = _OPT_GLOBAL if self.config.family == "opt" else _LLAMA_GLOBAL
         self._layers: dict[int, dict[str, str]] = {}

@@ -1,0 +1,61 @@
+"""How a tensor is quantised: bits per value, group size and the dimension groups run along."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexserve.errors import PolicyError
+
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionConfig:
+    """Group-wise asymmetric min/max quantisation settings.
+
+    Each run of `group_size` contiguous elements along `group_dim` (negative counts from the end, as in
+    torch) is one group with its own scale and minimum. `scale_dtype=None` stores scale and minimum in
+    the source tensor's dtype; `torch.float16` halves their size for an fp32 source at a small accuracy
+    cost. 4-bit values are packed two per byte, so 4-bit needs an even `group_size`.
+    """
+
+    num_bits: int = 4
+    group_size: int = 64
+    group_dim: int = -1
+    scale_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.num_bits) or self.num_bits not in SUPPORTED_BITS:
+            raise PolicyError(f"compression num_bits must be one of {SUPPORTED_BITS}, got {self.num_bits!r}")
+        if not _is_int(self.group_size) or self.group_size < 1:
+            raise PolicyError(f"compression group_size must be a positive integer, got {self.group_size!r}")
+        if self.num_bits == 4 and self.group_size % 2:
+            raise PolicyError(f"4-bit compression packs two values per byte, so group_size must be even, "
+                              f"got {self.group_size}")
+        if not _is_int(self.group_dim):
+            raise PolicyError(f"compression group_dim must be an integer, got {self.group_dim!r}")
+        if self.scale_dtype is not None and self.scale_dtype not in SUPPORTED_SCALE_DTYPES:
+            raise PolicyError(f"compression scale_dtype must be None or one of {SUPPORTED_SCALE_DTYPES}, "
+                              f"got {self.scale_dtype!r}")
+
+    @property
+    def max_level(self) -> int:
+        """The largest quantised value: 2**num_bits - 1."""
+        return (1 << self.num_bits) - 1
+
+    @property
+    def values_per_byte(self) -> int:
+        return 8 // self.num_bits
+
+    def resolve_group_dim(self, ndim: int) -> int:
+        """`group_dim` as a non-negative index for a tensor of `ndim` dimensions."""
+        if not -ndim <= self.group_dim < ndim:
+            raise PolicyError(f"compression group_dim {self.group_dim} is out of range for a "
+                              f"{ndim}-dimensional tensor")
+        return self.group_dim % ndim
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,190 @@
+"""`LLM`: the offline front end. Prompts in, `RequestOutput`s out, under any placement `Policy`."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import PolicyError, PromptTooLongError, RequestError
+from ..offload.executor import OffloadExecutor
+from ..offload.policy import Policy
+from ..tokenizer import Tokenizer
+from ..weights import DummySource, default_model_path, open_source
+from .block import Sequence, run_block
+from .outputs import CompletionOutput, RequestOutput
+from .sampling import SamplingParams, make_generator
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_MAX_BATCH = 64
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, family: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32  # CPU matmuls in half precision are slow and less exact
+        return torch.float16 if family == "opt" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise PolicyError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A model loaded under a placement policy, ready to generate.
+
+    `model`: a Hugging Face folder, a `.gguf` file, `dummy:PRESET`, or None for the default SmolLM2 model.
+    `policy`: where weights/cache/activations live and the block shape; None means fully resident, with
+    every prompt of a `generate` call in one batch (up to 64 at a time).
+    """
+
+    def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
+                 offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
+                 progress: bool = False):
+        self.model = model if model is not None else default_model_path()
+        self.device = resolve_device(device)
+        source = open_source(self.model, dtype=torch.float32, device="cpu")
+        self.config = source.config
+        self.dtype = resolve_dtype(dtype, self.device, self.config.family)
+        if isinstance(source, DummySource):
+            source.dtype = self.dtype  # dummy weights are generated straight in the runtime dtype
+            if self.device.type == "cuda":
+                source.device = self.device
+        self.policy = policy
+        if policy is not None and policy.uses_disk and not offload_dir:
+            raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir")
+        self.executor = OffloadExecutor(source, policy or Policy(), self.device, self.dtype, offload_dir, progress)
+        self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
+        self._seed = seed
+        self._ids = itertools.count()
+
+    # --- prompts -----------------------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = [int(t) for t in prompt["prompt_token_ids"]]
+            return prompt.get("prompt"), ids
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise RequestError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        """Reject prompts that cannot run: empty, out-of-vocabulary, or longer than the context window."""
+        ctx = self.config.max_position
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise RequestError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}")
+        if len(ids) >= ctx:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the context window is {ctx} "
+                                     f"(prompt plus at least one new token must fit)")
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            ids.update(self.config.eos_ids)
+        return ids
+
+    def _stop_check(self, seq: Sequence) -> bool:
+        if not seq.params.stop:
+            return False
+        text = self.tokenizer.decode(seq.out_ids)
+        for stop in seq.params.stop:
+            if stop in text:
+                seq.stop_reason = stop
+                return True
+        return False
+
+    # --- generation --------------------------------------------------------------------------------------------
+    def generate(self, prompts: str | dict | Iterable[str | dict], sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt; prompts of different lengths are batched together (left-padded)."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise RequestError("give one SamplingParams, or one per prompt")
+        params_list = [p if p is not None else SamplingParams() for p in params_list]
+        fallback = torch.Generator().manual_seed(self._seed)
+        requests, seqs = [], []
+        for prompt, params in zip(prompts, params_list):
+            text, ids = self._prompt_ids(prompt)
+            self.check_prompt(ids, params)
+            room = self.config.max_position - len(ids)
+            eff = params if params.max_tokens <= room else _with_max_tokens(params, room)
+            mine = []
+            for i in range(params.n):
+                seed = None if params.seed is None else params.seed + i
+                mine.append(Sequence(ids, eff, make_generator(seed, fallback), self._stop_ids(params)))
+            requests.append((text, ids, mine))
+            seqs.extend(mine)
+        self._run(seqs, use_tqdm)
+        return [self._output(text, ids, mine) for text, ids, mine in requests]
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the model's chat template to OpenAI-style messages and generate."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": self.tokenizer.chat_prompt(c)} for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        policy = self.policy or Policy(gpu_batch_size=min(len(seqs), DEFAULT_MAX_BATCH))
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].prompt_ids))  # less padding per block
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(s.params.max_tokens for s in seqs), desc="generating", unit="tok")
+        step = policy.block_size
+        for lo in range(0, len(order), step):
+            block = [seqs[i] for i in order[lo:lo + step]]
+            run_block(self.executor, block, policy.gpu_batch_size, self._stop_check,
+                      (lambda n, b=len(block): bar.update(n * b)) if bar is not None else None)
+        if bar is not None:
+            bar.close()
+
+    def _output(self, text: str | None, ids: list[int], seqs: list[Sequence]) -> RequestOutput:
+        outs = []
+        for i, s in enumerate(seqs):
+            out_text = self.tokenizer.decode(s.out_ids) if self._has_text() else ""
+            if isinstance(s.stop_reason, str):
+                out_text = out_text[:out_text.index(s.stop_reason)]
+            want_lp = s.params.logprobs is not None
+            outs.append(CompletionOutput(i, out_text, list(s.out_ids), s.cum_logprob if want_lp else None,
+                                         s.logprobs if want_lp else None, s.finish_reason, s.stop_reason))
+        return RequestOutput(str(next(self._ids)), text, ids, outs, seqs[0].prompt_logprobs)
+
+    def _has_text(self) -> bool:
+        try:
+            self.tokenizer.hf
+            return True
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, max_tokens=max_tokens)

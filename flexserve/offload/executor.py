@@ -1,0 +1,324 @@
+"""The zig-zag block executor: one loop for resident and offloaded execution, prefill and decode.
+
+A block is `num_gpu_batches` GPU batches. For every pseudo-layer j (embed, decoders, head) the executor waits
+for j's weights, starts loading j+1's weights, then runs every GPU batch k through layer j (FlexGen's zig-zag
+order: a layer's weights cross PCIe once per block, not once per batch). Around each (j, k) the KV cache of
+batch k+1 is loaded ahead and the cache slice written by batch k is stored behind.
+
+Three activities overlap: loads run on a loader thread issuing copies on a load stream, stores on a store
+thread with a store stream, compute on the caller's thread and the current stream; CUDA events order the
+streams, futures order the threads. With `overlap=False` everything runs inline and in order (the debug mode).
+On a CPU compute device the "GPU" tier is the device's own memory and the copies are real memcpys, so CI
+exercises the same placement, staging and ordering logic.
+
+When the cache lives on the CPU and `cpu_cache_compute` is set, decode attention runs on the CPU where the
+cache is: only the new token's q/k/v and the attention output cross PCIe.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+from ..memory.streams import Lane, current_record, current_wait
+from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
+from ..models.attention import AttnMeta, dense_attention
+from ..models.layers import decoder_layer, embed, lm_head, rope_cos_sin, rope_inv_freq
+from ..weights import WeightSource
+from .placement import PseudoLayer, place_weights
+from .policy import Policy
+
+
+class _Inline:
+    """A stand-in for a one-thread pool that runs each task at once (overlap off)."""
+
+    def submit(self, fn, *args) -> Future:
+        f: Future = Future()
+        f.set_result(fn(*args))
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+@dataclass
+class _Sync:
+    """What must have happened before a buffer may be touched: a thread's future and/or a stream event."""
+
+    future: Future | None = None
+    event: object = None
+
+    def wait_host(self) -> None:
+        if self.future is not None:
+            self.future.result()
+
+    def wait_on(self, lane: Lane | None) -> None:
+        """Host-wait the future, then make `lane` (or the current stream if None) wait for the event."""
+        self.wait_host()
+        ev = self.future.result() if self.future is not None and self.event is None else self.event
+        if ev is not None:
+            lane.wait(ev) if lane is not None else current_wait(ev)
+
+
+@dataclass
+class _CacheSlot:
+    """A GPU staging buffer for the K/V of one (layer, batch) whose cache lives off the GPU."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    released: _Sync = field(default_factory=_Sync)
+
+
+@dataclass
+class BatchState:
+    """One GPU batch of a block: its caches per layer and its attention metadata."""
+
+    size: int
+    k: list[Handle]
+    v: list[Handle]
+    cache_tiers: list[Tier]
+    meta: AttnMeta | None = None
+    rope: tuple[torch.Tensor, ...] | None = None
+    stored: dict[int, _Sync] = field(default_factory=dict)  # layer -> last store of this batch's cache
+
+
+@dataclass
+class BlockState:
+    batches: list[BatchState]
+    max_len: int
+    length: int = 0  # tokens in the cache so far
+
+
+class OffloadExecutor:
+    """Runs a model under a `Policy` on one compute device (see module docstring)."""
+
+    def __init__(self, source: WeightSource, policy: Policy, device: torch.device | str, dtype: torch.dtype,
+                 offload_dir: str | None = None, progress: bool = False):
+        self.cfg: ModelConfig = source.config
+        self.policy = policy
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tiers = Tiers(self.device, offload_dir, pin=policy.pin_weight)
+        self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress)
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
+        separate = policy.overlap
+        self.load_lane = Lane(self.device, separate)
+        self.store_lane = Lane(self.device, separate)
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="flexserve-load") if separate else _Inline()
+        self.storer = ThreadPoolExecutor(1, thread_name_prefix="flexserve-store") if separate else _Inline()
+        self._wslots: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], _Sync]] = {}
+        self._cslots: dict[int, list[_CacheSlot]] = {}  # per batch size, double-buffered
+        self._cache_staging: dict[int, torch.Tensor | None] = {}
+        self._pending: dict[int, Future] = {}
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    def _weight_slot(self, layer: PseudoLayer):
+        key = layer.slot_key
+        if key not in self._wslots:
+            gpu = {n: torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.offloaded.items()}
+            stage = {n: self.tiers.empty_cpu(h.shape, h.dtype) for n, h in layer.offloaded.items()
+                     if h.tier is Tier.DISK}
+            self._wslots[key] = (gpu, stage, _Sync())
+        return self._wslots[key]
+
+    def _load_weights(self, j: int):
+        """Loader-thread task: copy layer j's offloaded tensors into its GPU slot; returns the load event."""
+        layer = self.layers[j]
+        gpu, stage, released = self._weight_slot(layer)
+        released.wait_on(self.load_lane)
+        with self.load_lane.context():
+            for name, h in layer.offloaded.items():
+                self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
+            return self.load_lane.record()
+
+    def _prefetch(self, j: int) -> None:
+        if j < len(self.layers) and j not in self._pending and self.layers[j].offloaded:
+            self._pending[j] = self.loader.submit(self._load_weights, j)
+
+    def _weights(self, j: int) -> dict[str, torch.Tensor]:
+        layer = self.layers[j]
+        if not layer.offloaded:
+            return layer.resident
+        self._prefetch(j)
+        current_wait(self._pending.pop(j).result())
+        gpu, _, _ = self._weight_slot(layer)
+        return {**layer.resident, **gpu}
+
+    def _release_weights(self, j: int) -> None:
+        layer = self.layers[j]
+        if layer.offloaded:
+            self._weight_slot(layer)[2].event = current_record(self.device)
+
+    # --- KV cache --------------------------------------------------------------------------------------------
+    def cache_tier(self, layer: int, batch: int, num_batches: int) -> Tier:
+        """Layer-granular cache placement: the midpoint rule over (layer, batch) positions of the block."""
+        pos = (layer * num_batches + batch + 0.5) / (self.cfg.num_layers * num_batches) * 100
+        p = self.policy
+        return tier_by_fraction(pos, p.cache_gpu_percent, p.cache_cpu_percent)
+
+    def new_block(self, batch_sizes: list[int], max_len: int) -> BlockState:
+        """Allocate the caches of a block whose sequences will hold at most `max_len` tokens."""
+        cfg, batches = self.cfg, []
+        for k, b in enumerate(batch_sizes):
+            shape = (max_len, b, cfg.num_kv_heads, cfg.head_dim)
+            tiers = [self.cache_tier(j, k, len(batch_sizes)) for j in range(cfg.num_layers)]
+            ks = [self.tiers.allocate(t, shape, self.dtype, f"k{j}.{k}") for j, t in enumerate(tiers)]
+            vs = [self.tiers.allocate(t, shape, self.dtype, f"v{j}.{k}") for j, t in enumerate(tiers)]
+            batches.append(BatchState(b, ks, vs, tiers))
+        for b in set(batch_sizes):
+            shape = (max_len, b, cfg.num_kv_heads, cfg.head_dim)
+            if any(self._needs_slot(bs, j, 2) for bs in batches if bs.size == b for j in range(cfg.num_layers)) \
+                    and (b not in self._cslots or tuple(self._cslots[b][0].k.shape) != shape):
+                self._cslots[b] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
+                                              torch.empty(shape, dtype=self.dtype, device=self.device))
+                                   for _ in range(2)]
+                self._cache_staging[b] = (self.tiers.empty_cpu((2, 2, *shape), self.dtype)
+                                          if self.policy.cache_disk_percent > 0 else None)
+        return BlockState(batches, max_len)
+
+    def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
+        return (self.policy.cpu_cache_compute and batch.cache_tiers[j] is Tier.CPU and num_new == 1
+                and self.device.type == "cuda")
+
+    def _needs_slot(self, batch: BatchState, j: int, num_new: int) -> bool:
+        return batch.cache_tiers[j] is not Tier.GPU and not self._cpu_attends(batch, j, num_new)
+
+    def _staging(self, b: int, slot_index: int, which: int) -> torch.Tensor | None:
+        stage = self._cache_staging.get(b)
+        return None if stage is None else stage[slot_index, which]
+
+    def _load_cache(self, batch: BatchState, j: int, slot_index: int, length: int) -> object:
+        """Loader-thread task: bring the first `length` cached tokens of (j, batch) into a GPU slot."""
+        slot = self._cslots[batch.size][slot_index]
+        slot.released.wait_on(self.load_lane)
+        if j in batch.stored:
+            batch.stored[j].wait_on(self.load_lane)
+        with self.load_lane.context():
+            for which, (h, dst) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
+                self.tiers.read_rows(h, dst, 0, length, self._staging(batch.size, slot_index, which))
+            return self.load_lane.record()
+
+    def _store_cache(self, batch: BatchState, j: int, slot_index: int, lo: int, hi: int, ready) -> object:
+        """Store-thread task: write tokens [lo, hi) of (j, batch) from its GPU slot back to their tier."""
+        slot = self._cslots[batch.size][slot_index]
+        self.store_lane.wait(ready)
+        with self.store_lane.context():
+            for which, (h, src) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
+                self.tiers.write_rows(h, src, lo, hi, self._staging(batch.size, slot_index, which))
+            return self.store_lane.record()
+
+    # --- one forward over the block --------------------------------------------------------------------------
+    def forward(self, state: BlockState, ids: list[torch.Tensor], positions: list[torch.Tensor],
+                key_valid: list[torch.Tensor | None], all_logits: bool = False) -> list[torch.Tensor]:
+        """Run new tokens of every batch of the block through the model; returns logits per batch.
+
+        ids/positions: [b, S] per batch (S new tokens each, the same S for the whole block); key_valid: [b, L]
+        validity of every cache position so far including the new ones, or None when nothing is padded.
+        Logits are [b, V] (last position) or [b, S, V] with `all_logits`.
+        """
+        s = ids[0].shape[1]
+        start = state.length
+        if start + s > state.max_len:
+            raise ValueError(f"block cache holds {state.max_len} tokens; asked for {start + s}")
+        for bs, pos, kv in zip(state.batches, positions, key_valid):
+            bs.meta = AttnMeta(start, s, kv)
+            if self.inv_freq is not None:
+                bs.rope = rope_cos_sin(self.inv_freq, pos.to(self.device), self.dtype)
+        hidden: list[torch.Tensor] = [None] * len(state.batches)  # type: ignore[list-item]
+        logits: list[torch.Tensor] = []
+        act = _Activations(self, len(state.batches))
+        n = len(self.layers)
+        for j, layer in enumerate(self.layers):
+            w = self._weights(j)
+            self._prefetch(j + 1 if j + 1 < n else 0)
+            if layer.kind == "embed":
+                for k, bs in enumerate(state.batches):
+                    hidden[k] = act.put(k, embed(self.cfg, w, ids[k].to(self.device), positions[k].to(self.device)))
+            elif layer.kind == "head":
+                for k in range(len(state.batches)):
+                    x = act.get(k, hidden[k])
+                    logits.append(lm_head(self.cfg, w, x if all_logits else x[:, -1]))
+            else:
+                self._decoder_over_batches(state, layer.index, w, hidden, act, start, s)
+            self._release_weights(j)
+        state.length = start + s
+        return logits
+
+    def _decoder_over_batches(self, state: BlockState, li: int, w, hidden, act: "_Activations", start: int,
+                              s: int) -> None:
+        batches = state.batches
+        pending: dict[int, tuple[int, Future]] = {}
+
+        def schedule_load(k: int) -> None:
+            if k < len(batches) and self._needs_slot(batches[k], li, s):
+                idx = (li * len(batches) + k) % 2
+                pending[k] = (idx, self.loader.submit(self._load_cache, batches[k], li, idx, start))
+
+        schedule_load(0)
+        for k, bs in enumerate(batches):
+            schedule_load(k + 1)
+            x = act.get(k, hidden[k])
+            if k in pending:
+                idx, fut = pending.pop(k)
+                current_wait(fut.result())
+                slot = self._cslots[bs.size][idx]
+                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(slot.k, slot.v, bs.meta))
+                ready = current_record(self.device)
+                fut = self.storer.submit(self._store_cache, bs, li, idx, start, start + s, ready)
+                bs.stored[li] = slot.released = _Sync(future=fut)
+            elif self._cpu_attends(bs, li, s):
+                x = decoder_layer(self.cfg, w, x, bs.rope, self._cpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
+            else:
+                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
+            hidden[k] = act.put(k, x)
+
+    @staticmethod
+    def _gpu_attend(kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
+        return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta)
+
+    def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
+        """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
+        def attend(q, k, v):
+            qc, kk, vv = (t.to("cpu", non_blocking=True) for t in (q, k, v))
+            torch.cuda.current_stream().synchronize()
+            out = dense_attention(qc, kk, vv, kc, vc, meta)
+            return out.pin_memory().to(self.device, non_blocking=True)
+        return attend
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        self.loader.shutdown(wait=True, cancel_futures=True)
+        self.storer.shutdown(wait=True, cancel_futures=True)
+        self.tiers.close()
+
+
+class _Activations:
+    """Hidden states between layers, kept on the tier the policy names (stream-ordered copies, no host sync)."""
+
+    def __init__(self, ex: OffloadExecutor, num_batches: int):
+        p = ex.policy
+        self.ex = ex
+        self.tier = [tier_by_fraction((k + 0.5) / num_batches * 100, p.act_gpu_percent, p.act_cpu_percent)
+                     for k in range(num_batches)]
+        self.handles: dict[int, Handle] = {}
+
+    def put(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        if self.tier[k] is Tier.GPU:
+            return x
+        h = self.handles.get(k)
+        if h is None or h.shape != tuple(x.shape):
+            h = self.handles[k] = self.ex.tiers.allocate(self.tier[k], tuple(x.shape), x.dtype, f"act{k}")
+        self.ex.tiers.write_rows(h, x, 0, x.shape[0], non_blocking=True)
+        return None  # type: ignore[return-value]
+
+    def get(self, k: int, x: torch.Tensor | None) -> torch.Tensor:
+        if self.tier[k] is Tier.GPU:
+            return x
+        h = self.handles[k]
+        out = torch.empty(h.shape, dtype=h.dtype, device=self.ex.device)
+        self.ex.tiers.read_rows(h, out, 0, h.shape[0], non_blocking=True)
+        return out

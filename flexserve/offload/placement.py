@@ -1,0 +1,88 @@
+"""Weight placement: every tensor of every pseudo-layer goes to the GPU, CPU or disk tier by the policy.
+
+The model is a sequence of pseudo-layers, [embed, decoder 0 .. N-1, head], as in FlexGen. Within each
+pseudo-layer the tensors are laid end to end by size and each goes to the tier where its midpoint falls
+(`tier_by_fraction`), so `w_gpu_percent=20` keeps about the first fifth of every layer's bytes on the GPU: the
+spread is the same for every layer, which keeps the per-layer transfer time flat across the schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
+from ..weights import WeightSource, layer_weights
+from .policy import Policy
+
+EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
+
+
+@dataclass
+class PseudoLayer:
+    """One unit of the zig-zag schedule: its GPU-resident tensors and the handles of the offloaded ones."""
+
+    kind: str  # "embed" | "decoder" | "head"
+    index: int  # decoder index, -1 for embed/head
+    resident: dict[str, torch.Tensor] = field(default_factory=dict)
+    offloaded: dict[str, Handle] = field(default_factory=dict)
+
+    @property
+    def slot_key(self) -> str:
+        """Layers sharing a key share a double-buffered GPU staging slot (decoders alternate by parity)."""
+        return f"decoder{self.index % 2}" if self.kind == "decoder" else self.kind
+
+    def offloaded_bytes(self) -> int:
+        return sum(h.nbytes for h in self.offloaded.values())
+
+
+def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+           shared: dict[str, tuple[str, object]] | None = None) -> None:
+    sizes = {k: v.numel() for k, v in tensors.items()}
+    total = max(sum(sizes.values()), 1)
+    acc = 0
+    for name in sorted(tensors, key=lambda n: (-sizes[n], n)):  # largest first, deterministic
+        mid = (acc + sizes[name] / 2) / total * 100
+        acc += sizes[name]
+        if shared is not None and name in shared:
+            kind, obj = shared[name]
+            (layer.resident if kind == "resident" else layer.offloaded)[name] = obj
+            continue
+        t = tensors[name].to(dtype)
+        tier = tier_by_fraction(mid, policy.w_gpu_percent, policy.w_cpu_percent)
+        if tier is Tier.GPU:
+            layer.resident[name] = t.to(tiers.device)
+        else:
+            layer.offloaded[name] = tiers.store(tier, t, name=f"{layer.kind}{layer.index}.{name}")
+
+
+def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: torch.dtype,
+                  progress: bool = False) -> list[PseudoLayer]:
+    """Read the checkpoint layer by layer straight into its tiers (never a whole-model copy in memory)."""
+    cfg = source.config
+    glob = source.global_parts()
+    embed = PseudoLayer("embed", -1)
+    _place(tiers, policy, embed, {k: v for k, v in glob.items() if k in EMBED_KEYS}, dtype)
+    head_tensors = {k: v for k, v in glob.items() if k not in EMBED_KEYS}
+    shared = {}
+    if cfg.tie_word_embeddings:  # the head reuses the embedding matrix wherever it was placed
+        head_tensors["embed.weight"] = glob["embed.weight"]
+        if "embed.weight" in embed.resident:
+            shared["embed.weight"] = ("resident", embed.resident["embed.weight"])
+        else:
+            shared["embed.weight"] = ("offloaded", embed.offloaded["embed.weight"])
+    del glob
+    layers = [embed]
+    iterator = range(cfg.num_layers)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="placing weights", unit="layer", leave=False)
+    for i in iterator:
+        layer = PseudoLayer("decoder", i)
+        _place(tiers, policy, layer, layer_weights(source, i), dtype)
+        layers.append(layer)
+    head = PseudoLayer("head", -1)
+    _place(tiers, policy, head, head_tensors, dtype, shared)
+    layers.append(head)
+    return layers

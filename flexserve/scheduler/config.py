@@ -1,0 +1,53 @@
+"""`SchedulerConfig`: every knob of every policy, validated once.
+
+One config serves all policies, so a comparison between them changes the policy name and nothing else.
+The MLFQ defaults are the FastServe authors' starting values: quantum of level i = 10 ms x 2^i of iteration
+time, starvation promotion of jobs idle for >= 3 s checked every 1,000 iterations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batch limits, queue bound, MLFQ shape and KV-swap behaviour.
+
+    `max_queue_len` bounds the requests that have not started yet; `add_request` past it raises
+    `QueueFullError` (HTTP 429) instead of letting memory and latency grow without bound.
+    `gpu_reserve_frac` is the share of GPU blocks skip-join MLFQ keeps free for arriving jobs by swapping
+    out low-priority jobs ahead of need.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    prefill_chunk_size: int = 2048  # tokens of one prompt per step; long prompts take several steps
+    max_queue_len: int = 10_000
+    num_levels: int = 8
+    base_quantum_s: float = 0.01
+    quantum_ratio: float = 2.0
+    starvation_threshold_s: float = 3.0
+    starvation_check_interval: int = 1000  # iterations between starvation checks
+    gpu_reserve_frac: float = 0.05
+    proactive_swap_in: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size", "max_queue_len",
+                     "num_levels", "starvation_check_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.base_quantum_s > 0:
+            raise ValueError(f"SchedulerConfig.base_quantum_s must be > 0, got {self.base_quantum_s}")
+        if not self.quantum_ratio >= 1:
+            raise ValueError(f"SchedulerConfig.quantum_ratio must be >= 1, got {self.quantum_ratio}")
+        if not self.starvation_threshold_s > 0:
+            raise ValueError("SchedulerConfig.starvation_threshold_s must be > 0 (math.inf disables it)")
+        if not 0.0 <= self.gpu_reserve_frac < 1.0:
+            raise ValueError(f"SchedulerConfig.gpu_reserve_frac is a fraction in [0, 1), got {self.gpu_reserve_frac}")
+
+    def quantum_s(self, level: int) -> float:
+        """Iteration time a job may use at `level` before demotion; the lowest level never demotes."""
+        if level >= self.num_levels - 1:
+            return math.inf
+        return self.base_quantum_s * self.quantum_ratio ** level

@@ -1,0 +1,86 @@
+"""A thin wrapper over transformers' tokenizers (GGUF-embedded ones too) and chat templates.
+
+Models with random weights have no tokenizer; they get a byte-level stand-in so that the CLI and the server
+still run on them (benchmarks pass token ids and never look at the text).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import ModelLoadError
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (ids 3..258), for dummy-weight models; decoding ignores out-of-range ids."""
+
+    eos_token_id = 2
+    bos_token_id = 1
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [(b + 3) % self.vocab_size for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **_: Any) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+class Tokenizer:
+    """Text <-> ids for one model; loaded lazily because tests and benchmarks often pass token ids."""
+
+    def __init__(self, model_path: str | None, vocab_size: int):
+        self.model_path = model_path
+        self.vocab_size = vocab_size
+        self._tok = None
+
+    @property
+    def hf(self):
+        if self._tok is None:
+            self._tok = self._load()
+        return self._tok
+
+    def _load(self):
+        path = self.model_path
+        if path is None or path.startswith("dummy:"):
+            return ByteTokenizer(self.vocab_size)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the network for a local model
+        from transformers import AutoTokenizer
+
+        try:
+            if path.endswith(".gguf"):
+                return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                     gguf_file=os.path.basename(path))
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # transformers raises many kinds; the user needs to know which model and why
+            raise ModelLoadError(f"cannot load a tokenizer for {path}: {e}; pass prompt token ids instead") from None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_str(self, token_id: int) -> str:
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The model's chat template applied to OpenAI-style messages, with the generation prompt."""
+        tok = self.hf
+        if isinstance(tok, ByteTokenizer):
+            return tok.encode(tok.apply_chat_template(messages))
+        if not getattr(tok, "chat_template", None):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return self.encode(text)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self.hf, "eos_token_id", None)
