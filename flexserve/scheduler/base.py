@@ -163,6 +163,7 @@ class Scheduler:
             out.preempted.append(rid)
         self._after_schedule(out, scheduled_ids)
         self._last_scheduled = out.scheduled
+        self._ran_last_step = set()  # on_step_done sets it from the batch it confirms
         return out
 
     def _candidates(self) -> Iterator[Request]:

@@ -1,0 +1,1 @@
+"""Benchmarks behind `flexserve bench` and `flexserve ppl`."""

@@ -1,0 +1,239 @@
+"""`Hardware`: the measured constants the cost model reads, built-in profiles, and sizes written by people.
+
+A profile is plain data (bytes, bytes/s, FLOP/s, seconds) so that it can be measured on one machine by
+`flexserve calibrate`, saved as JSON in the user's cache dir, and written by hand to plan for a machine one does
+not have (a T4 box from a laptop). Every bandwidth is what a copy of a large buffer achieves, not a datasheet
+peak, because the planner's predictions are only as good as these numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PolicyError
+
+GB = 1e9
+GIB = 1 << 30
+
+_DTYPE_FLOPS_FIELD = {
+    "float16": "gpu_flops_fp16", "fp16": "gpu_flops_fp16", "half": "gpu_flops_fp16",
+    "bfloat16": "gpu_flops_bf16", "bf16": "gpu_flops_bf16",
+    "float32": "gpu_flops_fp32", "fp32": "gpu_flops_fp32", "float": "gpu_flops_fp32",
+}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One machine as the cost model sees it: tier sizes, link bandwidths, compute rates, fixed overheads.
+
+    Sizes are bytes, bandwidths bytes/s, compute FLOP/s, overheads seconds. `gpu_*` fields describe the compute
+    device; on a machine without CUDA that is the CPU itself and `notes` says so.
+    """
+
+    name: str
+    gpu_mem: float
+    cpu_mem: float
+    disk: float
+    h2d_pinned_bw: float
+    d2h_pinned_bw: float
+    h2d_pageable_bw: float
+    d2h_pageable_bw: float
+    disk_read_bw: float
+    disk_write_bw: float
+    gpu_flops_fp16: float
+    gpu_flops_bf16: float
+    gpu_flops_fp32: float
+    gpu_mem_bw: float
+    cpu_flops: float
+    cpu_mem_bw: float
+    layer_overhead_s: float
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in ("name", "notes"):
+                continue
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be a finite number, got {v!r}")
+            if f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s"):
+                if v < 0:
+                    raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be >= 0, got {v}")
+            elif v <= 0:
+                raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be > 0, got {v}")
+
+    def gpu_flops(self, dtype: str) -> float:
+        """Matmul FLOP/s of the compute device for a dtype name ("float16", "bf16", "float32", ...)."""
+        key = _DTYPE_FLOPS_FIELD.get(dtype.lower().removeprefix("torch."))
+        if key is None:
+            raise PolicyError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+        return getattr(self, key)
+
+    def with_memory(self, gpu_mem: float | None = None, cpu_mem: float | None = None,
+                    disk: float | None = None) -> "Hardware":
+        """The same machine with some tiers capped (the `--gpu-mem 16GiB` flags)."""
+        changes = {k: float(v) for k, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk", disk))
+                   if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "Hardware":
+        """Build from a dict, accepting human sizes ("16GiB") for the three memory fields."""
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: a hardware profile must be an object of fields")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise PolicyError(f"{source}: unknown hardware fields {unknown}; known: {sorted(names)}")
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name != "name"}
+        missing = sorted(required - set(data))
+        if missing:
+            raise PolicyError(f"{source}: hardware profile lacks {missing}")
+        values = dict(data)
+        values.setdefault("name", os.path.splitext(os.path.basename(source))[0])
+        for key in ("gpu_mem", "cpu_mem", "disk"):
+            if isinstance(values[key], str):
+                values[key] = parse_size(values[key])
+        return cls(**values)
+
+
+# --- built-in profiles ---------------------------------------------------------------------------------------
+def _h100() -> Hardware:
+    # REFERENCE.md, measured with plain PyTorch on the H100 machine; fp32 matmul and pageable d2h were not
+    # measured there and are the usual figures (TF32 off; pageable about as slow both ways).
+    return Hardware(
+        name="h100", gpu_mem=80e9, cpu_mem=125 * GIB, disk=64e9,
+        h2d_pinned_bw=53.1e9, d2h_pinned_bw=54.9e9, h2d_pageable_bw=7.1e9, d2h_pageable_bw=7.1e9,
+        disk_read_bw=0.91e9, disk_write_bw=1.2e9,
+        gpu_flops_fp16=785e12, gpu_flops_bf16=777e12, gpu_flops_fp32=51e12,
+        gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=100e-6,
+        notes="REFERENCE.md figures (H100 80GB HBM3, PCIe Gen5, 16 cores); disk measured with O_DIRECT",
+    )
+
+
+def _t4() -> Hardware:
+    # FlexGen paper's box (GCP, T4 16 GB, 208 GB RAM, 1.5 TB SSD); realistic rather than datasheet rates.
+    return Hardware(
+        name="t4", gpu_mem=16e9, cpu_mem=208e9, disk=1.5e12,
+        h2d_pinned_bw=12e9, d2h_pinned_bw=12e9, h2d_pageable_bw=3e9, d2h_pageable_bw=3e9,
+        disk_read_bw=2e9, disk_write_bw=1.5e9,
+        gpu_flops_fp16=40e12, gpu_flops_bf16=6e12, gpu_flops_fp32=6e12,
+        gpu_mem_bw=300e9, cpu_flops=1e12, cpu_mem_bw=40e9, layer_overhead_s=100e-6,
+        notes="T4-class box written by hand (FlexGen paper setting): 16 GB GPU, 208 GB CPU, 1.5 TB SSD",
+    )
+
+
+PROFILES = {"h100": _h100, "t4": _t4}
+
+
+def profile(name: str) -> Hardware:
+    """A built-in hardware profile by name."""
+    key = name.lower()
+    if key not in PROFILES:
+        raise PolicyError(f"unknown hardware profile {name!r}; built-in: {', '.join(sorted(PROFILES))}, "
+                          "or give a JSON/TOML file")
+    return PROFILES[key]()
+
+
+# --- saved profiles ------------------------------------------------------------------------------------------
+def default_profile_path() -> str:
+    """`$XDG_CACHE_HOME/flexserve/hardware.json`, or `~/.cache/flexserve/hardware.json`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "flexserve", "hardware.json")
+
+
+def save_hardware(hw: Hardware, path: str | None = None) -> str:
+    """Write a profile as JSON (atomically, so a crash never leaves half a file); returns the path."""
+    path = path or default_profile_path()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(hw.to_dict(), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_hardware(path: str | None = None) -> Hardware:
+    """Read a profile from a JSON (or TOML) file; the default path when none is given."""
+    path = path or default_profile_path()
+    if not os.path.isfile(path):
+        raise PolicyError(f"no hardware profile at {path}: run `flexserve calibrate` or write one by hand")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PolicyError(f"hardware profile {path} is not valid: {e}") from None
+    return Hardware.from_dict(data, source=path)
+
+
+def resolve_hardware(spec: str | Hardware | None) -> Hardware | None:
+    """A profile from a built-in name, a file path or an object; None stays None (the caller decides)."""
+    if spec is None or isinstance(spec, Hardware):
+        return spec
+    if spec.lower() in PROFILES:
+        return profile(spec)
+    if spec.lower() == "saved":
+        return load_hardware()
+    if os.path.exists(spec) or spec.endswith((".json", ".toml")):
+        return load_hardware(spec)
+    raise PolicyError(f"hardware {spec!r} is neither a built-in profile ({', '.join(sorted(PROFILES))}), "
+                      "'saved', nor a profile file")
+
+
+# --- human sizes ---------------------------------------------------------------------------------------------
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "pb": 1e15,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50,
+    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from "16GiB", "1.5TB", "200G", "512MB" or a plain number.
+
+    "GB"/"TB" are decimal (as disk makers and the FlexGen paper write them), "GiB" and a bare "G" binary (as
+    `free -g` and Docker read them). Negative, non-finite or unit-less nonsense raises `PolicyError`.
+    """
+    if isinstance(text, bool):
+        raise PolicyError(f"size {text!r} is not a number of bytes")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text < 0:
+            raise PolicyError(f"size {text!r} must be a finite number of bytes >= 0")
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise PolicyError(f"cannot read size {text!r}: write a number and a unit, e.g. 16GiB, 1.5TB, 200G")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _UNITS:
+        raise PolicyError(f"unknown size unit {m.group(2)!r} in {text!r}; use B, KB, MB, GB, TB (decimal), "
+                          "KiB, MiB, GiB, TiB or K, M, G, T (binary)")
+    value = number * _UNITS[unit]
+    if not math.isfinite(value):
+        raise PolicyError(f"size {text!r} is too large")
+    return int(round(value))
+
+
+def format_size(num_bytes: float) -> str:
+    """Bytes as a short decimal string ("16.0 GB"), the unit the planner's reports use throughout."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
