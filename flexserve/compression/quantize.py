@@ -51,16 +51,18 @@ def compress_into(x: torch.Tensor, dest: CompressedTensor) -> CompressedTensor:
     if x.numel() == 0:
         return dest
     config = dest.config
-    xg = _to_groups(x, dest.group_dim, config.group_size)  # [*lead, G, group_size], fp32
-    x_min, x_max = torch.aminmax(xg, dim=-1, keepdim=True)  # [*lead, G, 1]
-    scale = (x_max - x_min).div_(config.max_level)
+    xg = _to_groups(x, dest.group_dim, config.group_size)  # [*lead, G, group_size], x's dtype
+    x_min, x_max = torch.aminmax(xg, dim=-1, keepdim=True)  # [*lead, G, 1], exact in any dtype
+    scale = (x_max.float() - x_min.float()).div_(config.max_level)  # fp32
     scale_dtype = dest.scale.dtype
-    stored_scale = _round_directed(scale, scale_dtype, up=True)
-    stored_min = _round_directed(x_min, scale_dtype, up=False)
+    stored_scale = _round_up(scale, scale_dtype)
+    # the min is one of x's values, so it needs rounding only into a narrower dtype than x's
+    stored_min = x_min if scale_dtype == x.dtype else _round_down(x_min.float(), scale_dtype)
 
-    # Quantise against the stored (rounded) pair so decompress sees exactly this grid.
-    divisor = stored_scale.float().masked_fill_(stored_scale == 0, 1.0)  # constant groups: q = 0
-    q = (xg - stored_min.float()).div_(divisor).round_().clamp_(0, config.max_level)  # [*lead, G, gs]
+    # Quantise against the stored (rounded) pair so decompress sees exactly this grid. A constant
+    # group has scale 0 and x - min == 0: any positive divisor gives q = 0.
+    divisor = stored_scale.float().clamp_min_(torch.finfo(torch.float32).tiny)
+    q = torch.sub(xg, stored_min.float()).div_(divisor).round_().clamp_(0, config.max_level)  # fp32
     if config.num_bits == 8:
         dest.data.copy_(q)
     else:
@@ -75,9 +77,9 @@ def compress_into(x: torch.Tensor, dest: CompressedTensor) -> CompressedTensor:
 def decompress(c: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dequantised tensor, of `c.shape` and `c.dtype` on `c.device`, written into `out` if given.
 
-    With the grouped dimension a multiple of `group_size` this writes straight into `out` and its only
-    temporary is one uint8 buffer half the size of the packed data (4-bit); fastest when `group_dim`
-    is the last dimension, so every write is contiguous.
+    With the grouped dimension a multiple of `group_size` this writes `out` once, in one fused
+    multiply-add; 4-bit first unpacks into a uint8 buffer of one byte per element. Fastest when
+    `group_dim` is the last dimension, so every write is contiguous (about 3x faster than dim 0).
     """
     if out is None:
         out = torch.empty(c.shape, dtype=c.dtype, device=c.device)
@@ -107,19 +109,20 @@ def decompress(c: CompressedTensor, out: torch.Tensor | None = None) -> torch.Te
 def _dequantize(data: torch.Tensor, scale: torch.Tensor, min_: torch.Tensor, dst: torch.Tensor,
                 config: CompressionConfig) -> None:
     """dst[..., g, :] = min[g] + q[g, :] * scale[g]; dst is a (possibly strided) [*lead, g, group_size] view."""
-    if config.num_bits == 8:
-        dst.copy_(data)
+    if config.num_bits == 4:
+        # unpack both nibbles into one uint8 buffer; addcmul then widens it on the fly, so the output
+        # is written once
+        levels = torch.empty(dst.shape, dtype=torch.uint8, device=dst.device)  # [*lead, g, group_size]
+        halves = levels.unflatten(-1, (2, config.group_size // 2))  # [*lead, g, 2, group_size/2]
+        torch.bitwise_and(data, 0x0F, out=halves[..., 0, :])
+        torch.bitwise_right_shift(data, 4, out=halves[..., 1, :])
     else:
-        halves = dst.unflatten(-1, (2, config.group_size // 2))  # [*lead, g, 2, group_size/2]
-        nibbles = torch.bitwise_and(data, 0x0F)
-        halves[..., 0, :].copy_(nibbles)
-        torch.bitwise_right_shift(data, 4, out=nibbles)
-        halves[..., 1, :].copy_(nibbles)
-    torch.addcmul(min_, dst, scale, out=dst)  # one fused pass, in place
+        levels = data
+    torch.addcmul(min_, levels, scale, out=dst)  # min + q * scale, one fused pass
 
 
 def _to_groups(x: torch.Tensor, group_dim: int, group_size: int) -> torch.Tensor:
-    """x with `group_dim` moved last, padded to whole groups and split: fp32 [*lead, G, group_size]."""
+    """x with `group_dim` moved last, padded to whole groups and split: [*lead, G, group_size]."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"compression supports {SUPPORTED_DTYPES}, got {x.dtype}")
     x_last = x.movedim(group_dim, -1)  # [*lead, n]
@@ -129,15 +132,25 @@ def _to_groups(x: torch.Tensor, group_dim: int, group_size: int) -> torch.Tensor
     if pad:
         # copies of the last element leave the last group's min and max unchanged
         x_last = torch.cat([x_last, x_last[..., -1:].expand(*x_last.shape[:-1], pad)], dim=-1)
-    # reshape first (it copies only when x_last is strided, in the source dtype), then widen
-    return x_last.reshape(*x_last.shape[:-1], num_groups, group_size).to(torch.float32)
+    return x_last.reshape(*x_last.shape[:-1], num_groups, group_size)  # copies only if x_last is strided
 
 
-def _round_directed(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
-    """x (fp32) in `dtype`, rounded towards +inf if `up`, else towards -inf."""
-    rounded = x.to(dtype)
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp32) in `dtype`, rounded towards +inf: exact values stay, others go at most one ulp up."""
+    return _round_directed(x, dtype, torch.finfo(dtype).eps)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp32) in `dtype`, rounded towards -inf: exact values stay, others go at most one ulp down."""
+    return _round_directed(x, dtype, -torch.finfo(dtype).eps)
+
+
+def _round_directed(x: torch.Tensor, dtype: torch.dtype, step: float) -> torch.Tensor:
     if dtype == x.dtype:
-        return rounded
-    wrong_way = rounded.float() < x if up else rounded.float() > x
-    towards = torch.full_like(rounded, math.inf if up else -math.inf)
-    return torch.where(wrong_way, torch.nextafter(rounded, towards), rounded)
+        return x
+    nearest = x.to(dtype)
+    is_wrong_way = nearest.float() < x if step > 0 else nearest.float() > x
+    # round-to-nearest moves a value by at most half an ulp (<= eps/2 relative), so nudging it by a
+    # full relative eps first lands on the right side (normal numbers; subnormal scales are far below
+    # any error that matters)
+    return torch.where(is_wrong_way, x.add(x.abs(), alpha=step).to(dtype), nearest)

@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import PolicyError, PromptTooLongError, RequestError
+from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..tokenizer import Tokenizer
@@ -44,11 +45,13 @@ class LLM:
     `model`: a Hugging Face folder, a `.gguf` file, `dummy:PRESET`, or None for the default SmolLM2 model.
     `policy`: where weights/cache/activations live and the block shape; None means fully resident, with
     every prompt of a `generate` call in one batch (up to 64 at a time).
+    `gpu_limit` / `cpu_limit`: byte caps on top of what is free (to mimic a smaller machine); a policy that
+    does not fit raises `PolicyError` before anything is allocated.
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
                  offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
-                 progress: bool = False):
+                 progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None):
         self.model = model if model is not None else default_model_path()
         self.device = resolve_device(device)
         source = open_source(self.model, dtype=torch.float32, device="cpu")
@@ -61,10 +64,16 @@ class LLM:
         self.policy = policy
         if policy is not None and policy.uses_disk and not offload_dir:
             raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir")
+        self.gpu_limit, self.cpu_limit = gpu_limit, cpu_limit
+        check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
+                   gpu_limit, cpu_limit)
         self.executor = OffloadExecutor(source, policy or Policy(), self.device, self.dtype, offload_dir, progress)
         self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
         self._seed = seed
         self._ids = itertools.count()
+
+    def _dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     # --- prompts -----------------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Any) -> tuple[str | None, list[int]]:
@@ -151,6 +160,9 @@ class LLM:
         step = policy.block_size
         for lo in range(0, len(order), step):
             block = [seqs[i] for i in order[lo:lo + step]]
+            seq_len = max(len(s.prompt_ids) for s in block) + max(s.params.max_tokens for s in block)
+            check_fits(self.config, policy, self._dtype_bytes(), seq_len, self.device, self.gpu_limit,
+                       self.cpu_limit)
             run_block(self.executor, block, policy.gpu_batch_size, self._stop_check,
                       (lambda n, b=len(block): bar.update(n * b)) if bar is not None else None)
         if bar is not None:

@@ -179,8 +179,7 @@ class OffloadExecutor:
         return BlockState(batches, max_len)
 
     def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
-        return (self.policy.cpu_cache_compute and batch.cache_tiers[j] is Tier.CPU and num_new == 1
-                and self.device.type == "cuda")
+        return self.policy.cpu_cache_compute and batch.cache_tiers[j] is Tier.CPU and num_new == 1
 
     def _needs_slot(self, batch: BatchState, j: int, num_new: int) -> bool:
         return batch.cache_tiers[j] is not Tier.GPU and not self._cpu_attends(batch, j, num_new)
@@ -280,6 +279,9 @@ class OffloadExecutor:
 
     def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
         """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
+        if self.device.type != "cuda":
+            return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta)
+
         def attend(q, k, v):
             qc, kk, vv = (t.to("cpu", non_blocking=True) for t in (q, k, v))
             torch.cuda.current_stream().synchronize()

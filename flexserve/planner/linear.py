@@ -50,6 +50,9 @@ class Linear:
     def __sub__(self, other: "Linear | float") -> "Linear":
         return self + (other * -1.0 if isinstance(other, Linear) else -float(other))
 
+    def __rsub__(self, other: float) -> "Linear":
+        return self * -1.0 + float(other)
+
     def __mul__(self, k: float) -> "Linear":
         k = float(k)
         return Linear(tuple(a * k for a in self.coef), self.const * k)
@@ -91,19 +94,14 @@ class TierMemory:
         return self.base.at(x) + sum(s.num_bytes for s in self.switches if s.when.at(x) > 1e-9)
 
     def minimum(self) -> float:
-        """A lower bound over every placement: each coefficient at its cheapest end, no switch on."""
-        return self.base.const + sum(min(0.0, a) for a in self.base.coef) + _pair_slack(self.base)
+        """A lower bound over every placement: the affine part's minimum, no switch on."""
+        return minimum(self.base)
 
 
-def _pair_slack(lin: Linear) -> float:
-    # gpu + cpu <= 1 for each kind: both coefficients negative cannot both reach 1. Correct the naive bound by
-    # taking, per kind, the most negative of (a_gpu, a_cpu, a_gpu + a_cpu restricted to one of them).
-    fix = 0.0
-    for k in range(len(KINDS)):
-        a, b = lin.coef[2 * k], lin.coef[2 * k + 1]
-        if a < 0 and b < 0:
-            fix += -(a + b) + min(a, b)
-    return fix
+def minimum(lin: Linear) -> float:
+    """The exact minimum of `lin` over the placements (per kind gpu, cpu >= 0 and gpu + cpu <= 1): each kind
+    contributes min(0, a_gpu, a_cpu), a vertex of its triangle."""
+    return lin.const + sum(min(0.0, lin.coef[2 * k], lin.coef[2 * k + 1]) for k in range(len(KINDS)))
 
 
 def point(w_gpu: float, w_cpu: float, cache_gpu: float, cache_cpu: float, act_gpu: float,

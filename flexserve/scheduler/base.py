@@ -132,13 +132,19 @@ class Scheduler:
         evicted_ids: set[str] = set()
         admitted: list[Request] = []
         seats, budget = self.config.max_num_seqs, self.config.max_num_batched_tokens
+        # Decodes still to be visited keep one token of budget each, so prompt chunks of higher-priority
+        # jobs cannot shrink the decode batch (small decode batches waste each step's weight reads).
+        decodes_ahead = sum(1 for r in self._active if not r.is_prefill)
         for req in self._candidates():
             if seats == 0 or budget == 0:
                 break
+            is_new = req.first_scheduled_time is None
+            if not req.is_prefill:
+                decodes_ahead -= 1
             if req.request_id in evicted_ids:
                 continue
-            is_new = req.first_scheduled_time is None
-            seq = self._try_schedule(req, budget, bool(scheduled_ids), out, evicted_ids)
+            tokens = budget if not req.is_prefill else budget - min(decodes_ahead, seats - 1)
+            seq = self._try_schedule(req, tokens, bool(scheduled_ids), out, evicted_ids) if tokens > 0 else None
             if seq is None:
                 if is_new:
                     self._stop_admitting = True
@@ -215,14 +221,26 @@ class Scheduler:
                 if _priority(r) > key and r.request_id not in skip and bm.num_gpu_blocks_of(r.request_id)]
 
     def _make_room(self, req: Request, need: int, out: SchedulerOutput, evicted_ids: set[str]) -> bool:
-        """Evict lower-priority jobs until `need` GPU blocks are free; evict nothing if that cannot work."""
+        """Evict lower-priority jobs, lowest first, until `need` GPU blocks are free; evict nothing if that
+        cannot work. Only a job that already holds KV may push others' KV out for recomputation: letting
+        jobs without KV do so would let arrivals grow the started set past GPU + host memory and thrash."""
         bm = self.block_manager
-        victims = self._victims(req)
-        if bm.num_free_gpu_blocks + sum(bm.num_gpu_blocks_of(v.request_id) for v in victims) < need:
-            return False
-        for victim in victims:
-            if bm.num_free_gpu_blocks >= need:
+        may_drop = bool(bm.num_gpu_blocks_of(req.request_id) or bm.num_cpu_blocks_of(req.request_id))
+        free_gpu, free_cpu = bm.num_free_gpu_blocks, bm.num_free_cpu_blocks
+        plan: list[Request] = []
+        for victim in self._victims(req):
+            if free_gpu >= need:
                 break
+            num_blocks = bm.num_gpu_blocks_of(victim.request_id)
+            if num_blocks <= free_cpu:
+                free_cpu -= num_blocks
+            elif not may_drop:
+                continue
+            free_gpu += num_blocks
+            plan.append(victim)
+        if free_gpu < need:
+            return False
+        for victim in plan:
             self._evict(victim, out, ahead=False)
             evicted_ids.add(victim.request_id)
         return True

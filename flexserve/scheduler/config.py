@@ -37,6 +37,8 @@ class SchedulerConfig:
                      "num_levels", "starvation_check_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("SchedulerConfig.max_num_batched_tokens must be >= max_num_seqs (a decode is a token)")
         if not self.base_quantum_s > 0:
             raise ValueError(f"SchedulerConfig.base_quantum_s must be > 0, got {self.base_quantum_s}")
         if not self.quantum_ratio >= 1:

@@ -15,7 +15,7 @@ import csv
 import math
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +78,14 @@ def default_trace_dir() -> Path:
 
 def _parse_timestamp(text: str) -> float:
     """Seconds since the epoch from `2023-11-16 18:15:46.6805900` (7 fractional digits: more than
-    `datetime` parses) or from a plain number of seconds."""
+    `datetime` parses) or from a plain number of seconds. Read as UTC so a DST change cannot warp gaps."""
     text = text.strip()
     try:
         return float(text)
     except ValueError:
         pass
     whole, _, frac = text.partition(".")
-    seconds = datetime.fromisoformat(whole).timestamp()
+    seconds = datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp()
     return seconds + (float("0." + frac) if frac else 0.0)
 
 

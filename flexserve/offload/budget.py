@@ -1,0 +1,70 @@
+"""Will a policy fit? Bytes per tier for weights and KV cache, checked before anything is allocated.
+
+A policy that cannot fit must fail at once with the numbers, not as an out-of-memory crash halfway through
+loading a 60 GB model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from ..config import ModelConfig
+from ..errors import PolicyError
+from .policy import Policy
+
+GiB = 1 << 30
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class TierBytes:
+    gpu: int = 0
+    cpu: int = 0
+    disk: int = 0
+
+
+def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierBytes:
+    total = cfg.num_params() * dtype_bytes
+    return TierBytes(int(total * policy.w_gpu_percent / 100), int(total * policy.w_cpu_percent / 100),
+                     int(total * policy.w_disk_percent / 100))
+
+
+def cache_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int) -> TierBytes:
+    total = cfg.kv_bytes_per_token(dtype_bytes) * seq_len * policy.block_size
+    return TierBytes(int(total * policy.cache_gpu_percent / 100), int(total * policy.cache_cpu_percent / 100),
+                     int(total * policy.cache_disk_percent / 100))
+
+
+def available(device: torch.device) -> TierBytes:
+    """Free bytes now: GPU (the compute device), host RAM (shared with the CPU tier on a CPU device)."""
+    cpu = psutil.virtual_memory().available
+    gpu = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else cpu
+    return TierBytes(gpu, cpu, 0)
+
+
+def check_fits(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int, device: torch.device,
+               gpu_limit: int | None = None, cpu_limit: int | None = None) -> None:
+    """Raise PolicyError when the weights plus the block's cache exceed a tier's free (or capped) memory."""
+    free = available(device)
+    gpu_cap = min(free.gpu, gpu_limit) if gpu_limit else free.gpu
+    cpu_cap = min(free.cpu, cpu_limit) if cpu_limit else free.cpu
+    w, c = weight_bytes(cfg, policy, dtype_bytes), cache_bytes(cfg, policy, dtype_bytes, seq_len)
+    need_gpu, need_cpu = w.gpu + c.gpu, w.cpu + c.cpu
+    if device.type != "cuda":  # one physical memory holds both tiers
+        need_gpu = need_cpu = need_gpu + need_cpu
+    for tier, need, cap in (("GPU", need_gpu, gpu_cap), ("CPU", need_cpu, cpu_cap)):
+        if need > cap:
+            raise PolicyError(
+                f"the policy ({policy.percent_flags()}) needs {fmt_bytes(need)} on the {tier} "
+                f"(weights {fmt_bytes(w.gpu if tier == 'GPU' else w.cpu)} + KV cache "
+                f"{fmt_bytes(c.gpu if tier == 'GPU' else c.cpu)} for {policy.block_size} sequences of "
+                f"{seq_len} tokens) but only {fmt_bytes(cap)} is available; move weights or cache to a lower "
+                f"tier, shrink the block, or try `flexserve plan`")

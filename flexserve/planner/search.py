@@ -1,0 +1,360 @@
+"""Policy search: the fastest placement and block shape for a model, a workload and a hardware budget.
+
+For every candidate block shape (gpu_batch_size × num_gpu_batches) and option set (CPU attention, compression)
+the cost model is affine in the six placement percentages, so the best placement is a small mixed-integer
+linear program: integer percentages, one time variable per pseudo-layer stage that must exceed each resource's
+time (overlap makes a stage's time their maximum), binaries for staging buffers that exist whole or not at all,
+and one row per memory tier. HiGHS (`scipy.optimize.milp`) solves each in milliseconds; shapes whose throughput
+bound cannot beat the best found so far are skipped unsolved. The winner is solved once more to break ties
+towards faster tiers (GPU before CPU before disk), so equal-time placements come out the same every time.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from ..config import ModelConfig
+from ..errors import PolicyError
+from ..offload.policy import Policy
+from .cost_model import TIERS, CostModel, Estimate, build, evaluate
+from .hardware import Hardware, format_size
+from .linear import NUM_VARS, Linear, minimum, point
+from .sizes import model_sizes
+
+GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NUM_GPU_BATCHES = tuple(range(1, 17))
+_TIE_BREAK = np.array([-2.0, -1.0] * 3)  # per percent on GPU / CPU (disk is the rest): prefer faster tiers
+_MEM_SCALE = 1e-9  # memory rows in GB keep HiGHS's coefficients within a few orders of magnitude
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen policy, its predicted performance, and a few lines on why."""
+
+    policy: Policy
+    estimate: Estimate
+    explanation: str
+    hardware: Hardware
+    num_candidates: int = 0
+    num_solved: int = 0
+    search_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Options:
+    cpu_cache_compute: bool
+    compress_weight: bool
+    compress_cache: bool
+
+
+def _option_sets(cpu_cache_compute: bool | None, allow_compression: bool) -> list[_Options]:
+    ccc = (False, True) if cpu_cache_compute is None else (bool(cpu_cache_compute),)
+    comp = (False, True) if allow_compression else (False,)
+    # FlexGen's CPU attention reads an uncompressed cache, so the two are never combined
+    return [_Options(c, w, k) for c, w, k in itertools.product(ccc, comp, comp) if not (c and k)]
+
+
+def _candidates(gpu_batch_sizes: Iterable[int], num_gpu_batches: Iterable[int], options: list[_Options],
+                overlap: bool) -> list[Policy]:
+    return [Policy(gpu_batch_size=g, num_gpu_batches=n, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
+                   cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, overlap=overlap,
+                   cpu_cache_compute=o.cpu_cache_compute, compress_weight=o.compress_weight,
+                   compress_cache=o.compress_cache)
+            for g in gpu_batch_sizes for n in num_gpu_batches for o in options]
+
+
+def _time_lower_bound(model: CostModel) -> float:
+    out = 0.0
+    for s in model.stages:
+        if s.count > 0:
+            out += s.count * (max(minimum(t) for t in s.bound_terms(model.policy.overlap)) + s.overhead_s)
+    return out
+
+
+class _Milp:
+    """The MILP of one cost model: z = [6 integer percentages, one time per stage, one binary per switch]."""
+
+    def __init__(self, model: CostModel, limits: dict[str, float]):
+        self.model = model
+        stages = [s for s in model.stages if s.count > 0]
+        switches = [(t, sw) for t in TIERS for sw in model.memory[t].switches]
+        nt, ny = len(stages), len(switches)
+        self.n = NUM_VARS + nt + ny
+        rows, lo, hi = [], [], []
+
+        def add(row: np.ndarray, upper: float) -> None:
+            rows.append(row), lo.append(-np.inf), hi.append(upper)
+
+        for i, s in enumerate(stages):
+            for term in s.bound_terms(model.policy.overlap):
+                row = np.zeros(self.n)
+                row[:NUM_VARS] = np.array(term.coef) / 100.0
+                row[NUM_VARS + i] = -1.0
+                add(row, -term.const)
+        for k in range(3):  # gpu + cpu <= 100 for weights, cache, activations
+            row = np.zeros(self.n)
+            row[2 * k] = row[2 * k + 1] = 1.0
+            add(row, 100.0)
+        for tier in TIERS:
+            mem = model.memory[tier]
+            row = np.zeros(self.n)
+            row[:NUM_VARS] = np.array(mem.base.coef) / 100.0 * _MEM_SCALE
+            for j, (t, sw) in enumerate(switches):
+                if t == tier:
+                    row[NUM_VARS + nt + j] = sw.num_bytes * _MEM_SCALE
+            add(row, (limits[tier] - mem.base.const) * _MEM_SCALE)
+        for j, (_, sw) in enumerate(switches):  # when(x) <= y: the buffer exists as soon as any share needs it
+            row = np.zeros(self.n)
+            row[:NUM_VARS] = np.array(sw.when.coef) / 100.0
+            row[NUM_VARS + nt + j] = -1.0
+            add(row, -sw.when.const)
+        self.a, self.lo, self.hi = np.array(rows), np.array(lo), np.array(hi)
+        self.time_cost = np.zeros(self.n)
+        self.time_cost[NUM_VARS:NUM_VARS + nt] = [s.count for s in stages]
+        self.const_time = sum(s.count * s.overhead_s for s in stages)
+        self.integrality = np.array([1] * NUM_VARS + [0] * nt + [1] * ny)
+        upper = np.array([100.0] * NUM_VARS + [np.inf] * nt + [1.0] * ny)
+        self.bounds = Bounds(np.zeros(self.n), upper)
+
+    def solve(self, tie_break_within: float | None = None,
+              relaxed: bool = False) -> tuple[float, tuple[float, ...]] | None:
+        """Minimum total time and its placement (fractions), or None when nothing fits.
+
+        `relaxed` drops integrality (a lower bound on the time, five times cheaper); `tie_break_within` returns
+        the fastest-tier placement among those no slower than that time.
+        """
+        a, lo, hi, cost = self.a, self.lo, self.hi, self.time_cost
+        if tie_break_within is not None:
+            a = np.vstack([a, self.time_cost])
+            lo = np.append(lo, -np.inf)
+            hi = np.append(hi, tie_break_within - self.const_time)
+            cost = np.zeros(self.n)
+            cost[:NUM_VARS] = _TIE_BREAK
+        res = milp(cost, constraints=LinearConstraint(a, lo, hi),
+                   integrality=np.zeros(self.n) if relaxed else self.integrality, bounds=self.bounds,
+                   options={"disp": False, "mip_rel_gap": 1e-9, "presolve": True})
+        if res.x is None or not res.success:
+            return None
+        if relaxed:
+            return float(res.fun) + self.const_time, tuple(res.x[:NUM_VARS] / 100.0)
+        x = point(*np.round(res.x[:NUM_VARS]).clip(0, 100))
+        return self.model.total_time(x), x
+
+
+def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+           gpu_mem: float | None = None, cpu_mem: float | None = None, disk: float | None = None,
+           allow_compression: bool = False, cpu_cache_compute: bool | None = None, overlap: bool = True,
+           gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, num_gpu_batches: Sequence[int] = NUM_GPU_BATCHES,
+           dtype: str | None = None) -> Plan:
+    """The policy of highest total throughput (generated tokens/s over prefill + decode) that fits the memory.
+
+    `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes; `cpu_cache_compute=None` tries both; compression is
+    tried only when allowed, as it changes the numbers the model computes. Raises `PolicyError` with the
+    reason when nothing fits.
+    """
+    start = time.perf_counter()
+    hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
+    limits = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
+    _check_basic_feasibility(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression)
+    models = []
+    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
+                           overlap):
+        model = build(config, pol, hw, prompt_len, gen_len, dtype_bytes, dtype)
+        if any(model.memory[t].minimum() > limits[t] for t in TIERS):
+            continue  # even the cheapest placement overflows a tier (usually the GPU's fixed working set)
+        work = pol.block_size * gen_len
+        models.append((work / _time_lower_bound(model), model))
+    # best bound first, so that the first solutions prune the rest; ties in a fixed order (determinism)
+    models.sort(key=lambda m: (-m[0], m[1].policy.gpu_batch_size, m[1].policy.num_gpu_batches,
+                               m[1].policy.cpu_cache_compute, m[1].policy.compress_weight,
+                               m[1].policy.compress_cache))
+    best: tuple[float, _Milp, float] | None = None  # (throughput, milp, total time)
+    solved = 0
+    for bound, model in models:
+        if best is not None and bound <= best[0] * (1 + 1e-9):
+            break  # sorted by bound: no later shape can win either
+        problem = _Milp(model, limits)
+        relaxed = problem.solve(relaxed=True)  # a tighter bound that knows the memory limits
+        solved += 1
+        if relaxed is None:
+            continue
+        work = model.block_size * gen_len
+        if best is not None and work / relaxed[0] <= best[0] * (1 + 1e-9):
+            continue
+        out = problem.solve()
+        solved += 1
+        if out is not None and (best is None or work / out[0] > best[0] * (1 + 1e-9)):
+            best = (work / out[0], problem, out[0])
+    if best is None:
+        raise PolicyError(_explain_infeasible(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression,
+                                              len(models)))
+    _, problem, t_best = best
+    tied = problem.solve(tie_break_within=t_best * (1 + 1e-7))
+    x = tied[1] if tied is not None else problem.solve()[1]
+    policy = problem.model.policy.replace(**dict(zip(
+        ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+         "act_cpu_percent"), (round(v * 100) for v in x))))
+    est = evaluate(problem.model, x)
+    elapsed = time.perf_counter() - start
+    return Plan(policy, est, _explain(config, policy, est, hw, len(models), solved, elapsed), hw, len(models),
+                solved, elapsed)
+
+
+def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
+                gpu_mem: float | None = None, cpu_mem: float | None = None, disk: float | None = None,
+                dtype_bytes: int = 2) -> Policy:
+    """`--policy auto`: the searched policy for this machine (see `default_hardware` for which profile)."""
+    from .hardware import resolve_hardware
+
+    hw = resolve_hardware(hardware) or default_hardware()
+    return search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
+
+
+def default_hardware(progress: bool = False) -> Hardware:
+    """The saved profile if there is one, else the built-in H100 profile on a CUDA machine, else a quick
+    calibration of this (CPU) machine, which takes a few seconds."""
+    import os
+
+    from .hardware import default_profile_path, load_hardware, profile
+
+    if os.path.isfile(default_profile_path()):
+        return load_hardware()
+    import torch
+
+    if torch.cuda.is_available():
+        free, total_mem = torch.cuda.mem_get_info()
+        return profile("h100").with_memory(gpu_mem=total_mem)
+    from .calibrate import calibrate
+
+    return calibrate(quick=True, progress=progress)
+
+
+def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+                step: int = 10, gpu_batch_sizes: Sequence[int] = (1, 4, 16, 64),
+                num_gpu_batches: Sequence[int] = (1, 2, 4), cpu_cache_compute: bool | None = None,
+                allow_compression: bool = False, overlap: bool = True) -> Plan:
+    """Exhaustive search over percentages in steps of `step` with the same cost model (vectorised with numpy).
+
+    Slow and coarse; it exists to check that the MILP never does worse.
+    """
+    if step < 1 or 100 % step:
+        raise PolicyError(f"grid step must divide 100, got {step}")
+    start = time.perf_counter()
+    limits = {"gpu": hardware.gpu_mem, "cpu": hardware.cpu_mem, "disk": hardware.disk}
+    pairs = [(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)]
+    grid = np.array([[*w, *k, *a] for w in pairs for k in pairs for a in pairs], dtype=float) / 100.0
+    best: tuple[float, CostModel, np.ndarray] | None = None
+    count = 0
+    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
+                           overlap):
+        model = build(config, pol, hardware, prompt_len, gen_len, dtype_bytes)
+        count += 1
+        ok = np.ones(len(grid), dtype=bool)
+        for t in TIERS:
+            ok &= _many_memory(model, t, grid) <= limits[t] * (1 + 1e-12)
+        if not ok.any():
+            continue
+        times = _many_total_time(model, grid[ok])
+        i = int(np.argmin(times))
+        thr = pol.block_size * gen_len / times[i]
+        if best is None or thr > best[0] * (1 + 1e-12):
+            best = (thr, model, grid[ok][i])
+    if best is None:
+        raise PolicyError("no grid point fits the memory")
+    _, model, x = best
+    pct = [round(v * 100) for v in x]
+    policy = model.policy.replace(**dict(zip(
+        ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+         "act_cpu_percent"), pct)))
+    est = evaluate(model, tuple(x))
+    return Plan(policy, est, f"grid search, step {step}%", hardware, count, count, time.perf_counter() - start)
+
+
+def _many(lin: Linear, grid: np.ndarray) -> np.ndarray:
+    return grid @ np.array(lin.coef) + lin.const
+
+
+def _many_total_time(model: CostModel, grid: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(grid))
+    for s in model.stages:
+        if s.count > 0:
+            out += s.count * (np.max([_many(t, grid) for t in s.bound_terms(model.policy.overlap)], axis=0)
+                              + s.overhead_s)
+    return out
+
+
+def _many_memory(model: CostModel, tier: str, grid: np.ndarray) -> np.ndarray:
+    mem = model.memory[tier]
+    out = _many(mem.base, grid)
+    for sw in mem.switches:
+        out = out + np.where(_many(sw.when, grid) > 1e-9, sw.num_bytes, 0.0)
+    return out
+
+
+def _check_basic_feasibility(config: ModelConfig, hw: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int,
+                             allow_compression: bool) -> None:
+    """Reasons that rule out every shape, worded for people, before any solving."""
+    if prompt_len < 1 or gen_len < 1:
+        raise PolicyError(f"prompt_len and gen_len must be >= 1, got {prompt_len} and {gen_len}")
+    if hw.gpu_mem <= 0:
+        raise PolicyError("the GPU (compute device) memory is 0: it must hold at least the staging buffers of "
+                          "one layer and the working set of one batch")
+    probe = Policy(compress_weight=allow_compression, compress_cache=allow_compression)
+    sz = model_sizes(config, probe, dtype_bytes)
+    seq = prompt_len + gen_len
+    cache_one = seq * config.num_layers * sz.kv_token
+    have = hw.gpu_mem + hw.cpu_mem + hw.disk
+    if sz.total_w + cache_one > have:
+        kind = "4-bit compressed" if allow_compression else f"{8 * dtype_bytes}-bit"
+        raise PolicyError(
+            f"{config.name or 'the model'} needs {format_size(sz.total_w)} of weights ({kind}) plus "
+            f"{format_size(cache_one)} of KV cache for one sequence of {seq} tokens, but GPU + CPU + disk give "
+            f"{format_size(have)} ({format_size(hw.gpu_mem)} + {format_size(hw.cpu_mem)} + {format_size(hw.disk)})"
+            + ("" if allow_compression else "; allowing compression would shrink the weights about 3.5x"))
+
+
+def _explain_infeasible(config: ModelConfig, hw: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int,
+                        allow_compression: bool, num_candidates: int) -> str:
+    smallest = build(config, Policy(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
+                                    act_gpu_percent=0, act_cpu_percent=0, compress_weight=allow_compression),
+                     hw, prompt_len, gen_len, dtype_bytes)
+    gpu_need = smallest.memory["gpu"].minimum()
+    if gpu_need > hw.gpu_mem:
+        return (f"no policy fits: even one sequence per batch with everything offloaded needs "
+                f"{format_size(gpu_need)} of GPU memory for one layer's weight staging and the working set "
+                f"(largest layer {format_size(smallest.sizes.layer_w)}), but the GPU has {format_size(hw.gpu_mem)}")
+    x_disk = point(0, 0, 0, 0, 0, 0)
+    peak = smallest.peak(x_disk)
+    return (f"no policy fits the memory ({num_candidates} block shapes considered): with everything on disk "
+            f"a 1x1 block needs GPU {format_size(peak['gpu'])} / CPU {format_size(peak['cpu'])} / disk "
+            f"{format_size(peak['disk'])}, the machine gives {format_size(hw.gpu_mem)} / "
+            f"{format_size(hw.cpu_mem)} / {format_size(hw.disk)}")
+
+
+def describe_policy(policy: Policy) -> str:
+    """One line per kind: where weights, cache and activations live."""
+    def line(kind: str, label: str) -> str:
+        g, c = getattr(policy, f"{kind}_gpu_percent"), getattr(policy, f"{kind}_cpu_percent")
+        return f"{label}: {g:g}% GPU, {c:g}% CPU, {100 - g - c:g}% disk"
+
+    return "; ".join((line("w", "weights"), line("cache", "KV cache"), line("act", "activations")))
+
+
+def _explain(config: ModelConfig, policy: Policy, est: Estimate, hw: Hardware, num_candidates: int, solved: int,
+             elapsed: float) -> str:
+    attn = "on the CPU where the cache is" if policy.cpu_cache_compute else "on the GPU"
+    parts = [
+        f"block {policy.gpu_batch_size}x{policy.num_gpu_batches} = {policy.block_size} sequences; "
+        + describe_policy(policy) + f"; decode attention {attn}"
+        + ("; weights 4-bit compressed" if policy.compress_weight else "")
+        + ("; cache 4-bit compressed" if policy.compress_cache else ""),
+        f"decode: {est.decode_s_per_step * 1e3:.1f} ms per step of {policy.block_size} tokens, bound by "
+        f"{est.decode_bottleneck}; prefill: {est.prefill_s:.2f} s, bound by {est.prefill_bottleneck}",
+        f"searched {num_candidates} shapes on the '{hw.name}' profile, solved {solved} LPs/MILPs in {elapsed:.2f} s",
+    ]
+    return "\n".join(parts)

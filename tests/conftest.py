@@ -1,0 +1,72 @@
+"""Tiny random Hugging Face models made on the fly, one per family switch we support."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+
+
+def _make(kind: str):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
+                              OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    if kind == "llama-gqa":
+        return LlamaForCausalLM(LlamaConfig(**TINY, intermediate_size=96, num_key_value_heads=2,
+                                            tie_word_embeddings=False, rope_theta=500000.0))
+    if kind == "llama-tied":
+        return LlamaForCausalLM(LlamaConfig(**TINY, intermediate_size=96, num_key_value_heads=4,
+                                            tie_word_embeddings=True))
+    if kind == "llama3-scaled":
+        return LlamaForCausalLM(LlamaConfig(**TINY, intermediate_size=96, num_key_value_heads=2, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}))
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**TINY, intermediate_size=96, num_key_value_heads=2,
+                                            tie_word_embeddings=False))
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**TINY, intermediate_size=96, num_key_value_heads=1))
+    if kind == "opt":
+        return OPTForCausalLM(OPTConfig(**{k: v for k, v in TINY.items()}, ffn_dim=96, word_embed_proj_dim=64))
+    if kind == "opt-350m-like":  # post-norm, projected embeddings, untied
+        return OPTForCausalLM(OPTConfig(**TINY, ffn_dim=96, word_embed_proj_dim=32, do_layer_norm_before=False,
+                                        tie_word_embeddings=False))
+    raise KeyError(kind)
+
+
+FAMILIES = ["llama-gqa", "llama-tied", "llama3-scaled", "qwen2", "mistral", "opt", "opt-350m-like"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(kind) -> (folder, HF model in float32 eval mode)."""
+    cache: dict[str, tuple[str, torch.nn.Module]] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            torch.manual_seed(hash(kind) % 1000)
+            model = _make(kind).float().eval()
+            with torch.no_grad():  # make biases non-zero so a missing bias would show
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        p.uniform_(-0.1, 0.1)
+            folder = str(tmp_path_factory.mktemp(kind))
+            model.save_pretrained(folder)
+            cache[kind] = (folder, model)
+        return cache[kind]
+
+    return get
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42, 43]]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,121 @@
+"""Every policy gives the tokens of fully resident execution; offload files are removed; bad policies fail."""
+import glob
+import os
+
+import pytest
+
+from flexserve import LLM, Policy, PolicyError, SamplingParams
+from flexserve.cli import main
+
+from ..conftest import PROMPTS
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+MORE_PROMPTS = PROMPTS + [[7, 8, 9], [20, 21, 22, 23, 24, 25], [30], [50, 51, 52, 53, 54, 55, 56, 57, 58]]
+
+POLICIES = {
+    "weights-3-tiers": dict(percent=(30, 30, 100, 0, 100, 0), bs=2, nb=2),
+    "cache-cpu": dict(percent=(100, 0, 0, 100, 100, 0), bs=4, nb=2),
+    "cache-disk": dict(percent=(100, 0, 0, 0, 100, 0), bs=3, nb=3),
+    "cache-split": dict(percent=(50, 50, 25, 50, 100, 0), bs=2, nb=4),
+    "act-cpu": dict(percent=(0, 100, 100, 0, 0, 100), bs=8, nb=1),
+    "act-disk": dict(percent=(100, 0, 100, 0, 0, 0), bs=1, nb=3),
+    "all-disk": dict(percent=(0, 0, 0, 0, 0, 0), bs=4, nb=2),
+    "cpu-attention": dict(percent=(20, 80, 0, 100, 0, 100), bs=2, nb=3, cpu_cache_compute=True),
+    "everything-mixed": dict(percent=(10, 40, 30, 30, 50, 25), bs=3, nb=2),
+}
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_model):
+    out = {}
+    for kind in ("opt", "llama-gqa", "llama-tied"):
+        folder, _ = tiny_model(kind)
+        with LLM(folder, dtype="float32", device="cpu") as llm:
+            out[kind] = [o.outputs[0].token_ids for o in llm.generate(
+                [{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
+    return out
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("kind", ["opt", "llama-gqa", "llama-tied"])
+def test_policy_matches_resident(tiny_model, resident, tmp_path, kind, name, overlap):
+    spec = POLICIES[name]
+    policy = Policy.from_percent(spec["percent"], gpu_batch_size=spec["bs"], num_gpu_batches=spec["nb"],
+                                 overlap=overlap, cpu_cache_compute=spec.get("cpu_cache_compute", False))
+    folder, _ = tiny_model(kind)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
+        if policy.uses_disk:
+            assert glob.glob(str(tmp_path / "flexserve-*" / "*.bin")), "disk tier holds nothing"
+    assert got == resident[kind]
+    assert not glob.glob(str(tmp_path / "flexserve-*")), "offload files left behind"
+
+
+def test_weights_really_spread_over_tiers(tiny_model, tmp_path):
+    from flexserve.memory.tiers import Tier
+
+    folder, _ = tiny_model("llama-gqa")
+    policy = Policy.from_percent((30, 30, 100, 0, 100, 0))
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        tiers = {h.tier for layer in llm.executor.layers for h in layer.offloaded.values()}
+        resident = sum(len(layer.resident) for layer in llm.executor.layers)
+        assert tiers == {Tier.CPU, Tier.DISK} and resident > 0
+        sizes = {t: 0 for t in Tier}
+        for layer in llm.executor.layers:
+            for t in layer.resident.values():
+                sizes[Tier.GPU] += t.numel()
+            for h in layer.offloaded.values():
+                sizes[h.tier] += h.data.numel() if h.data is not None else os.path.getsize(h.path) // 4
+        total = sum(sizes.values())
+        assert 0.1 < sizes[Tier.GPU] / total < 0.6 and 0.1 < sizes[Tier.DISK] / total < 0.7
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(w_gpu_percent=120), "within 0..100"),
+    (dict(w_gpu_percent=60, w_cpu_percent=60), "exceeds 100"),
+    (dict(cache_cpu_percent=-1), "within 0..100"),
+    (dict(gpu_batch_size=0), "gpu_batch_size"),
+    (dict(comp_num_bits=3), "comp_num_bits"),
+])
+def test_bad_policy_values(kw, msg):
+    with pytest.raises(PolicyError, match=msg):
+        Policy(**kw)
+
+
+def test_disk_share_without_offload_dir(tiny_model):
+    folder, _ = tiny_model("opt")
+    with pytest.raises(PolicyError, match="offload_dir"):
+        LLM(folder, device="cpu", policy=Policy.from_percent((50, 0, 100, 0, 100, 0)))
+
+
+def test_policy_that_cannot_fit(tiny_model):
+    folder, _ = tiny_model("opt")
+    with pytest.raises(PolicyError, match="needs .* on the GPU"):
+        LLM("dummy:opt-175b", device="cpu", policy=Policy())
+    with LLM(folder, dtype="float32", device="cpu", policy=Policy(gpu_batch_size=64), gpu_limit=1_000_000) as llm:
+        with pytest.raises(PolicyError, match="KV cache"):
+            llm.generate({"prompt_token_ids": [1] * 100}, SamplingParams(max_tokens=20))
+
+
+def test_cli_percent_flags_and_bad_percent(capsys, tmp_path):
+    rc = main(["generate", "--model", "dummy:opt-125m", "--device", "cpu", "--raw", "--max-tokens", "3",
+               "--percent", "0", "50", "0", "100", "100", "0", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
+               "--offload-dir", str(tmp_path), "hello"])
+    assert rc == 0
+    rc = main(["generate", "--model", "dummy:opt-125m", "--percent", "50", "60", "0", "100", "100", "0", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "exceeds 100" in err
+
+
+def test_bench_throughput_reports(capsys):
+    rc = main(["bench", "throughput", "--model", "dummy:opt-125m", "--device", "cpu", "--prompt-len", "16",
+               "--gen-len", "4", "--percent", "0", "100", "0", "100", "100", "0", "--gpu-batch-size", "2",
+               "--num-gpu-batches", "2", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    import json
+
+    res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
+    assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and 0 < res["fraction_of_bound"]
+    assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4
