@@ -275,24 +275,29 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
     return Plan(policy, est, f"grid search, step {step}%", hardware, count, count, time.perf_counter() - start)
 
 
-def _many(lin: Linear, grid: np.ndarray) -> np.ndarray:
-    return grid @ np.array(lin.coef) + lin.const
+def _many(lins: list[Linear], grid: np.ndarray) -> np.ndarray:
+    """Many affine terms at many points in one product: [points, terms]."""
+    coef = np.array([lin.coef for lin in lins]).T
+    return grid @ coef + np.array([lin.const for lin in lins])
 
 
 def _many_total_time(model: CostModel, grid: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(grid))
-    for s in model.stages:
-        if s.count > 0:
-            out += s.count * (np.max([_many(t, grid) for t in s.bound_terms(model.policy.overlap)], axis=0)
-                              + s.overhead_s)
+    stages = [s for s in model.stages if s.count > 0]
+    terms = [s.bound_terms(model.policy.overlap) for s in stages]
+    values = _many([t for ts in terms for t in ts], grid)
+    out, col = np.zeros(len(grid)), 0
+    for s, ts in zip(stages, terms):
+        out += s.count * (values[:, col:col + len(ts)].max(axis=1) + s.overhead_s)
+        col += len(ts)
     return out
 
 
 def _many_memory(model: CostModel, tier: str, grid: np.ndarray) -> np.ndarray:
     mem = model.memory[tier]
-    out = _many(mem.base, grid)
-    for sw in mem.switches:
-        out = out + np.where(_many(sw.when, grid) > 1e-9, sw.num_bytes, 0.0)
+    values = _many([mem.base, *(sw.when for sw in mem.switches)], grid)
+    out = values[:, 0].copy()
+    for j, sw in enumerate(mem.switches):
+        out += np.where(values[:, j + 1] > 1e-9, sw.num_bytes, 0.0)
     return out
 
 
@@ -353,8 +358,8 @@ def _explain(config: ModelConfig, policy: Policy, est: Estimate, hw: Hardware, n
         + describe_policy(policy) + f"; decode attention {attn}"
         + ("; weights 4-bit compressed" if policy.compress_weight else "")
         + ("; cache 4-bit compressed" if policy.compress_cache else ""),
-        f"decode: {est.decode_s_per_step * 1e3:.1f} ms per step of {policy.block_size} tokens, bound by "
-        f"{est.decode_bottleneck}; prefill: {est.prefill_s:.2f} s, bound by {est.prefill_bottleneck}",
+        f"decode: {est.decode_s_per_step:.3g} s per step of {policy.block_size} tokens, bound by "
+        f"{est.decode_bottleneck}; prefill: {est.prefill_s:.3g} s, bound by {est.prefill_bottleneck}",
         f"searched {num_candidates} shapes on the '{hw.name}' profile, solved {solved} LPs/MILPs in {elapsed:.2f} s",
     ]
     return "\n".join(parts)

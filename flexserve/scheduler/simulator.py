@@ -57,6 +57,8 @@ class SimResult:
     makespan_s: float
     num_steps: int
     stats: SchedulerStats
+    swap_stall_s: float = 0.0  # step time spent waiting for swap copies that compute could not hide
+    busy_s: float = 0.0  # total step time
 
     @property
     def report(self) -> LatencyReport:
@@ -65,7 +67,8 @@ class SimResult:
     def row(self) -> dict[str, float | str]:
         return {"scheduler": self.scheduler, **self.report.row(), "rejected": self.num_rejected,
                 "swap_outs": self.stats.num_swap_outs, "recomputes": self.stats.num_recomputes,
-                "preemptions": self.stats.num_preemptions, "steps": self.num_steps}
+                "preemptions": self.stats.num_preemptions, "steps": self.num_steps,
+                "swap_stall_frac": self.swap_stall_s / self.busy_s if self.busy_s else 0.0}
 
 
 def simulate(trace: Sequence[TraceRequest], scheduler_name: str, config: SchedulerConfig | None = None,
@@ -87,6 +90,7 @@ def simulate(trace: Sequence[TraceRequest], scheduler_name: str, config: Schedul
     swap_s = kv.swap_seconds_per_block
     records: list[RequestRecord] = []
     now, next_idx, num_rejected, num_steps = 0.0, 0, 0, 0
+    busy_s = stall_s = 0.0
     while next_idx < len(requests) or sched.has_work():
         while next_idx < len(requests) and requests[next_idx].arrival_time <= now:
             try:
@@ -111,10 +115,12 @@ def simulate(trace: Sequence[TraceRequest], scheduler_name: str, config: Schedul
         step_s = wait_s + (max(compute_s, ahead_s) if kv.overlap_swaps else compute_s + ahead_s)
         now += step_s
         num_steps += 1
+        busy_s += step_s
+        stall_s += step_s - compute_s
         done = sched.on_step_done(now, step_s, {s.request_id: 1 for s in out.scheduled if s.samples})
         records.extend(RequestRecord.from_request(r) for r in done)
     first = arrivals[0].arrival_s if arrivals else 0.0
-    return SimResult(scheduler_name, records, num_rejected, now - first, num_steps, sched.stats())
+    return SimResult(scheduler_name, records, num_rejected, now - first, num_steps, sched.stats(), stall_s, busy_s)
 
 
 def compare(trace: Sequence[TraceRequest], names: Sequence[str] = SCHEDULERS, **kwargs) -> list[SimResult]:
@@ -125,7 +131,7 @@ def compare(trace: Sequence[TraceRequest], names: Sequence[str] = SCHEDULERS, **
 def format_table(results: Sequence[SimResult]) -> str:
     """A plain-text table of the headline numbers (seconds, tokens/s)."""
     cols = ["scheduler", "jct_mean_s", "jct_p50_s", "jct_p99_s", "ttft_mean_s", "ttft_p99_s", "tpot_mean_s",
-            "queueing_frac", "throughput_tok_s", "swap_outs", "recomputes", "rejected"]
+            "queueing_frac", "throughput_tok_s", "swap_outs", "swap_stall_frac", "recomputes", "rejected"]
     rows = [r.row() for r in results]
     lines = ["  ".join(f"{c:>16}" for c in cols)]
     for row in rows:

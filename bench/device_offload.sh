@@ -1,0 +1,32 @@
+#!/bin/bash
+# Issue 4 benchmarks on the GPU machine: flexserve and FlexGen 0.1.8 in the same run, same dummy OPT weights,
+# fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...  (stages: 6.7b, 30b, llama, attn)
+# Needs the FlexGen wheels in .whl/ and run_flexgen.py in .peers/ (copied from ../shared/peers/).
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+FS="python3 -m flexserve.cli bench throughput --dtype float16 --prompt-len 512 --gen-len 32 --json --h2d-gbps 53.1"
+FG="python3 .peers/run_flexgen.py --prompt-len 512 --gen-len 32"
+run() { echo "=== $*"; timeout ${T:-400} "$@" 2>&1 | grep -v "it/s\]" | tail -${TAIL:-12}; }
+for stage in "$@"; do case $stage in
+  attn) run python3 bench/cpu_attention_layouts.py ;;
+  6.7b)
+    run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
+    run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
+    run $FG --model facebook/opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
+    run $FG --model facebook/opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 ;;
+  6.7b-fs)
+    run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
+    run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 ;;
+  30b-fs) run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
+  30b-fg) run $FG --model facebook/opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
+  llama)
+    run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
+    run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 ;;
+  profile) run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 --profile $OUT/trace.json ;;
+esac; done

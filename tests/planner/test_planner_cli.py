@@ -1,0 +1,92 @@
+"""`flexserve plan` / `flexserve calibrate` hooks, driven through argparse as the main CLI will."""
+import argparse
+import json
+import time
+
+import pytest
+
+from flexserve.config import preset
+from flexserve.errors import ModelLoadError, PolicyError
+from flexserve.planner.cli import (add_calibrate_arguments, add_plan_arguments, resolve_model_config,
+                                   run_calibrate, run_plan)
+from flexserve.planner.hardware import load_hardware
+
+
+def plan_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_plan_prints_policy_flags_throughput_memory_and_bottleneck(capsys):
+    assert run_plan(plan_args("--model", "opt-30b", "--hardware", "t4", "--gpu-mem", "16GB", "--cpu-mem", "208GB",
+                              "--disk", "1.5TB", "--prompt-len", "512", "--gen-len", "32")) == 0
+    out = capsys.readouterr().out
+    assert "--percent " in out and "--gpu-batch-size " in out and "--num-gpu-batches " in out
+    assert "--cpu-cache-compute" in out
+    for word in ("prefill", "decode", "total", "tok/s", "GPU", "CPU", "bottleneck"):
+        assert word in out
+
+
+def test_plan_json_is_one_object_whose_flags_rebuild_the_policy(capsys):
+    run_plan(plan_args("--model", "dummy:opt-30b", "--hardware", "t4", "--gpu-mem", "16GiB", "--json"))
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"] == "opt-30b"
+    assert data["limits"]["gpu"] == 16 * 2**30
+    assert data["peak_bytes"]["gpu"] <= data["limits"]["gpu"]
+    pct = data["flags"].split("--percent ")[1].split(" --")[0].split()
+    assert [float(v) for v in pct] == data["percent"]
+    assert data["total_tok_s"] > 0 and data["decode_tok_s"] > data["total_tok_s"]
+    assert data["bottleneck"] and data["decode_bottleneck"]
+
+
+def test_plan_with_a_hand_written_profile_and_float32(tmp_path, capsys):
+    from flexserve.planner import profile, save_hardware
+
+    path = save_hardware(profile("t4").with_memory(gpu_mem=8e9), str(tmp_path / "box.json"))
+    run_plan(plan_args("--model", "llama-3-8b", "--hardware", path, "--dtype", "float32", "--json"))
+    data = json.loads(capsys.readouterr().out)
+    assert data["dtype"] == "float32" and data["limits"]["gpu"] == 8e9
+
+
+def test_plan_errors_are_flexserve_errors():
+    with pytest.raises(PolicyError, match="--gpu-mem"):
+        run_plan(plan_args("--model", "opt-30b", "--hardware", "t4", "--gpu-mem", "lots"))
+    with pytest.raises(PolicyError, match="give"):
+        run_plan(plan_args("--model", "opt-175b", "--hardware", "t4", "--cpu-mem", "10GB", "--disk", "0"))
+    with pytest.raises(ModelLoadError, match="preset"):
+        run_plan(plan_args("--model", "opt-9000b", "--hardware", "t4"))
+
+
+def test_model_strings(tmp_path):
+    assert resolve_model_config("opt-30b") == preset("opt-30b")
+    assert resolve_model_config("dummy:llama-3-8b") == preset("llama-3-8b")
+    assert resolve_model_config("facebook/opt-6.7b") == preset("opt-6.7b")
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    cfg = resolve_model_config(str(folder))
+    assert cfg.num_layers == 2 and cfg.num_kv_heads == 2
+    with pytest.raises(ModelLoadError, match="neither"):
+        resolve_model_config(str(tmp_path / "missing.gguf"))
+
+
+def test_calibrate_quick_saves_a_positive_profile(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_calibrate_arguments(parser)
+    out = tmp_path / "hw.json"
+    start = time.perf_counter()
+    assert run_calibrate(parser.parse_args(["--quick", "--output", str(out), "--disk-dir", str(tmp_path)])) == 0
+    assert time.perf_counter() - start < 20
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "GB/s" in printed
+    hw = load_hardware(str(out))
+    for name, value in hw.to_dict().items():
+        if isinstance(value, float):
+            assert value > 0, name
+    assert "disk" in hw.notes and "no CUDA" in hw.notes  # CI has no GPU: says what the numbers are
+    assert hw.h2d_pinned_bw > 1e8 and hw.cpu_mem_bw > 1e8 and hw.cpu_flops > 1e8
+    assert hw.layer_overhead_s < 0.1
+    assert not list(tmp_path.glob("flexserve-calibrate-*"))  # temp file removed

@@ -1,0 +1,163 @@
+"""The cost model: traffic and compute terms per policy field, peak memory per tier, and `compare`."""
+import pytest
+
+from flexserve.config import preset
+from flexserve.errors import PolicyError
+from flexserve.offload.policy import Policy
+from flexserve.planner import compare, estimate, profile
+from flexserve.planner.cost_model import build
+from flexserve.planner.linear import Linear, minimum, point
+
+H100 = profile("h100")
+T4 = profile("t4")
+OPT30 = preset("opt-30b")
+OPT67 = preset("opt-6.7b")
+
+
+def pol(pct, gbs=16, nb=1, **kw):
+    return Policy.from_percent(pct, gpu_batch_size=gbs, num_gpu_batches=nb, **kw)
+
+
+def test_linear_arithmetic_and_simplex_minimum():
+    x = point(10, 20, 30, 40, 50, 25)
+    assert Linear.share("w", "disk").at(x) == pytest.approx(0.7)
+    assert (2 * Linear.var("cache_cpu") + 1).at(x) == pytest.approx(1.8)
+    assert (1 - Linear.var("act_gpu")).at(x) == pytest.approx(0.5)
+    lin = Linear((-1.0, -3.0, 2.0, 0.0, 0.0, -1.0), 5.0)
+    # weights: best vertex is all on CPU (-3); cache: all disk (0); act: all CPU (-1)
+    assert minimum(lin) == pytest.approx(1.0)
+
+
+def test_resident_policy_moves_nothing_and_is_bound_by_hbm():
+    e = estimate(OPT67, pol((100, 0, 100, 0, 100, 0), gbs=32), H100, 512, 32)
+    moved = {k: v for k, v in e.breakdown.items() if (".load." in k or ".store." in k) and v > 0}
+    assert moved == {}
+    assert e.peak_cpu_bytes == 0 and e.peak_disk_bytes == 0
+    assert e.decode_bottleneck == "gpu memory bandwidth"
+    # one decode step reads every weight byte from HBM at least once
+    assert e.decode_s_per_step >= OPT67.num_params() * 2 / H100.gpu_mem_bw
+
+
+def test_weights_on_cpu_respect_the_pcie_bound_of_reference_md():
+    # REFERENCE.md: OPT-6.7B weights on CPU, block 32x4: a decode step moves every layer byte across PCIe once
+    e = estimate(OPT67, pol((0, 100, 100, 0, 100, 0), gbs=32, nb=4), H100, 512, 32)
+    bound = 128 / (OPT67.num_params() * 2 / H100.h2d_pinned_bw)
+    assert 0.8 * bound <= e.decode_tok_s <= bound
+    assert e.decode_bottleneck == "pcie weights"
+
+
+def test_unpinned_weights_are_slower():
+    fast = estimate(OPT67, pol((0, 100, 100, 0, 100, 0), gbs=32), H100, 512, 32)
+    slow = estimate(OPT67, pol((0, 100, 100, 0, 100, 0), gbs=32, pin_weight=False), H100, 512, 32)
+    assert slow.decode_s_per_step > 5 * fast.decode_s_per_step
+
+
+def test_more_offloaded_weights_never_speed_up_decode():
+    times = [estimate(OPT30, pol((g, 100 - g, 0, 100, 100, 0), gbs=8), T4, 512, 32).decode_s_per_step
+             for g in (20, 10, 0)]
+    assert times == sorted(times)
+
+
+def test_disk_weights_cost_disk_bandwidth():
+    cpu = estimate(OPT30, pol((0, 100, 0, 100, 0, 100), gbs=8), T4, 512, 32)
+    disk = estimate(OPT30, pol((0, 0, 0, 100, 0, 100), gbs=8), T4, 512, 32)
+    assert disk.decode_bottleneck == "disk"
+    extra = disk.decode_s_per_step - cpu.decode_s_per_step
+    assert extra >= 0.9 * OPT30.num_params() * 2 / T4.disk_read_bw
+    assert disk.peak_disk_bytes >= OPT30.num_params() * 2
+
+
+def test_cpu_attention_keeps_the_cache_off_pcie():
+    gpu_attn = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), gbs=48, nb=3), T4, 512, 32)
+    cpu_attn = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), gbs=48, nb=3, cpu_cache_compute=True), T4, 512, 32)
+    assert gpu_attn.breakdown["decode.load.cache pcie"] > 1.0
+    assert cpu_attn.breakdown["decode.load.cache pcie"] == 0
+    assert cpu_attn.breakdown["decode.compute.cpu attention"] > 0
+    assert cpu_attn.decode_s_per_step < gpu_attn.decode_s_per_step
+    # CPU attention reads the whole cache once per step at CPU memory bandwidth
+    cache = 144 * (512 + 16) * OPT30.kv_bytes_per_token(2)
+    assert cpu_attn.breakdown["decode.compute.cpu attention"] == pytest.approx(cache / T4.cpu_mem_bw, rel=0.01)
+
+
+def test_overlap_takes_the_max_and_no_overlap_the_sum():
+    p = pol((20, 80, 0, 100, 0, 100), gbs=48, nb=3, cpu_cache_compute=True)
+    on = estimate(OPT30, p, T4, 512, 32)
+    off = estimate(OPT30, p.replace(overlap=False), T4, 512, 32)
+    assert off.decode_s_per_step > on.decode_s_per_step
+    parts = sum(v for k, v in on.breakdown.items() if k.startswith("decode."))
+    assert off.decode_s_per_step == pytest.approx(parts, rel=1e-9)
+
+
+def test_gqa_shrinks_the_cache():
+    gqa = preset("llama-2-70b")
+    mha = gqa.replace(num_kv_heads=gqa.num_heads)
+    p = pol((0, 100, 0, 100, 100, 0), gbs=16, nb=4)
+    a, b = estimate(gqa, p, H100, 512, 32), estimate(mha, p, H100, 512, 32)
+    weights_gqa = gqa.num_params() * 2
+    weights_mha = mha.num_params() * 2
+    cache_gqa = a.peak_cpu_bytes - weights_gqa - 64 * 512 * gqa.hidden_size * 0
+    cache_mha = b.peak_cpu_bytes - weights_mha
+    assert cache_mha == pytest.approx(8 * cache_gqa, rel=0.01)
+
+
+def test_compression_shrinks_weights_and_their_transfer():
+    p = pol((0, 100, 0, 100, 100, 0), gbs=8)
+    plain = estimate(OPT30, p, T4, 512, 32)
+    comp = estimate(OPT30, p.replace(compress_weight=True), T4, 512, 32)
+    ratio = comp.breakdown["decode.load.weights pcie"] / plain.breakdown["decode.load.weights pcie"]
+    assert ratio == pytest.approx((0.5 + 4 / 64) / 2)
+    assert comp.peak_cpu_bytes < plain.peak_cpu_bytes - 0.6 * OPT30.num_params() * 2
+    cache = estimate(OPT30, p.replace(compress_cache=True), T4, 512, 32)
+    assert cache.peak_cpu_bytes < plain.peak_cpu_bytes
+
+
+def test_peak_memory_by_hand_for_a_simple_policy():
+    cfg = preset("opt-1.3b")
+    b, gbs, nb, prompt, gen = 2, 4, 2, 128, 16
+    e = estimate(cfg, pol((50, 50, 0, 100, 0, 100), gbs=gbs, nb=nb), H100, prompt, gen)
+    weights = cfg.num_params() * b
+    cache = gbs * nb * (prompt + gen) * cfg.kv_bytes_per_token(b)
+    acts = gbs * nb * prompt * cfg.hidden_size * b
+    assert e.peak_cpu_bytes == pytest.approx(0.5 * weights + cache + acts, rel=1e-6)
+    assert e.peak_disk_bytes == pytest.approx(0, abs=1)
+    layer = cfg.num_layer_params() * b
+    # GPU: half the weights, double-buffered half layers, cache slots of one batch, and a working set
+    assert e.peak_gpu_bytes > 0.5 * weights + layer + 2 * gbs * (prompt + gen) * cfg.kv_bytes_per_token(b) / cfg.num_layers
+    assert e.peak_gpu_bytes < 0.5 * weights + 3 * layer + 2e9
+
+
+def test_throughput_definitions():
+    e = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), gbs=48, nb=3, cpu_cache_compute=True), T4, 512, 32)
+    assert e.block_size == 144
+    assert e.total_s == pytest.approx(e.prefill_s + 31 * e.decode_s_per_step)
+    assert e.total_tok_s == pytest.approx(144 * 32 / e.total_s)
+    assert e.decode_tok_s == pytest.approx(144 / e.decode_s_per_step)
+    assert e.prefill_tok_s == pytest.approx(144 * 512 / e.prefill_s)
+
+
+def test_llama_and_opt_shapes_both_cost():
+    for name in ("llama-3-8b", "smollm2-135m", "opt-125m", "qwen2-7b"):
+        e = estimate(preset(name), pol((0, 100, 0, 100, 0, 100), gbs=4), H100, 64, 8)
+        assert e.total_tok_s > 0 and e.peak_cpu_bytes > preset(name).num_params() * 2 * 0.99
+
+
+def test_bad_lengths_raise():
+    with pytest.raises(PolicyError, match="prompt_len"):
+        estimate(OPT30, Policy(), T4, 0, 32)
+
+
+def test_compare_reports_relative_error():
+    e = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), gbs=48, nb=3, cpu_cache_compute=True), T4, 512, 32)
+    r = compare(e, e.total_tok_s / 2)
+    assert r["relative_error"] == pytest.approx(1.0) and r["abs_relative_error"] == pytest.approx(1.0)
+    r = compare(e, e.decode_tok_s * 1.25, which="decode")
+    assert r["relative_error"] == pytest.approx(-0.2)
+    with pytest.raises(ValueError):
+        compare(e, 0)
+
+
+def test_estimate_cost_model_is_consistent_with_build():
+    p = pol((10, 60, 20, 50, 30, 40), gbs=8, nb=2)
+    model = build(OPT30, p, T4, 256, 16)
+    e = estimate(OPT30, p, T4, 256, 16)
+    assert model.total_time(point(*p.percent)) == pytest.approx(e.total_s)
