@@ -28,5 +28,5 @@ for stage in "$@"; do case $stage in
   llama)
     run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
     run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 ;;
-  profile) run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 --profile $OUT/trace.json ;;
+  profile) TAIL=40 run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --gen-len 8 --profile $OUT/trace.json ;;
 esac; done

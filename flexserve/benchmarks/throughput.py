@@ -47,7 +47,7 @@ def transfer_bound(llm, h2d_gbps: float, disk_gbps: float | None) -> dict:
 
     cpu = disk = 0
     for layer in llm.executor.layers:
-        for h in layer.offloaded.values():
+        for h in layer.streamed.values():
             if h.tier is Tier.DISK:
                 disk += h.nbytes
             else:

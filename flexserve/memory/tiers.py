@@ -188,7 +188,7 @@ class Tiers:
         return nbytes(h.shape[1:], h.dtype)
 
     def read_rows(self, h: Handle, dst: torch.Tensor, lo: int, hi: int, staging: torch.Tensor | None = None,
-                  non_blocking: bool = True) -> None:
+                  non_blocking: bool = True, dim: int = 0) -> None:
         """Copy rows [lo, hi) of dim 0 of a stored tensor into `dst[lo:hi]` (dst on the compute device).
 
         Disk rows go through `staging` (pinned, at least as large as the stored tensor): a positional read into
@@ -197,14 +197,15 @@ class Tiers:
         if hi <= lo:
             return
         if h.data is not None:
-            dst[lo:hi].copy_(h.data[lo:hi], non_blocking=non_blocking)
+            dst.narrow(dim, lo, hi - lo).copy_(h.data.narrow(dim, lo, hi - lo), non_blocking=non_blocking)
             return
+        assert dim == 0, "disk tensors are read along dim 0"
         buf = staging[lo:hi] if staging is not None else self.empty_cpu((hi - lo, *h.shape[1:]), h.dtype)
         self.disk.read_into(h.path, buf, lo * self.row_bytes(h))
         dst[lo:hi].copy_(buf, non_blocking=non_blocking and staging is not None)
 
     def write_rows(self, h: Handle, src: torch.Tensor, lo: int, hi: int, staging: torch.Tensor | None = None,
-                   non_blocking: bool = True) -> None:
+                   non_blocking: bool = True, dim: int = 0) -> None:
         """Copy `src[lo:hi]` (on the compute device) into rows [lo, hi) of a stored tensor.
 
         To disk this is a device-to-host copy into `staging` that must finish before the positional write, so
@@ -213,8 +214,9 @@ class Tiers:
         if hi <= lo:
             return
         if h.data is not None:
-            h.data[lo:hi].copy_(src[lo:hi], non_blocking=non_blocking)
+            h.data.narrow(dim, lo, hi - lo).copy_(src.narrow(dim, lo, hi - lo), non_blocking=non_blocking)
             return
+        assert dim == 0, "disk tensors are written along dim 0"
         buf = staging[lo:hi] if staging is not None else self.empty_cpu((hi - lo, *h.shape[1:]), h.dtype)
         buf.copy_(src[lo:hi], non_blocking=self.is_cuda)
         if self.is_cuda:

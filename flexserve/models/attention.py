@@ -2,7 +2,8 @@
 
 The cache of one layer for one batch is a pair of tensors [S_max, B, Hkv, hd], sequence-major as in FlexGen, so
 that the keys of a range of positions are one contiguous byte range: a decode step appends one contiguous slice,
-and a cache on disk or in host memory moves as a single read or write. New keys/values go to [start, start + S). Left padding is described by a key-validity mask; a padded query row is allowed
+and a cache on disk or in host memory moves as a single read or write. A cache that CPU attention reads in
+place is head-major instead, [B, Hkv, S_max, hd] (`seq_dim=2`): the CPU kernels read it about 3x faster. New keys/values go to [start, start + S). Left padding is described by a key-validity mask; a padded query row is allowed
 to see itself so that no softmax row is empty (an empty row gives NaN, and 0 * NaN would leak into real rows).
 The same function runs on the GPU or on the CPU (FlexGen's CPU attention): the caller decides where the
 tensors are.
@@ -40,13 +41,18 @@ class AttnMeta:
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttnMeta, seq_dim: int = 0) -> torch.Tensor:
     """Write k/v into the cache and attend. q: [B, S, H, hd]; k, v: [B, S, Hkv, hd] -> [B, S, H * hd]."""
     b, s, h, hd = q.shape
     end = meta.start + s
-    k_cache[meta.start:end] = k.transpose(0, 1)
-    v_cache[meta.start:end] = v.transpose(0, 1)
-    keys, values = k_cache[:end].permute(1, 2, 0, 3), v_cache[:end].permute(1, 2, 0, 3)  # [B, Hkv, L, hd]
+    if seq_dim == 0:  # [S, B, Hkv, hd]
+        k_cache[meta.start:end] = k.transpose(0, 1)
+        v_cache[meta.start:end] = v.transpose(0, 1)
+        keys, values = k_cache[:end].permute(1, 2, 0, 3), v_cache[:end].permute(1, 2, 0, 3)  # [B, Hkv, L, hd]
+    else:  # [B, Hkv, S, hd]: what CPU attention reads fastest (each head's keys contiguous)
+        k_cache[:, :, meta.start:end] = k.transpose(1, 2)
+        v_cache[:, :, meta.start:end] = v.transpose(1, 2)
+        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
     mask = meta.mask(q.device)
     causal = mask is None and s > 1 and meta.start == 0
     if mask is None and s > 1 and meta.start > 0:  # chunk after a prefix, no padding: explicit causal mask

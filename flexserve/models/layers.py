@@ -103,9 +103,13 @@ def decoder_layer(cfg: ModelConfig, w: Weights, x: torch.Tensor, rope: tuple[tor
     return x
 
 
-def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Token (and learned positional) embedding. ids, positions: [B, S] -> [B, S, D]."""
-    x = F.embedding(ids, w["embed.weight"])
+def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor,
+          token_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Token (and learned positional) embedding. ids, positions: [B, S] -> [B, S, D].
+
+    `token_rows` are the already looked-up token embeddings (the executor gathers them where the table lives).
+    """
+    x = F.embedding(ids, w["embed.weight"]) if token_rows is None else token_rows
     if "project_in.weight" in w:
         x = F.linear(x, w["project_in.weight"])
     if cfg.positional == "learned":

@@ -79,6 +79,7 @@ class BatchState:
     k: list[Handle]
     v: list[Handle]
     cache_tiers: list[Tier]
+    seq_dims: list[int]  # 0: [S, B, H, D] (streamed caches); 2: [B, H, S, D] (caches CPU attention reads)
     meta: AttnMeta | None = None
     rope: tuple[torch.Tensor, ...] | None = None
     stored: dict[int, _Sync] = field(default_factory=dict)  # layer -> last store of this batch's cache
@@ -109,16 +110,16 @@ class OffloadExecutor:
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="flexserve-load") if separate else _Inline()
         self.storer = ThreadPoolExecutor(1, thread_name_prefix="flexserve-store") if separate else _Inline()
         self._wslots: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], _Sync]] = {}
-        self._cslots: dict[int, list[_CacheSlot]] = {}  # per batch size, double-buffered
-        self._cache_staging: dict[int, torch.Tensor | None] = {}
+        self._cslots: dict[tuple[int, int], list[_CacheSlot]] = {}  # per (batch size, layout), double-buffered
+        self._cache_staging: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pending: dict[int, Future] = {}
 
     # --- weights ---------------------------------------------------------------------------------------------
     def _weight_slot(self, layer: PseudoLayer):
         key = layer.slot_key
         if key not in self._wslots:
-            gpu = {n: torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.offloaded.items()}
-            stage = {n: self.tiers.empty_cpu(h.shape, h.dtype) for n, h in layer.offloaded.items()
+            gpu = {n: torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.streamed.items()}
+            stage = {n: self.tiers.empty_cpu(h.shape, h.dtype) for n, h in layer.streamed.items()
                      if h.tier is Tier.DISK}
             self._wslots[key] = (gpu, stage, _Sync())
         return self._wslots[key]
@@ -129,17 +130,17 @@ class OffloadExecutor:
         gpu, stage, released = self._weight_slot(layer)
         released.wait_on(self.load_lane)
         with self.load_lane.context():
-            for name, h in layer.offloaded.items():
+            for name, h in layer.streamed.items():
                 self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
             return self.load_lane.record()
 
     def _prefetch(self, j: int) -> None:
-        if j < len(self.layers) and j not in self._pending and self.layers[j].offloaded:
+        if j < len(self.layers) and j not in self._pending and self.layers[j].streamed:
             self._pending[j] = self.loader.submit(self._load_weights, j)
 
     def _weights(self, j: int) -> dict[str, torch.Tensor]:
         layer = self.layers[j]
-        if not layer.offloaded:
+        if not layer.streamed:
             return layer.resident
         self._prefetch(j)
         current_wait(self._pending.pop(j).result())
@@ -148,7 +149,7 @@ class OffloadExecutor:
 
     def _release_weights(self, j: int) -> None:
         layer = self.layers[j]
-        if layer.offloaded:
+        if layer.streamed:
             self._weight_slot(layer)[2].event = current_record(self.device)
 
     # --- KV cache --------------------------------------------------------------------------------------------
@@ -158,24 +159,31 @@ class OffloadExecutor:
         p = self.policy
         return tier_by_fraction(pos, p.cache_gpu_percent, p.cache_cpu_percent)
 
+    def _cache_shape(self, b: int, max_len: int, seq_dim: int) -> tuple[int, ...]:
+        h, d = self.cfg.num_kv_heads, self.cfg.head_dim
+        return (max_len, b, h, d) if seq_dim == 0 else (b, h, max_len, d)
+
     def new_block(self, batch_sizes: list[int], max_len: int) -> BlockState:
         """Allocate the caches of a block whose sequences will hold at most `max_len` tokens."""
         cfg, batches = self.cfg, []
         for k, b in enumerate(batch_sizes):
-            shape = (max_len, b, cfg.num_kv_heads, cfg.head_dim)
             tiers = [self.cache_tier(j, k, len(batch_sizes)) for j in range(cfg.num_layers)]
-            ks = [self.tiers.allocate(t, shape, self.dtype, f"k{j}.{k}") for j, t in enumerate(tiers)]
-            vs = [self.tiers.allocate(t, shape, self.dtype, f"v{j}.{k}") for j, t in enumerate(tiers)]
-            batches.append(BatchState(b, ks, vs, tiers))
-        for b in set(batch_sizes):
-            shape = (max_len, b, cfg.num_kv_heads, cfg.head_dim)
-            if any(self._needs_slot(bs, j, 2) for bs in batches if bs.size == b for j in range(cfg.num_layers)) \
-                    and (b not in self._cslots or tuple(self._cslots[b][0].k.shape) != shape):
-                self._cslots[b] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
-                                              torch.empty(shape, dtype=self.dtype, device=self.device))
-                                   for _ in range(2)]
-                self._cache_staging[b] = (self.tiers.empty_cpu((2, 2, *shape), self.dtype)
-                                          if self.policy.cache_disk_percent > 0 else None)
+            dims = [2 if self.policy.cpu_cache_compute and t is Tier.CPU else 0 for t in tiers]
+            ks, vs = [], []
+            for j, (t, sd) in enumerate(zip(tiers, dims)):
+                ks.append(self.tiers.allocate(t, self._cache_shape(b, max_len, sd), self.dtype, f"k{j}.{k}"))
+                vs.append(self.tiers.allocate(t, self._cache_shape(b, max_len, sd), self.dtype, f"v{j}.{k}"))
+            batches.append(BatchState(b, ks, vs, tiers, dims))
+        keys = {(bs.size, bs.seq_dims[j]) for bs in batches for j in range(cfg.num_layers)
+                if self._needs_slot(bs, j, 2)}
+        for key in keys:
+            shape = self._cache_shape(key[0], max_len, key[1])
+            if key not in self._cslots or tuple(self._cslots[key][0].k.shape) != shape:
+                self._cslots[key] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
+                                                torch.empty(shape, dtype=self.dtype, device=self.device))
+                                     for _ in range(2)]
+                self._cache_staging[key] = (self.tiers.empty_cpu((2, 2, *shape), self.dtype)
+                                            if self.policy.cache_disk_percent > 0 else None)
         return BlockState(batches, max_len)
 
     def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
@@ -184,28 +192,31 @@ class OffloadExecutor:
     def _needs_slot(self, batch: BatchState, j: int, num_new: int) -> bool:
         return batch.cache_tiers[j] is not Tier.GPU and not self._cpu_attends(batch, j, num_new)
 
-    def _staging(self, b: int, slot_index: int, which: int) -> torch.Tensor | None:
-        stage = self._cache_staging.get(b)
-        return None if stage is None else stage[slot_index, which]
+    def _slot(self, batch: BatchState, j: int, slot_index: int) -> tuple[_CacheSlot, torch.Tensor | None]:
+        key = (batch.size, batch.seq_dims[j])
+        stage = self._cache_staging.get(key)
+        return self._cslots[key][slot_index], stage if stage is None else stage[slot_index]
 
     def _load_cache(self, batch: BatchState, j: int, slot_index: int, length: int) -> object:
         """Loader-thread task: bring the first `length` cached tokens of (j, batch) into a GPU slot."""
-        slot = self._cslots[batch.size][slot_index]
+        slot, stage = self._slot(batch, j, slot_index)
         slot.released.wait_on(self.load_lane)
         if j in batch.stored:
             batch.stored[j].wait_on(self.load_lane)
         with self.load_lane.context():
             for which, (h, dst) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
-                self.tiers.read_rows(h, dst, 0, length, self._staging(batch.size, slot_index, which))
+                self.tiers.read_rows(h, dst, 0, length, None if stage is None else stage[which],
+                                     dim=batch.seq_dims[j])
             return self.load_lane.record()
 
     def _store_cache(self, batch: BatchState, j: int, slot_index: int, lo: int, hi: int, ready) -> object:
         """Store-thread task: write tokens [lo, hi) of (j, batch) from its GPU slot back to their tier."""
-        slot = self._cslots[batch.size][slot_index]
+        slot, stage = self._slot(batch, j, slot_index)
         self.store_lane.wait(ready)
         with self.store_lane.context():
             for which, (h, src) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
-                self.tiers.write_rows(h, src, lo, hi, self._staging(batch.size, slot_index, which))
+                self.tiers.write_rows(h, src, lo, hi, None if stage is None else stage[which],
+                                      dim=batch.seq_dims[j])
             return self.store_lane.record()
 
     # --- one forward over the block --------------------------------------------------------------------------
@@ -234,7 +245,11 @@ class OffloadExecutor:
             self._prefetch(j + 1 if j + 1 < n else 0)
             if layer.kind == "embed":
                 for k, bs in enumerate(state.batches):
-                    hidden[k] = act.put(k, embed(self.cfg, w, ids[k].to(self.device), positions[k].to(self.device)))
+                    rows = None
+                    if layer.gathered:  # look the rows up in host memory; only B*S rows cross PCIe
+                        rows = layer.offloaded["embed.weight"].data[ids[k].cpu()].to(self.device, non_blocking=True)
+                    hidden[k] = act.put(k, embed(self.cfg, w, ids[k].to(self.device), positions[k].to(self.device),
+                                                 rows))
             elif layer.kind == "head":
                 for k in range(len(state.batches)):
                     x = act.get(k, hidden[k])
@@ -262,30 +277,31 @@ class OffloadExecutor:
             if k in pending:
                 idx, fut = pending.pop(k)
                 current_wait(fut.result())
-                slot = self._cslots[bs.size][idx]
-                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(slot.k, slot.v, bs.meta))
+                slot, _ = self._slot(bs, li, idx)
+                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(slot.k, slot.v, bs.meta, bs.seq_dims[li]))
                 ready = current_record(self.device)
                 fut = self.storer.submit(self._store_cache, bs, li, idx, start, start + s, ready)
                 bs.stored[li] = slot.released = _Sync(future=fut)
             elif self._cpu_attends(bs, li, s):
                 x = decoder_layer(self.cfg, w, x, bs.rope, self._cpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
             else:
-                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
+                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(bs.k[li].data, bs.v[li].data, bs.meta,
+                                                                            bs.seq_dims[li]))
             hidden[k] = act.put(k, x)
 
     @staticmethod
-    def _gpu_attend(kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
-        return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta)
+    def _gpu_attend(kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta, seq_dim: int):
+        return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta, seq_dim)
 
     def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
         """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
         if self.device.type != "cuda":
-            return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta)
+            return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta, 2)
 
         def attend(q, k, v):
             qc, kk, vv = (t.to("cpu", non_blocking=True) for t in (q, k, v))
             torch.cuda.current_stream().synchronize()
-            out = dense_attention(qc, kk, vv, kc, vc, meta)
+            out = dense_attention(qc, kk, vv, kc, vc, meta, 2)
             return out.pin_memory().to(self.device, non_blocking=True)
         return attend
 

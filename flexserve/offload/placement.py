@@ -26,6 +26,12 @@ class PseudoLayer:
     index: int  # decoder index, -1 for embed/head
     resident: dict[str, torch.Tensor] = field(default_factory=dict)
     offloaded: dict[str, Handle] = field(default_factory=dict)
+    gathered: set[str] = field(default_factory=set)  # offloaded tables read row by row, never moved whole
+
+    @property
+    def streamed(self) -> dict[str, Handle]:
+        """The offloaded tensors that cross to the GPU whole, every time the layer runs."""
+        return {n: h for n, h in self.offloaded.items() if n not in self.gathered}
 
     @property
     def slot_key(self) -> str:
@@ -33,7 +39,7 @@ class PseudoLayer:
         return f"decoder{self.index % 2}" if self.kind == "decoder" else self.kind
 
     def offloaded_bytes(self) -> int:
-        return sum(h.nbytes for h in self.offloaded.values())
+        return sum(h.nbytes for h in self.streamed.values())
 
 
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -63,6 +69,9 @@ def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: tor
     glob = source.global_parts()
     embed = PseudoLayer("embed", -1)
     _place(tiers, policy, embed, {k: v for k, v in glob.items() if k in EMBED_KEYS}, dtype)
+    table = embed.offloaded.get("embed.weight")
+    if table is not None and table.tier is Tier.CPU:  # a lookup needs B*S rows, not the 50k-row table
+        embed.gathered.add("embed.weight")
     head_tensors = {k: v for k, v in glob.items() if k not in EMBED_KEYS}
     shared = {}
     if cfg.tie_word_embeddings:  # the head reuses the embedding matrix wherever it was placed

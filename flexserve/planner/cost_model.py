@@ -137,8 +137,10 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         + share("w", "disk") / hw.h2d_pinned_bw
     dequant = (sz.layer_w + sz.layer_w16) / hw.gpu_mem_bw if p.compress_weight else 0.0
 
-    def weight_load(num_bytes: float) -> dict[str, Linear]:
-        return {"weights pcie": w_off * num_bytes, "weights disk": share("w", "disk") * (num_bytes / hw.disk_read_bw)}
+    def weight_load(num_bytes: float, gathered_on_cpu: bool = False) -> dict[str, Linear]:
+        # an embedding table on the CPU is read row by row (B*S rows, negligible), never moved whole
+        pcie = share("w", "disk") / hw.h2d_pinned_bw if gathered_on_cpu else w_off
+        return {"weights pcie": pcie * num_bytes, "weights disk": share("w", "disk") * (num_bytes / hw.disk_read_bw)}
 
     def acts(tokens: float) -> dict[str, Linear]:
         act_bytes = blk * tokens * cfg.hidden_size * b  # one put (d2h) and one get (h2d) per layer
@@ -185,14 +187,15 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             store["cache pcie"] = off_cache * (new_cache / hw.d2h_pinned_bw)
         store["cache disk"] = share("cache", "disk") * (new_cache / hw.disk_write_bw)
         compute.update(acts(tokens))
-        stages.append(Stage(f"{phase}.decoder", cfg.num_layers, cfg.num_layers * steps, {"load": load, "store": store, "compute": compute},
-                            nb * hw.layer_overhead_s, mem_bound))
+        stages.append(Stage(f"{phase}.decoder", cfg.num_layers, cfg.num_layers * steps,
+                            {"load": load, "store": store, "compute": compute}, nb * hw.layer_overhead_s, mem_bound))
     # --- embed and head pseudo-layers (weights placed by the same percentages, as in the executor) -------------
     head_lin, head_mem_bound = linear_time(1, sz.head_params, sz.head_w16)
     head_dequant = (sz.head_w + sz.head_w16) / hw.gpu_mem_bw if p.compress_weight else 0.0
     for phase, steps in (("prefill", 1), ("decode", gen_len - 1)):
         stages.append(Stage(f"{phase}.embed", 1, steps,
-                            {"load": weight_load(sz.embed_w), "store": {}, "compute": {}}, nb * hw.layer_overhead_s))
+                            {"load": weight_load(sz.embed_w, gathered_on_cpu=True), "store": {}, "compute": {}},
+                            nb * hw.layer_overhead_s))
         stages.append(Stage(f"{phase}.head", 1, steps,
                             {"load": weight_load(sz.head_w), "store": {},
                              "compute": {"gpu linear": Linear.constant(head_lin + head_dequant)}},

@@ -74,10 +74,10 @@ class Hardware:
             raise PolicyError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
         return getattr(self, key)
 
-    def with_memory(self, gpu_mem: float | None = None, cpu_mem: float | None = None,
-                    disk: float | None = None) -> "Hardware":
-        """The same machine with some tiers capped (the `--gpu-mem 16GiB` flags)."""
-        changes = {k: float(v) for k, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk", disk))
+    def with_memory(self, gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
+                    disk: float | str | None = None) -> "Hardware":
+        """The same machine with some tiers capped (bytes, or sizes as the `--gpu-mem 16GiB` flags write them)."""
+        changes = {k: float(parse_size(v)) for k, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk", disk))
                    if v is not None}
         return dataclasses.replace(self, **changes)
 

@@ -147,15 +147,15 @@ class _Milp:
 
 
 def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-           gpu_mem: float | None = None, cpu_mem: float | None = None, disk: float | None = None,
+           gpu_mem: float | str | None = None, cpu_mem: float | str | None = None, disk: float | str | None = None,
            allow_compression: bool = False, cpu_cache_compute: bool | None = None, overlap: bool = True,
            gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, num_gpu_batches: Sequence[int] = NUM_GPU_BATCHES,
            dtype: str | None = None) -> Plan:
     """The policy of highest total throughput (generated tokens/s over prefill + decode) that fits the memory.
 
-    `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes; `cpu_cache_compute=None` tries both; compression is
-    tried only when allowed, as it changes the numbers the model computes. Raises `PolicyError` with the
-    reason when nothing fits.
+    `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes (bytes or "16GiB"); `cpu_cache_compute=None` tries
+    both; compression is tried only when allowed, as it changes the numbers the model computes. Raises
+    `PolicyError` with the reason when nothing fits.
     """
     start = time.perf_counter()
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
@@ -206,9 +206,12 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
 
 
 def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
-                gpu_mem: float | None = None, cpu_mem: float | None = None, disk: float | None = None,
-                dtype_bytes: int = 2) -> Policy:
-    """`--policy auto`: the searched policy for this machine (see `default_hardware` for which profile)."""
+                gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
+                disk: float | str | None = None, dtype_bytes: int = 2) -> Policy:
+    """`--policy auto`: the searched policy for this machine (see `default_hardware` for which profile).
+
+    Sizes may be bytes or strings such as "16GiB"; `hardware` a profile, a built-in name or a file.
+    """
     from .hardware import resolve_hardware
 
     hw = resolve_hardware(hardware) or default_hardware()
@@ -219,6 +222,7 @@ def default_hardware(progress: bool = False) -> Hardware:
     """The saved profile if there is one, else the built-in H100 profile on a CUDA machine, else a quick
     calibration of this (CPU) machine, which takes a few seconds."""
     import os
+    import tempfile
 
     from .hardware import default_profile_path, load_hardware, profile
 
@@ -226,10 +230,10 @@ def default_hardware(progress: bool = False) -> Hardware:
         return load_hardware()
     import torch
 
-    if torch.cuda.is_available():
-        free, total_mem = torch.cuda.mem_get_info()
-        return profile("h100").with_memory(gpu_mem=total_mem)
-    from .calibrate import calibrate
+    from .calibrate import _sizes, calibrate
+
+    if torch.cuda.is_available():  # the H100 rates, this machine's sizes
+        return profile("h100").with_memory(**_sizes(torch.device("cuda"), tempfile.gettempdir()))
 
     return calibrate(quick=True, progress=progress)
 
@@ -246,8 +250,10 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
         raise PolicyError(f"grid step must divide 100, got {step}")
     start = time.perf_counter()
     limits = {"gpu": hardware.gpu_mem, "cpu": hardware.cpu_mem, "disk": hardware.disk}
-    pairs = [(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)]
-    grid = np.array([[*w, *k, *a] for w in pairs for k in pairs for a in pairs], dtype=float) / 100.0
+    pairs = np.array([(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)], dtype=float) / 100.0
+    n = len(pairs)
+    grid = np.hstack([np.repeat(pairs, n * n, axis=0), np.tile(np.repeat(pairs, n, axis=0), (n, 1)),
+                      np.tile(pairs, (n * n, 1))])  # every (weights, cache, activations) combination
     best: tuple[float, CostModel, np.ndarray] | None = None
     count = 0
     for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
@@ -332,7 +338,9 @@ def _explain_infeasible(config: ModelConfig, hw: Hardware, prompt_len: int, gen_
     if gpu_need > hw.gpu_mem:
         return (f"no policy fits: even one sequence per batch with everything offloaded needs "
                 f"{format_size(gpu_need)} of GPU memory for one layer's weight staging and the working set "
-                f"(largest layer {format_size(smallest.sizes.layer_w)}), but the GPU has {format_size(hw.gpu_mem)}")
+                f"(a decoder layer is {format_size(smallest.sizes.layer_w)}, the embedding and head "
+                f"{format_size(smallest.sizes.embed_w + smallest.sizes.head_w)}), but the GPU has "
+                f"{format_size(hw.gpu_mem)}")
     x_disk = point(0, 0, 0, 0, 0, 0)
     peak = smallest.peak(x_disk)
     return (f"no policy fits the memory ({num_candidates} block shapes considered): with everything on disk "

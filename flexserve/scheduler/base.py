@@ -44,6 +44,7 @@ class Scheduler:
         self._last_scheduled: list[ScheduledSeq] = []
         self._ran_last_step: set[str] = set()
         self._stop_admitting = False  # set during a walk once a not-started job failed to fit
+        self._gpu_holders: list[Request] = []  # started jobs with GPU blocks at the start of the step
         self._seq = itertools.count()
         self._num_not_started = 0
         self.counters = dict.fromkeys(
@@ -128,6 +129,7 @@ class Scheduler:
         self.block_manager.begin_step()
         out = SchedulerOutput()
         self._active.sort(key=_priority)
+        self._gpu_holders = [r for r in self._active if self.block_manager.num_gpu_blocks_of(r.request_id)]
         scheduled_ids: set[str] = set()
         evicted_ids: set[str] = set()
         admitted: list[Request] = []
@@ -135,8 +137,11 @@ class Scheduler:
         # Decodes still to be visited keep one token of budget each, so prompt chunks of higher-priority
         # jobs cannot shrink the decode batch (small decode batches waste each step's weight reads).
         decodes_ahead = sum(1 for r in self._active if not r.is_prefill)
+        # Bounded lookahead: past this many jobs that could not get blocks, stop looking (each failure
+        # scans the eviction candidates, and deep in a memory-bound backlog nothing more will fit).
+        failures_left = self.config.max_num_seqs
         for req in self._candidates():
-            if seats == 0 or budget == 0:
+            if seats == 0 or budget == 0 or failures_left == 0:
                 break
             is_new = req.first_scheduled_time is None
             if not req.is_prefill:
@@ -146,6 +151,7 @@ class Scheduler:
             tokens = budget if not req.is_prefill else budget - min(decodes_ahead, seats - 1)
             seq = self._try_schedule(req, tokens, bool(scheduled_ids), out, evicted_ids) if tokens > 0 else None
             if seq is None:
+                failures_left -= 1
                 if is_new:
                     self._stop_admitting = True
                 continue
@@ -212,13 +218,17 @@ class Scheduler:
         return ScheduledSeq(request=req, num_tokens=num_new, start_pos=start, is_prefill=req.is_prefill,
                             samples=target == req.num_tokens, block_table=bm.block_table(rid))
 
-    def _victims(self, after: Request, exclude: Iterable[str] = ()) -> list[Request]:
-        """Started jobs holding GPU blocks, lower in priority than `after`, lowest first."""
-        skip = set(exclude)
+    def _victims(self, after: Request) -> Iterator[Request]:
+        """Started jobs holding GPU blocks, lower in priority than `after`, lowest first. Drawn from the
+        holders listed at the start of the step: jobs that gain blocks later in the step are in its batch,
+        and the batch is never evicted."""
         key = _priority(after)
         bm = self.block_manager
-        return [r for r in reversed(self._active)
-                if _priority(r) > key and r.request_id not in skip and bm.num_gpu_blocks_of(r.request_id)]
+        for r in reversed(self._gpu_holders):
+            if _priority(r) <= key:
+                return
+            if bm.num_gpu_blocks_of(r.request_id):
+                yield r
 
     def _make_room(self, req: Request, need: int, out: SchedulerOutput, evicted_ids: set[str]) -> bool:
         """Evict lower-priority jobs, lowest first, until `need` GPU blocks are free; evict nothing if that

@@ -23,15 +23,15 @@ SHAPES = dict(gpu_batch_sizes=(1, 8, 64), num_gpu_batches=(1, 3))
 @pytest.mark.parametrize("name, hw, prompt, gen", CASES, ids=[c[0] for c in CASES])
 def test_milp_is_never_worse_than_the_grid(name, hw, prompt, gen):
     cfg = preset(name)
-    grid = grid_search(cfg, hw, prompt, gen, step=10, **SHAPES)
+    grid = grid_search(cfg, hw, prompt, gen, step=20, **SHAPES)
     lp = search(cfg, hw, prompt, gen, **SHAPES)
     assert lp.estimate.total_tok_s >= grid.estimate.total_tok_s * (1 - 1e-6)
     # and the grid's answer really is a grid point that fits
-    assert all(p % 10 == 0 for p in grid.policy.percent)
+    assert all(p % 20 == 0 for p in grid.policy.percent)
     assert grid.estimate.overflows(hw) == []
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (16, 2), (64, 4)])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 2), (64, 3)])
 def test_milp_beats_the_grid_on_every_fixed_shape(shape):
     cfg, hw = preset("opt-30b"), T4
     kw = dict(gpu_batch_sizes=(shape[0],), num_gpu_batches=(shape[1],), cpu_cache_compute=True)
@@ -143,7 +143,7 @@ def test_auto_policy_uses_the_saved_profile(tmp_path, monkeypatch):
     save_hardware(T4)
     policy = auto_policy(preset("opt-30b"), 512, 32)
     assert policy == search(preset("opt-30b"), T4, 512, 32).policy
-    assert auto_policy(preset("opt-30b"), 512, 32, hardware="t4", gpu_mem=8e9) == \
+    assert auto_policy(preset("opt-30b"), 512, 32, hardware="t4", gpu_mem="8GB") == \
         search(preset("opt-30b"), T4, 512, 32, gpu_mem=8e9).policy
 
 
