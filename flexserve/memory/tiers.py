@@ -214,7 +214,16 @@ class Tiers:
         if hi <= lo:
             return
         if h.data is not None:
-            h.data.narrow(dim, lo, hi - lo).copy_(src.narrow(dim, lo, hi - lo), non_blocking=non_blocking)
+            region, part = h.data.narrow(dim, lo, hi - lo), src.narrow(dim, lo, hi - lo)
+            if src.is_cuda and staging is not None and not region.is_contiguous():
+                # A strided host region would make the copy go through pageable memory: stage it contiguous
+                # in pinned memory, then scatter on the host (this runs on the store thread, off the GPU's path).
+                buf = staging.reshape(-1)[:region.numel()].view(region.shape)
+                buf.copy_(part, non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+                region.copy_(buf)
+            else:
+                region.copy_(part, non_blocking=non_blocking)
             return
         assert dim == 0, "disk tensors are written along dim 0"
         buf = staging[lo:hi] if staging is not None else self.empty_cpu((hi - lo, *h.shape[1:]), h.dtype)

@@ -10,10 +10,16 @@ tensors are.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# cuDNN's SDPA builds an execution plan per new shape on the host (~2 ms each); a decode step changes the key
+# length every call, so that cost lands on every layer of every step. Flash / memory-efficient kernels do not.
+_GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -58,6 +64,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if mask is None and s > 1 and meta.start > 0:  # chunk after a prefix, no padding: explicit causal mask
         q_pos = torch.arange(meta.start, end, device=q.device)[:, None]
         mask = (torch.arange(end, device=q.device)[None, :] <= q_pos)[None, None]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
-                                         enable_gqa=h != keys.shape[1])  # [B, H, S, hd]
+    with sdpa_kernel(_GPU_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=h != keys.shape[1])  # [B, H, S, hd]
     return out.transpose(1, 2).reshape(b, s, h * hd)

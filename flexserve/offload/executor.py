@@ -113,6 +113,7 @@ class OffloadExecutor:
         self._cslots: dict[tuple[int, int], list[_CacheSlot]] = {}  # per (batch size, layout), double-buffered
         self._cache_staging: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pending: dict[int, Future] = {}
+        self._pinned_bufs: dict[str, torch.Tensor] = {}
 
     # --- weights ---------------------------------------------------------------------------------------------
     def _weight_slot(self, layer: PseudoLayer):
@@ -182,8 +183,8 @@ class OffloadExecutor:
                 self._cslots[key] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
                                                 torch.empty(shape, dtype=self.dtype, device=self.device))
                                      for _ in range(2)]
-                self._cache_staging[key] = (self.tiers.empty_cpu((2, 2, *shape), self.dtype)
-                                            if self.policy.cache_disk_percent > 0 else None)
+                staged = self.policy.cache_disk_percent > 0 or (key[1] == 2 and self.device.type == "cuda")
+                self._cache_staging[key] = self.tiers.empty_cpu((2, 2, *shape), self.dtype) if staged else None
         return BlockState(batches, max_len)
 
     def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
@@ -299,11 +300,18 @@ class OffloadExecutor:
             return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta, 2)
 
         def attend(q, k, v):
-            qc, kk, vv = (t.to("cpu", non_blocking=True) for t in (q, k, v))
+            # Pinned buffers, reused: the synchronize below also retires the previous call's output copy.
+            qc, kk, vv = (self._pinned(f"attn{i}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, k, v)))
             torch.cuda.current_stream().synchronize()
             out = dense_attention(qc, kk, vv, kc, vc, meta, 2)
-            return out.pin_memory().to(self.device, non_blocking=True)
+            return self._pinned("attn_out", out).copy_(out).to(self.device, non_blocking=True)
         return attend
+
+    def _pinned(self, tag: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self._pinned_bufs.get(tag)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._pinned_bufs[tag] = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+        return buf
 
     def close(self) -> None:
         for f in self._pending.values():

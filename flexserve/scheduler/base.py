@@ -137,11 +137,12 @@ class Scheduler:
         # Decodes still to be visited keep one token of budget each, so prompt chunks of higher-priority
         # jobs cannot shrink the decode batch (small decode batches waste each step's weight reads).
         decodes_ahead = sum(1 for r in self._active if not r.is_prefill)
-        # Bounded lookahead: past this many jobs that could not get blocks, stop looking (each failure
-        # scans the eviction candidates, and deep in a memory-bound backlog nothing more will fit).
+        # Bounded lookahead: once the batch has a job, stop after this many jobs that could not get blocks
+        # (each failure scans the eviction candidates, and deep in a memory-bound backlog little more fits).
+        # An empty batch keeps looking, so the highest-priority job on the GPU always makes progress.
         failures_left = self.config.max_num_seqs
         for req in self._candidates():
-            if seats == 0 or budget == 0 or failures_left == 0:
+            if seats == 0 or budget == 0 or (failures_left <= 0 and scheduled_ids):
                 break
             is_new = req.first_scheduled_time is None
             if not req.is_prefill:
