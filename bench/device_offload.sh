@@ -27,6 +27,6 @@ for stage in "$@"; do case $stage in
   30b-fg) run $FG --model facebook/opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
   llama)
     run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
-    run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 ;;
+    ;;
   profile) TAIL=40 run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --gen-len 8 --profile $OUT/trace.json ;;
 esac; done
