@@ -62,8 +62,20 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     mask = meta.mask(q.device)
     causal = mask is None and s > 1 and meta.start == 0
     if mask is None and s > 1 and meta.start > 0:  # chunk after a prefix, no padding: explicit causal mask
-        q_pos = torch.arange(meta.start, end, device=q.device)[:, None]
-        mask = (torch.arange(end, device=q.device)[None, :] <= q_pos)[None, None]
+        mask = causal_mask(meta.start, s, q.device)
+    return attend_over(q, keys, values, mask, causal)
+
+
+def causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, S, start + S] bool: query i (at position start + i) sees keys 0 .. start + i."""
+    q_pos = torch.arange(start, start + num_new, device=device)[:, None]
+    return (torch.arange(start + num_new, device=device)[None, :] <= q_pos)[None, None]
+
+
+def attend_over(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, S, H, hd] over keys/values [B, Hkv, L, hd] -> [B, S, H * hd]."""
+    b, s, h, hd = q.shape
     with sdpa_kernel(_GPU_BACKENDS) if q.is_cuda else contextlib.nullcontext():
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal,
                                              enable_gqa=h != keys.shape[1])  # [B, H, S, hd]

@@ -240,26 +240,36 @@ class OffloadExecutor:
         hidden: list[torch.Tensor] = [None] * len(state.batches)  # type: ignore[list-item]
         logits: list[torch.Tensor] = []
         act = _Activations(self, len(state.batches))
-        n = len(self.layers)
-        for j, layer in enumerate(self.layers):
-            w = self._weights(j)
-            self._prefetch(j + 1 if j + 1 < n else 0)
+        for layer, w in self.stream_layers():
             if layer.kind == "embed":
-                for k, bs in enumerate(state.batches):
-                    rows = None
-                    if layer.gathered:  # look the rows up in host memory; only B*S rows cross PCIe
-                        rows = layer.offloaded["embed.weight"].data[ids[k].cpu()].to(self.device, non_blocking=True)
-                    hidden[k] = act.put(k, embed(self.cfg, w, ids[k].to(self.device), positions[k].to(self.device),
-                                                 rows))
+                for k in range(len(state.batches)):
+                    hidden[k] = act.put(k, self.embed_batch(layer, w, ids[k], positions[k]))
             elif layer.kind == "head":
                 for k in range(len(state.batches)):
                     x = act.get(k, hidden[k])
                     logits.append(lm_head(self.cfg, w, x if all_logits else x[:, -1]))
             else:
                 self._decoder_over_batches(state, layer.index, w, hidden, act, start, s)
-            self._release_weights(j)
         state.length = start + s
         return logits
+
+    def stream_layers(self):
+        """Yield (pseudo-layer, its weights on the compute device) in order: the next layer's weights are
+        already loading while the caller computes with these; the slot is released when the caller moves on.
+        The serving engine runs its paged batches through this same loop, so it streams weights too."""
+        n = len(self.layers)
+        for j, layer in enumerate(self.layers):
+            w = self._weights(j)
+            self._prefetch(j + 1 if j + 1 < n else 0)
+            yield layer, w
+            self._release_weights(j)
+
+    def embed_batch(self, layer: PseudoLayer, w, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ids [B, S]; a table left in host memory is read row by row (B*S rows cross PCIe)."""
+        rows = None
+        if layer.gathered:
+            rows = layer.offloaded["embed.weight"].data[ids.cpu()].to(self.device, non_blocking=True)
+        return embed(self.cfg, w, ids.to(self.device), positions.to(self.device), rows)
 
     def _decoder_over_batches(self, state: BlockState, li: int, w, hidden, act: "_Activations", start: int,
                               s: int) -> None:
