@@ -1,0 +1,332 @@
+"""The online engine: continuous batching over a paged KV cache, driven by a `flexserve.scheduler` policy.
+
+One background thread owns the model, the KV pools and the scheduler. Every iteration it takes new requests
+and cancellations, asks the scheduler who runs (prefill chunks and decodes together, preemptions, swaps),
+executes the block copies, runs one forward pass over the flattened tokens of every scheduled sequence and
+samples. Results go back to each request's asyncio queue on the event loop that asked. The model runs
+through the offloading executor's layer stream, so a serving model can itself be offloaded (weights on the
+CPU or disk tier under a `Policy`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from ..errors import PolicyError, PromptTooLongError, RequestError
+from ..models.layers import decoder_layer, lm_head, rope_cos_sin
+from ..offload.executor import OffloadExecutor
+from ..offload.policy import Policy
+from ..scheduler import BlockManager, Request, SchedulerConfig, make_scheduler
+from ..tokenizer import Tokenizer
+from ..weights import DummySource, default_model_path, open_source
+from .llm import resolve_device, resolve_dtype
+from .paged import PagedBatch, PagedKV, SeqChunk, paged_attend
+from .sampling import SamplingParams, make_generator, sample
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    scheduler: str = "fcfs"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int = 512
+    block_size: int = 16
+    num_gpu_blocks: int | None = None  # default: 85% of free device memory after weights (1 GiB on a CPU)
+    num_cpu_blocks: int | None = None  # default: 4 GiB of pinned host memory (1 GiB on a CPU)
+    max_queue_len: int = 1024
+    seed: int = 0
+    policy: Policy | None = None  # weight placement (None: resident); the KV cache is always paged
+    offload_dir: str | None = None
+    scheduler_options: dict = field(default_factory=dict)  # extra SchedulerConfig fields
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    logprobs: list[dict[int, float]] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Live:
+    """Engine-side state of one request."""
+
+    request: Request
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: set[int]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    sent: str = ""  # text already delivered
+    stop_text: str | None = None  # the final text when a stop string ended the request
+
+
+class AsyncEngine:
+    """Continuous-batching engine behind the HTTP server (see module docstring)."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = config.model if config.model is not None else default_model_path()
+        self.device = resolve_device(config.device)
+        source = open_source(self.model_path, dtype=torch.float32, device="cpu")
+        self.model_config = cfg = source.config
+        self.dtype = resolve_dtype(config.dtype, self.device, cfg.family)
+        if isinstance(source, DummySource):
+            source.dtype = self.dtype
+            if self.device.type == "cuda":
+                source.device = self.device
+        policy = config.policy or Policy()
+        if policy.uses_disk and not config.offload_dir:
+            raise PolicyError("the policy puts weights on disk: give an offload dir")
+        self.executor = OffloadExecutor(source, policy, self.device, self.dtype, config.offload_dir)
+        self.tokenizer = Tokenizer(self.model_path, cfg.vocab_size)
+        self.model_name = self.model_path.rstrip("/").split("/")[-1]
+        per_block = PagedKV.bytes_per_block(cfg, config.block_size, self.dtype)
+        num_gpu = config.num_gpu_blocks or self._default_gpu_blocks(per_block)
+        num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
+            1, (4 * GiB if self.device.type == "cuda" else GiB) // per_block)
+        self.kv = PagedKV(cfg, self.device, self.dtype, num_gpu, num_cpu, config.block_size)
+        self.blocks = BlockManager(num_gpu, num_cpu, config.block_size)
+        sched_cfg = SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                                    max_num_batched_tokens=config.max_num_batched_tokens,
+                                    prefill_chunk_size=config.prefill_chunk_size, max_queue_len=config.max_queue_len,
+                                    **config.scheduler_options)
+        self.scheduler = make_scheduler(config.scheduler, sched_cfg, self.blocks)
+        self._live: dict[str, _Live] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._accepting = True
+        self._fallback = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+        self.counters = {"generated_tokens": 0, "finished_requests": 0, "aborted_requests": 0, "steps": 0}
+        self.error: BaseException | None = None
+
+    def _default_gpu_blocks(self, per_block: int) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(16, int(free * 0.85) // per_block)
+        return max(16, GiB // per_block)
+
+    # --- public API ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flexserve-engine", daemon=True)
+            self._thread.start()
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Reject what cannot run; clip max_tokens to the context window. Returns the params to use."""
+        cfg = self.model_config
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= cfg.vocab_size:
+            raise RequestError(f"prompt token ids must be in 0..{cfg.vocab_size - 1}")
+        room = cfg.max_position - len(prompt_token_ids)
+        if room < 1:
+            raise PromptTooLongError(f"the prompt has {len(prompt_token_ids)} tokens; the context window is "
+                                     f"{cfg.max_position} (prompt plus at least one new token must fit)")
+        if params.max_tokens > room:
+            import dataclasses
+
+            params = dataclasses.replace(params, max_tokens=room)
+        return params
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """Stream a request's output. Errors (bad request, queue full) raise before the first output; closing
+        the iterator early aborts the request and frees its KV blocks."""
+        if not self._accepting:
+            raise RequestError("the server is shutting down")
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {self.error}")
+        params = self.validate(list(prompt_token_ids), params)
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        loop = asyncio.get_running_loop()
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop_ids.update(self.model_config.eos_ids)
+        live = _Live(Request(rid, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
+                             arrival_time=time.monotonic()), params,
+                     make_generator(params.seed, self._fallback), stop_ids, loop, asyncio.Queue())
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", live, accepted))
+        self._wake.set()
+        await asyncio.wrap_future(accepted)  # QueueFullError / RequestTooLargeError surface here
+        done = False
+        try:
+            while True:
+                out = await live.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                done = out.finished
+                yield out
+                if done:
+                    return
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        s = self.scheduler.stats()
+        return {
+            "kv_blocks_total": s.num_gpu_blocks, "kv_blocks_used": s.num_gpu_blocks_used,
+            "cpu_blocks_total": s.num_cpu_blocks, "cpu_blocks_used": s.num_cpu_blocks_used,
+            "num_running": s.num_running, "num_waiting": s.num_waiting, "num_swapped": s.num_swapped,
+            "queue_len_per_level": list(s.queue_len_per_level), "num_preemptions": s.num_preemptions,
+            "num_swaps": s.num_swap_outs, "num_recomputes": s.num_recomputes, **self.counters,
+        }
+
+    async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests; with `drain`, let running ones finish (up to `timeout` seconds)."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while drain and self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        self.executor.close()
+
+    # --- the engine thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as e:  # surface to every waiting client rather than hanging them
+            self.error = e
+            for live in list(self._live.values()):
+                live.loop.call_soon_threadsafe(live.queue.put_nowait, RuntimeError(f"engine failed: {e}"))
+            raise
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.scheduler.add_request(item.request)
+                except Exception as e:
+                    fut.set_exception(e)
+                    continue
+                self._live[item.request.request_id] = item
+                fut.set_result(None)
+            elif kind == "abort" and item in self._live:
+                self.scheduler.abort(item)
+                live = self._live.pop(item)
+                self.counters["aborted_requests"] += 1
+                self._emit(live, [], None, True, "abort")
+
+    def step(self) -> None:
+        """One iteration: swaps, one forward pass over every scheduled sequence, sampling, bookkeeping."""
+        self.kv.finish_pending()
+        t0 = time.monotonic()
+        out = self.scheduler.schedule(t0)
+        self.kv.swap(out.swap_out + out.swap_out_ahead, out.swap_in + out.swap_in_ahead, wait=False)
+        self.kv.order_before_compute()
+        sampled = self._forward(out.scheduled) if out.scheduled else {}
+        stopped: dict[str, str] = {}
+        new_tokens = {rid: [tok] for rid, (tok, _) in sampled.items()}
+        for rid, (tok, _) in sampled.items():
+            live = self._live[rid]
+            if tok in live.stop_ids or self._hit_stop_string(live, tok):
+                stopped[rid] = "stop"
+        t1 = time.monotonic()
+        finished = {r.request_id for r in self.scheduler.on_step_done(t1, t1 - t0, new_tokens, stopped)}
+        self.counters["steps"] += 1
+        self.counters["generated_tokens"] += len(sampled)
+        for rid, (tok, lp) in sampled.items():
+            live = self._live[rid]
+            done = rid in finished
+            if done:
+                self._live.pop(rid)
+                self.counters["finished_requests"] += 1
+            self._emit(live, [tok], lp, done, stopped.get(rid, "length") if done else None)
+
+    def _hit_stop_string(self, live: _Live, tok: int) -> bool:
+        if not live.params.stop:
+            return False
+        text = self.tokenizer.decode(live.request.output_token_ids + [tok])
+        hits = [text.index(s) for s in live.params.stop if s in text]
+        if hits:
+            live.stop_text = text[:min(hits)]
+        return bool(hits)
+
+    def _emit(self, live: _Live, toks: list[int], lp, finished: bool, reason: str | None) -> None:
+        """Queue one increment: the new token(s) and the text that became final with them."""
+        req = live.request
+        text = live.stop_text if live.stop_text is not None else self.tokenizer.decode(req.output_token_ids)
+        if not finished:
+            hold = max((len(s) for s in live.params.stop), default=1) - 1  # maybe the start of a stop string
+            text = text[:len(text) - hold] if hold else text
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                text = text[:-1]
+        delta = text[len(live.sent):] if text.startswith(live.sent) else ""
+        if delta:
+            live.sent = text
+        out = StepOutput(req.request_id, toks, delta, [lp] if lp is not None else None, finished, reason,
+                         len(req.prompt_token_ids), len(req.output_token_ids))
+        live.loop.call_soon_threadsafe(live.queue.put_nowait, out)
+
+    # --- the model -------------------------------------------------------------------------------------------
+    def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:
+        ex, cfg = self.executor, self.model_config
+        seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
+                         s.block_table, s.samples) for s in scheduled]
+        order = [s for s in scheduled if s.num_tokens == 1] + [s for s in scheduled if s.num_tokens != 1]
+        sampled_ids = [s.request.request_id for s in order if s.samples]
+        batch = PagedBatch.build(seqs, self.config.block_size, self.device)
+        rope = rope_cos_sin(ex.inv_freq, batch.positions, self.dtype) if ex.inv_freq is not None else None
+        x = logits = None
+        for layer, w in ex.stream_layers():
+            if layer.kind == "embed":
+                x = ex.embed_batch(layer, w, batch.ids, batch.positions)
+            elif layer.kind == "head":
+                logits = lm_head(cfg, w, x[0, batch.sample_rows]) if sampled_ids else None
+            else:
+                x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch))
+        if not sampled_ids:
+            return {}
+        lives = [self._live[r] for r in sampled_ids]
+        nlp = max((lv.params.logprobs for lv in lives if lv.params.logprobs is not None), default=None)
+        res = sample(logits, [lv.params for lv in lives], [lv.generator for lv in lives], nlp)
+        out = {}
+        for i, (rid, lv) in enumerate(zip(sampled_ids, lives)):
+            lp = None
+            if lv.params.logprobs is not None:
+                lp = {res.token_ids[i]: res.logprobs[i]}
+                if res.top is not None:
+                    lp.update(dict(list(res.top[i].items())[:lv.params.logprobs]))
+            out[rid] = (res.token_ids[i], lp)
+        return out

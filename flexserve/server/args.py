@@ -1,0 +1,40 @@
+"""Flags of `flexserve serve` beyond the model and placement flags that cli.py adds.
+
+Engine flags default to None, meaning "the `EngineConfig` default": the defaults live in one place, and a flag
+maps to the `EngineConfig` field of the same name.
+"""
+from __future__ import annotations
+
+import argparse
+
+SCHEDULER_CHOICES = ("fcfs", "mlfq", "skip-join-mlfq")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, scheduler_default: str | None = "skip-join-mlfq") -> None:
+    """Flags that map to `EngineConfig` fields (shared by `serve` and `bench serve --launch`)."""
+    g = p.add_argument_group("serving engine")
+    g.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=scheduler_default,
+                   help=f"scheduling policy (default {scheduler_default})")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one step (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens in one step (default 2048)")
+    g.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="prompt tokens of one request per step (default 512)")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks on the compute device (default: fit)")
+    g.add_argument("--num-cpu-blocks", type=int, default=None, help="KV blocks in pinned host memory (default: fit)")
+    g.add_argument("--max-queue-len", type=int, default=None,
+                   help="requests not yet started before new ones get HTTP 429 (default 1024)")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`--host/--port/--api-key/--served-model-name` plus the engine flags."""
+    g = p.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every /v1 route (also read from FLEXSERVE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on Ctrl-C, seconds to let in-flight requests finish before cancelling them")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_arguments(p)
