@@ -37,11 +37,18 @@ class Tokenizer:
         self.model_path = model_path
         self.vocab_size = vocab_size
         self._tok = None
+        self._error: ModelLoadError | None = None
 
     @property
     def hf(self):
+        if self._error is not None:
+            raise self._error
         if self._tok is None:
-            self._tok = self._load()
+            try:
+                self._tok = self._load()
+            except ModelLoadError as e:
+                self._error = e
+                raise
         return self._tok
 
     def _load(self):
@@ -62,8 +69,18 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
+    @property
+    def available(self) -> bool:
+        """Whether text can be produced (a folder with weights but no tokenizer files gives ids only)."""
+        try:
+            self.hf
+            return True
+        except ModelLoadError:
+            return False
+
     def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+        """Text of ids; empty when the model has no tokenizer (callers then work with ids alone)."""
+        return self.hf.decode(ids, skip_special_tokens=True) if self.available else ""
 
     def token_str(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)

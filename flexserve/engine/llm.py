@@ -171,20 +171,13 @@ class LLM:
     def _output(self, text: str | None, ids: list[int], seqs: list[Sequence]) -> RequestOutput:
         outs = []
         for i, s in enumerate(seqs):
-            out_text = self.tokenizer.decode(s.out_ids) if self._has_text() else ""
+            out_text = self.tokenizer.decode(s.out_ids)
             if isinstance(s.stop_reason, str):
                 out_text = out_text[:out_text.index(s.stop_reason)]
             want_lp = s.params.logprobs is not None
             outs.append(CompletionOutput(i, out_text, list(s.out_ids), s.cum_logprob if want_lp else None,
                                          s.logprobs if want_lp else None, s.finish_reason, s.stop_reason))
         return RequestOutput(str(next(self._ids)), text, ids, outs, seqs[0].prompt_logprobs)
-
-    def _has_text(self) -> bool:
-        try:
-            self.tokenizer.hf
-            return True
-        except Exception:
-            return False
 
     def close(self) -> None:
         self.executor.close()

@@ -1,0 +1,81 @@
+"""OpenAI-format errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
+
+Every error a client can cause becomes one of these and leaves the server healthy: 400 (malformed JSON, bad
+values, unsupported fields), 401 (API key), 404 (unknown model or route), 413 (prompt over the context window
+or larger than the whole KV pool), 429 (queue full). Anything else is a 500 and is logged.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import FlexServeError, PromptTooLongError, RequestError
+
+logger = logging.getLogger("flexserve.server")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class APIError(Exception):
+    """An error response: raise it anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def from_exception(e: BaseException) -> APIError:
+    """Map an engine, scheduler or validation error to its API error."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValidationError):
+        return from_validation_error(e)
+    status = getattr(e, "http_status", None)
+    if status is None:
+        status = 413 if isinstance(e, PromptTooLongError) else 400 if isinstance(e, FlexServeError) else 500
+    if status == 500:
+        logger.exception("internal error", exc_info=e)
+        return APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+    code = {413: "context_length_exceeded", 429: "queue_full"}.get(status)
+    return APIError(status, str(e), getattr(e, "param", None), code)
+
+
+def from_validation_error(e: ValidationError) -> APIError:
+    """The first pydantic error, with the dotted field path as `param`."""
+    err = e.errors(include_url=False)[0]
+    loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "list[", "str", "int"))]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param + ': ' if param else ''}{err.get('msg', 'invalid value')}", param,
+                    "invalid_value")
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+        return from_exception(e).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        return from_exception(e).response()

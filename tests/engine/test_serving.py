@@ -1,0 +1,125 @@
+"""The serving engine: continuous batching, paged KV, preemption with swaps or recomputation, cancellation.
+
+Every scheduler must give each request exactly the greedy tokens the offline `LLM` gives for it alone,
+however often it was preempted and whichever pool its KV cache sat in meanwhile.
+"""
+import asyncio
+
+import pytest
+
+from flexserve import LLM, PromptTooLongError, SamplingParams
+from flexserve.engine.serving import AsyncEngine, EngineConfig
+from flexserve.scheduler import QueueFullError
+
+PROMPTS = [[(7 * i + j) % 90 + 3 for j in range(3 + 5 * i)] for i in range(16)]  # 3 .. 78 tokens
+LENGTHS = [4 + (i * 5) % 17 for i in range(16)]
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    folder, _ = tiny_model("llama-gqa")
+    with LLM(folder, dtype="float32", device="cpu") as llm:
+        return folder, [llm.generate({"prompt_token_ids": p}, greedy(n))[0].outputs[0].token_ids
+                        for p, n in zip(PROMPTS, LENGTHS)]
+
+
+async def _collect(engine, prompt, params):
+    toks, text = [], ""
+    async for out in engine.generate(prompt, params):
+        toks += out.new_token_ids
+        text += out.text_delta
+    return toks, text, out
+
+
+def _run(engine, coro_fn):
+    async def main():
+        engine.start()
+        try:
+            return await coro_fn()
+        finally:
+            await engine.shutdown()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("scheduler, gpu_blocks, cpu_blocks, expect", [
+    ("fcfs", 400, 64, None),
+    ("mlfq", 24, 400, "swaps"),
+    ("skip-join-mlfq", 24, 400, "swaps"),
+    ("skip-join-mlfq", 24, 2, "recomputes"),
+])
+def test_concurrent_requests_match_offline(reference, scheduler, gpu_blocks, cpu_blocks, expect):
+    folder, ref = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", scheduler=scheduler,
+                                      num_gpu_blocks=gpu_blocks, num_cpu_blocks=cpu_blocks, block_size=8,
+                                      max_num_seqs=6, prefill_chunk_size=16, max_num_batched_tokens=64))
+
+    async def go():
+        res = await asyncio.gather(*[_collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, LENGTHS)])
+        return res, engine.stats()
+    results, stats = _run(engine, go)
+    assert [r[0] for r in results] == ref
+    assert all(r[2].finished and r[2].finish_reason == "length" for r in results)
+    assert stats["kv_blocks_used"] == 0 and stats["cpu_blocks_used"] == 0 and stats["finished_requests"] == 16
+    if expect == "swaps":
+        assert stats["num_swaps"] > 0 and stats["num_preemptions"] > 0
+    if expect == "recomputes":
+        assert stats["num_recomputes"] > 0
+
+
+def test_abort_frees_blocks_and_queue_full(reference):
+    folder, _ = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=64,
+                                      max_num_seqs=2, max_queue_len=2))
+
+    async def go():
+        gen = engine.generate(PROMPTS[5], greedy(100))
+        first = await gen.__anext__()
+        assert first.new_token_ids
+        await gen.aclose()  # the client went away
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if engine.stats()["kv_blocks_used"] == 0:
+                break
+        freed = engine.stats()["kv_blocks_used"]
+        # flood: only max_queue_len may wait, the rest are refused with QueueFullError
+        tasks = [asyncio.ensure_future(_collect(engine, PROMPTS[i], greedy(30))) for i in range(10)]
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        return freed, done
+    freed, done = _run(engine, go)
+    assert freed == 0
+    errors = [d for d in done if isinstance(d, BaseException)]
+    assert errors and all(isinstance(e, QueueFullError) for e in errors)
+    assert any(not isinstance(d, BaseException) for d in done)
+
+
+def test_bad_requests(reference):
+    folder, _ = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=64))
+
+    async def go():
+        with pytest.raises(PromptTooLongError):
+            await _collect(engine, [5] * 200, greedy(4))
+        # still healthy afterwards, and generation is clipped at the context window (128)
+        toks, _, last = await _collect(engine, [5] * 120, greedy(50))
+        return toks, last
+    toks, last = _run(engine, go)
+    assert len(toks) == 8 and last.finish_reason == "length"
+
+
+def test_stop_strings_logprobs_and_text(tmp_path):
+    engine = AsyncEngine(EngineConfig(dtype="float32", device="cpu", num_gpu_blocks=256))
+    llm_ids = engine.tokenizer.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+
+    async def go():
+        full = await _collect(engine, llm_ids, SamplingParams(max_tokens=20, temperature=0))
+        stopped = await _collect(engine, llm_ids, SamplingParams(max_tokens=20, temperature=0, stop=[" of"],
+                                                                 logprobs=2))
+        return full, stopped
+    (toks, text, last), (toks2, text2, last2) = _run(engine, go)
+    assert "Paris" in text and last.finish_reason == "stop"
+    assert text2 == text[:text.index(" of")] and last2.finish_reason == "stop"
+    assert last2.logprobs and toks2[-1] in last2.logprobs[0]
