@@ -7,13 +7,14 @@ or larger than the whole KV pool), 429 (queue full). Anything else is a 500 and 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FlexServeError, PromptTooLongError, RequestError
+from ..errors import FlexServeError, PromptTooLongError
 
 logger = logging.getLogger("flexserve.server")
 
@@ -63,19 +64,18 @@ def from_validation_error(e: ValidationError) -> APIError:
                     "invalid_value")
 
 
-def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return e.response()
+def install_handlers(app: FastAPI, on_error: Callable[[APIError], None] | None = None) -> None:
+    """Every exception that escapes a route becomes an OpenAI-format error; `on_error` sees each one."""
 
-    @app.exception_handler(RequestError)
-    async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-        return from_exception(e).response()
+    def respond(err: APIError) -> JSONResponse:
+        if on_error is not None:
+            on_error(err)
+        return err.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        return respond(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
-        return from_exception(e).response()
+    async def _any_error(_: Request, e: Exception) -> JSONResponse:
+        return respond(from_exception(e))

@@ -1,0 +1,192 @@
+"""The FastAPI app (`build_app`) and `flexserve serve` (`run_server`).
+
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (all behind `--api-key` when set),
+GET /health and GET /metrics (always open, for load balancers and Prometheus). The app owns the engine's
+life: the lifespan starts the engine thread on the server's event loop and, on shutdown, drains it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from .completions import serve_request
+from .errors import APIError, from_exception, from_validation_error, install_handlers
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger("flexserve.server")
+
+
+class AppState:
+    """What every handler needs: the engine, the served name, the key, the metrics."""
+
+    def __init__(self, engine, api_key: str | None, served_model_name: str | None):
+        self.engine = engine
+        self.api_key = api_key
+        self.model_name = served_model_name or engine.model_name
+        # Clients may also name the model by the path or file name it was loaded from.
+        self.model_aliases = {self.model_name, engine.model_name, getattr(engine, "model_path", None)} - {None}
+        self.max_position = engine.model_config.max_position
+        self.metrics = ServerMetrics(engine)
+        self.created = int(time.time())
+        self.is_shutting_down = False
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.model_aliases:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def check_api_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not token or scheme.lower() != "bearer":
+            raise APIError(401, "missing API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
+        if not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+
+async def parse_body(request: Request, model_cls):
+    """The JSON body as `model_cls`; malformed JSON and bad values are 400s in OpenAI's format."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def build_app(engine, api_key: str | None = None, served_model_name: str | None = None,
+              drain_timeout: float = 30.0) -> FastAPI:
+    """An OpenAI-compatible app around `engine` (an `AsyncEngine`, not yet started: the lifespan starts it)."""
+    state = AppState(engine, api_key, served_model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            state.is_shutting_down = True
+            await engine.shutdown(drain=True, timeout=drain_timeout)
+
+    app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.flexserve = state
+    install_handlers(app, on_error=lambda err: state.metrics.errors.labels(str(err.status)).inc())
+
+    async def require_key(request: Request) -> None:
+        state.check_api_key(request)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+
+    async def handle(request: Request, model_cls):
+        try:
+            body = await parse_body(request, model_cls)
+            return await serve_request(state, body, request)
+        except Exception as e:  # the engine's and scheduler's errors carry their HTTP status
+            err = from_exception(e)
+            state.metrics.errors.labels(str(err.status)).inc()
+            return err.response()
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        return await handle(request, CompletionRequest)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatCompletionRequest)
+
+    @v1.get("/models")
+    async def models():
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "flexserve",
+                "max_model_len": state.max_position}
+        return {"object": "list", "data": [card]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        error = getattr(engine, "error", None)
+        if error is not None:
+            return JSONResponse({"status": "error", "detail": str(error)}, status_code=503)
+        return {"status": "shutting_down" if state.is_shutting_down else "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def engine_config_from_args(args):
+    """`EngineConfig` from parsed flags: every flag named like a field sets it; the placement flags set
+    `policy`. Flags left at None keep the field's default."""
+    from ..engine.serving import EngineConfig
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    kw = {n: getattr(args, n) for n in names - {"policy"} if getattr(args, n, None) is not None}
+    if "policy" in names and hasattr(args, "percent"):
+        from ..cli import policy_from_args
+
+        config = None
+        if getattr(args, "policy", None) == "auto":
+            from ..weights import open_source
+
+            config = open_source(args.model).config
+        kw["policy"] = policy_from_args(args, config)
+    return EngineConfig(**kw)
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, except that a Ctrl-C (or SIGTERM) that led to a clean drain is not re-raised once the
+    server stops, so `flexserve serve` exits 0. A second Ctrl-C still forces the exit."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def run_server(args) -> int:
+    """`flexserve serve`: load the model, serve until Ctrl-C, drain in-flight requests, exit 0."""
+    from ..engine.serving import AsyncEngine
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    api_key = args.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
+    engine = AsyncEngine(engine_config_from_args(args))
+    app = build_app(engine, api_key, args.served_model_name, drain_timeout=args.drain_timeout)
+    name = app.state.flexserve.model_name
+    print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}; Ctrl-C drains and stops", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=args.drain_timeout)
+    try:
+        QuietServer(config).run()
+    except SystemExit as e:  # uvicorn exits 1 when it cannot bind or start
+        return int(e.code or 0)
+    return 0 if getattr(engine, "error", None) is None else 1
