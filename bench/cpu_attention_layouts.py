@@ -40,6 +40,12 @@ def main():
             s = torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5
             return torch.matmul(s.softmax(-1), k)
         t3 = bench(manual)
+        big = torch.randn(b, h, L + 32, d, dtype=dt)  # a cache with room for 32 more tokens, read up to L
+        t4 = bench(lambda: F.scaled_dot_product_attention(q, big[:, :, :L], big[:, :, :L]))
+        mask = torch.zeros(1, 1, 1, L + 32, dtype=torch.bool)
+        mask[..., :L] = True
+        t5 = bench(lambda: F.scaled_dot_product_attention(q, big, big, attn_mask=mask))
+        print(f"{str(dt):15s} head-major sliced {t4 * 1e3:7.2f} ms | full+mask {t5 * 1e3:7.2f} ms")
         print(f"{str(dt):15s} seq-major SDPA {t1 * 1e3:7.2f} ms ({nbytes / t1 / 1e9:5.1f} GB/s) | head-major SDPA "
               f"{t2 * 1e3:7.2f} ms ({nbytes / t2 / 1e9:5.1f} GB/s) | seq-major matmul {t3 * 1e3:7.2f} ms "
               f"({nbytes / t3 / 1e9:5.1f} GB/s)", flush=True)

@@ -23,6 +23,7 @@ for stage in "$@"; do case $stage in
   6.7b-fs)
     run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1
     run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 ;;
+  30b-prof) TAIL=60 run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute --gen-len 6 --profile $OUT/trace30.json ;;
   30b-fs) run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
   30b-fg) run $FG --model facebook/opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
   llama)

@@ -107,9 +107,11 @@ def run_throughput(args) -> int:
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(args.profile)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if dev.type == "cuda" else
-                                        "self_cpu_time_total", row_limit=15))
+        for key in (["self_cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
+            print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
     block = bs * nb
+    if ex.timers:
+        print("host time by activity (whole run): " + ", ".join(f"{k} {v:.2f}" for k, v in ex.timers.items()))
     h2d = args.h2d_gbps or measure_h2d(dev)
     bound = transfer_bound(llm, h2d, args.disk_gbps)
     decode_tps = block * (args.gen_len - 1) / decode_s if args.gen_len > 1 else 0.0

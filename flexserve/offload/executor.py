@@ -16,12 +16,15 @@ cache is: only the new token's q/k/v and the attention output cross PCIe.
 """
 from __future__ import annotations
 
+import collections
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ModelConfig
+from ..errors import PolicyError
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..models.attention import AttnMeta, dense_attention
@@ -98,6 +101,9 @@ class OffloadExecutor:
     def __init__(self, source: WeightSource, policy: Policy, device: torch.device | str, dtype: torch.dtype,
                  offload_dir: str | None = None, progress: bool = False):
         self.cfg: ModelConfig = source.config
+        if policy.compress_weight or policy.compress_cache:
+            raise PolicyError("the executor does not run compressed weights or cache yet "
+                              "(flexserve.compression exists; the planner can still plan with --compress)")
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
@@ -114,6 +120,7 @@ class OffloadExecutor:
         self._cache_staging: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pending: dict[int, Future] = {}
         self._pinned_bufs: dict[str, torch.Tensor] = {}
+        self.timers: collections.Counter = collections.Counter()  # host seconds by activity (for profiles)
 
     # --- weights ---------------------------------------------------------------------------------------------
     def _weight_slot(self, layer: PseudoLayer):
@@ -144,7 +151,9 @@ class OffloadExecutor:
         if not layer.streamed:
             return layer.resident
         self._prefetch(j)
+        t0 = time.perf_counter()
         current_wait(self._pending.pop(j).result())
+        self.timers["wait_loader_thread_s"] += time.perf_counter() - t0
         gpu, _, _ = self._weight_slot(layer)
         return {**layer.resident, **gpu}
 
@@ -312,8 +321,13 @@ class OffloadExecutor:
         def attend(q, k, v):
             # Pinned buffers, reused: the synchronize below also retires the previous call's output copy.
             qc, kk, vv = (self._pinned(f"attn{i}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, k, v)))
+            t0 = time.perf_counter()
             torch.cuda.current_stream().synchronize()
+            t1 = time.perf_counter()
             out = dense_attention(qc, kk, vv, kc, vc, meta, 2)
+            t2 = time.perf_counter()
+            self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
+            self.timers["cpu_attn_s"] += t2 - t1
             return self._pinned("attn_out", out).copy_(out).to(self.device, non_blocking=True)
         return attend
 

@@ -6,6 +6,7 @@ life: the lifespan starts the engine thread on the server's event loop and, on s
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -81,6 +82,10 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        # Load the tokenizer now rather than in the first request (seconds for a GGUF model); a model without
+        # one still serves token-id prompts, and text prompts then get a 400 naming the cause.
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(None, lambda: engine.tokenizer.hf)
         engine.start()
         try:
             yield

@@ -10,11 +10,13 @@ import argparse
 SCHEDULER_CHOICES = ("fcfs", "mlfq", "skip-join-mlfq")
 
 
-def add_engine_arguments(p: argparse.ArgumentParser, scheduler_default: str | None = "skip-join-mlfq") -> None:
-    """Flags that map to `EngineConfig` fields (shared by `serve` and `bench serve --launch`)."""
+def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True) -> None:
+    """Flags that map to `EngineConfig` fields (shared by `serve` and `bench serve`, which has its own
+    `--schedulers` list instead of `--scheduler`)."""
     g = p.add_argument_group("serving engine")
-    g.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=scheduler_default,
-                   help=f"scheduling policy (default {scheduler_default})")
+    if with_scheduler:
+        g.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="skip-join-mlfq",
+                       help="scheduling policy (default skip-join-mlfq)")
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one step (default 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens in one step (default 2048)")
     g.add_argument("--prefill-chunk-size", type=int, default=None,

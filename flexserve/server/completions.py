@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..errors import ModelLoadError
 from .errors import APIError, from_exception
 from .generation import Choice, Generation, random_id
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -55,20 +56,27 @@ class CompletionFormat:
         self.tokenizer, self.body = tokenizer, body
         self._offsets: dict[int, int] = {}
 
+    def token_str(self, token_id: int) -> str:
+        """The token's text; `token_id:N` for a model without a tokenizer (vLLM's convention)."""
+        try:
+            return self.tokenizer.token_str(token_id)
+        except ModelLoadError:
+            return f"token_id:{token_id}"
+
     def logprobs(self, choice: Choice, entries: list[dict[int, float]], token_ids: list[int]) -> dict | None:
         if self.body.logprobs is None:
             return None
         k = self.body.logprobs
         tokens, token_lps, tops, offsets = [], [], [], []
         for tok, entry in zip(token_ids, entries):
-            s = self.tokenizer.token_str(tok)
+            s = self.token_str(tok)
             offset = self._offsets.get(choice.index, 0)
             self._offsets[choice.index] = offset + len(s)
             tokens.append(s)
             token_lps.append(entry.get(tok))
             offsets.append(offset)
             best = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
-            tops.append({self.tokenizer.token_str(t): lp for t, lp in best} if k else None)
+            tops.append({self.token_str(t): lp for t, lp in best} if k else None)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     def role_chunk(self, choice: Choice) -> dict | None:
@@ -97,7 +105,7 @@ class ChatFormat(CompletionFormat):
         k = self.body.top_logprobs or 0
 
         def item(tok: int, lp: float) -> dict:
-            s = self.tokenizer.token_str(tok)
+            s = self.token_str(tok)
             return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
         content = []

@@ -76,6 +76,16 @@ def install_handlers(app: FastAPI, on_error: Callable[[APIError], None] | None =
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return respond(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
+    # Handlers keyed by a class below `Exception` answer without the traceback that Starlette logs (and
+    # re-raises) for the catch-all `Exception` handler, which only sees real bugs.
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return respond(e)
+
+    @app.exception_handler(FlexServeError)
+    async def _user_error(_: Request, e: FlexServeError) -> JSONResponse:
+        return respond(from_exception(e))
+
     @app.exception_handler(Exception)
     async def _any_error(_: Request, e: Exception) -> JSONResponse:
         return respond(from_exception(e))

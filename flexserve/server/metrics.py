@@ -49,8 +49,17 @@ class EngineStatsCollector(Collector):
     def __init__(self, engine):
         self.engine = engine
 
+    def _stats(self) -> dict:
+        # The engine thread may change its request table while we read it: retry rather than fail a scrape.
+        for _ in range(9):
+            try:
+                return self.engine.stats()
+            except RuntimeError:
+                time.sleep(0.001)
+        return self.engine.stats()
+
     def collect(self):
-        s = self.engine.stats()
+        s = self._stats()
         queue = GaugeMetricFamily(PREFIX + "queue_length", "requests queued per priority level (0 = highest)",
                                   labels=["level"])
         for level, n in enumerate(s.get("queue_len_per_level", [])):
