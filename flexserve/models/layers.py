@@ -78,6 +78,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def decoder_layer(cfg: ModelConfig, w: Weights, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
                   attend: AttendFn) -> torch.Tensor:
     """One pre- or post-norm decoder layer. x: [B, S, D] -> [B, S, D]."""
+    return attention_out(cfg, w, x, attend(*attention_in(cfg, w, x, rope)))
+
+
+def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,
+                 rope: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First half of a layer: norm, q/k/v projection and rotary embedding -> q [B,S,H,hd], k/v [B,S,Hkv,hd].
+
+    Split from `attention_out` so that an executor can run the halves of several batches around attention
+    that happens elsewhere (CPU attention overlaps the next batch's projections this way)."""
     b, s, _ = x.shape
     h = apply_norm(cfg, x, w, "attn_norm") if cfg.pre_norm else x
     qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # [B, S, (H + 2 Hkv) hd]
@@ -87,7 +96,12 @@ def decoder_layer(cfg: ModelConfig, w: Weights, x: torch.Tensor, rope: tuple[tor
     v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
     if rope is not None:
         q, k = _rotate(q, *rope), _rotate(k, *rope)
-    x = x + F.linear(attend(q, k, v), w["o.weight"], w.get("o.bias"))
+    return q, k, v
+
+
+def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Second half: output projection and residual, then the MLP block. attn: [B, S, H * hd]."""
+    x = x + F.linear(attn, w["o.weight"], w.get("o.bias"))
     if not cfg.pre_norm:
         x = apply_norm(cfg, x, w, "attn_norm")
     h = apply_norm(cfg, x, w, "mlp_norm") if cfg.pre_norm else x

@@ -28,10 +28,14 @@ from ..errors import PolicyError
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..models.attention import AttnMeta, dense_attention
-from ..models.layers import decoder_layer, embed, lm_head, rope_cos_sin, rope_inv_freq
+from ..models.layers import (attention_in, attention_out, decoder_layer, embed, lm_head, rope_cos_sin,
+                             rope_inv_freq)
 from ..weights import WeightSource
 from .placement import PseudoLayer, place_weights
 from .policy import Policy
+
+
+PREFETCH_DEPTH = 2  # layers whose weights load while the current one computes (decoders need depth+1 slots)
 
 
 class _Inline:
@@ -269,7 +273,8 @@ class OffloadExecutor:
         n = len(self.layers)
         for j, layer in enumerate(self.layers):
             w = self._weights(j)
-            self._prefetch(j + 1 if j + 1 < n else 0)
+            for ahead in range(1, PREFETCH_DEPTH + 1):  # keep the load stream queued, never idle
+                self._prefetch((j + ahead) % n)
             yield layer, w
             self._release_weights(j)
 
@@ -283,6 +288,9 @@ class OffloadExecutor:
     def _decoder_over_batches(self, state: BlockState, li: int, w, hidden, act: "_Activations", start: int,
                               s: int) -> None:
         batches = state.batches
+        if all(self._cpu_attends(bs, li, s) for bs in batches):
+            self._cpu_attention_layer(state, li, w, hidden, act)
+            return
         pending: dict[int, tuple[int, Future]] = {}
 
         def schedule_load(k: int) -> None:
@@ -331,10 +339,37 @@ class OffloadExecutor:
             return self._pinned("attn_out", out).copy_(out).to(self.device, non_blocking=True)
         return attend
 
+    def _cpu_attention_layer(self, state: BlockState, li: int, w, hidden, act: "_Activations") -> None:
+        """A decode layer whose caches all live in host memory, pipelined across the block's batches.
+
+        Every batch's q/k/v projection is issued first and copied to pinned memory behind its own event; then
+        each batch's attention runs on the CPU as soon as its q/k/v has arrived, while the GPU is already
+        projecting later batches (and the load stream streams the next layers' weights)."""
+        xs, ready = [], []
+        for k, bs in enumerate(state.batches):
+            x = act.get(k, hidden[k])
+            q, kk, v = attention_in(self.cfg, w, x, bs.rope)
+            host = [self._pinned(f"attn{i}.{k}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, kk, v))]
+            ev = current_record(self.device)
+            xs.append(x)
+            ready.append((host, ev))
+        for k, bs in enumerate(state.batches):
+            (qc, kc, vc), ev = ready[k]
+            t0 = time.perf_counter()
+            if ev is not None:
+                ev.synchronize()
+            t1 = time.perf_counter()
+            out = dense_attention(qc, kc, vc, bs.k[li].data, bs.v[li].data, bs.meta, 2)
+            self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
+            self.timers["cpu_attn_s"] += time.perf_counter() - t1
+            attn = self._pinned(f"attn_out.{k}", out).copy_(out).to(self.device, non_blocking=True)
+            hidden[k] = act.put(k, attention_out(self.cfg, w, xs[k], attn))
+
     def _pinned(self, tag: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._pinned_bufs.get(tag)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = self._pinned_bufs[tag] = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            buf = self._pinned_bufs[tag] = torch.empty(like.shape, dtype=like.dtype,
+                                                       pin_memory=self.device.type == "cuda")
         return buf
 
     def close(self) -> None:

@@ -35,8 +35,8 @@ class PseudoLayer:
 
     @property
     def slot_key(self) -> str:
-        """Layers sharing a key share a double-buffered GPU staging slot (decoders alternate by parity)."""
-        return f"decoder{self.index % 2}" if self.kind == "decoder" else self.kind
+        """Layers sharing a key share a GPU staging slot; decoders rotate over three (two load ahead)."""
+        return f"decoder{self.index % 3}" if self.kind == "decoder" else self.kind
 
     def offloaded_bytes(self) -> int:
         return sum(h.nbytes for h in self.streamed.values())
