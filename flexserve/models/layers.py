@@ -99,9 +99,13 @@ def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,
     return q, k, v
 
 
-def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Second half: output projection and residual, then the MLP block. attn: [B, S, H * hd]."""
-    x = x + F.linear(attn, w["o.weight"], w.get("o.bias"))
+def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Tensor,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Second half: output projection and residual, then the MLP block. attn: [B, S, H * hd].
+
+    `reduce` (tensor parallelism) sums the partial outputs of the row-parallel o and down projections across
+    ranks before each residual add; their biases are added once, after the sum."""
+    x = x + _row_linear(attn, w["o.weight"], w.get("o.bias"), reduce)
     if not cfg.pre_norm:
         x = apply_norm(cfg, x, w, "attn_norm")
     h = apply_norm(cfg, x, w, "mlp_norm") if cfg.pre_norm else x
@@ -111,10 +115,18 @@ def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Ten
         u = F.silu(gate) * up
     else:
         u = _activation(cfg, u)
-    x = x + F.linear(u, w["down.weight"], w.get("down.bias"))
+    x = x + _row_linear(u, w["down.weight"], w.get("down.bias"), reduce)
     if not cfg.pre_norm:
         x = apply_norm(cfg, x, w, "mlp_norm")
     return x
+
+
+def _row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    if reduce is None:
+        return F.linear(x, weight, bias)
+    y = reduce(F.linear(x, weight))  # partial sums over this rank's input features -> the full output
+    return y if bias is None else y + bias
 
 
 def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor,

@@ -31,7 +31,8 @@ from ..models.attention import AttnMeta, dense_attention
 from ..models.layers import (attention_in, attention_out, decoder_layer, embed, lm_head, rope_cos_sin,
                              rope_inv_freq)
 from ..weights import WeightSource
-from .placement import PseudoLayer, place_weights
+from ..compression import decompress
+from .placement import CompressedHandle, PseudoLayer, place_weights
 from .policy import Policy
 
 
@@ -105,9 +106,8 @@ class OffloadExecutor:
     def __init__(self, source: WeightSource, policy: Policy, device: torch.device | str, dtype: torch.dtype,
                  offload_dir: str | None = None, progress: bool = False):
         self.cfg: ModelConfig = source.config
-        if policy.compress_weight or policy.compress_cache:
-            raise PolicyError("the executor does not run compressed weights or cache yet "
-                              "(flexserve.compression exists; the planner can still plan with --compress)")
+        if policy.compress_cache:
+            raise PolicyError("the executor does not compress the KV cache yet (--compress-weight works)")
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
@@ -131,8 +131,13 @@ class OffloadExecutor:
         key = layer.slot_key
         if key not in self._wslots:
             gpu = {n: torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.streamed.items()}
-            stage = {n: self.tiers.empty_cpu(h.shape, h.dtype) for n, h in layer.streamed.items()
-                     if h.tier is Tier.DISK}
+            stage: dict[str, object] = {}
+            for n, h in layer.streamed.items():
+                if isinstance(h, CompressedHandle):  # packed buffers on the GPU (+ pinned staging for disk)
+                    stage[n] = (h.empty_on(self.device), {k: self.tiers.empty_cpu(p.shape, p.dtype)
+                                                          for k, p in h.parts.items() if p.tier is Tier.DISK})
+                elif h.tier is Tier.DISK:
+                    stage[n] = self.tiers.empty_cpu(h.shape, h.dtype)
             self._wslots[key] = (gpu, stage, _Sync())
         return self._wslots[key]
 
@@ -143,7 +148,13 @@ class OffloadExecutor:
         released.wait_on(self.load_lane)
         with self.load_lane.context():
             for name, h in layer.streamed.items():
-                self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
+                if isinstance(h, CompressedHandle):  # move the packed bytes, then unpack on the GPU
+                    packed, staging = stage[name]
+                    for k, part in h.parts.items():
+                        self.tiers.read_rows(part, getattr(packed, k), 0, part.shape[0], staging.get(k))
+                    decompress(packed, out=gpu[name])
+                else:
+                    self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
             return self.load_lane.record()
 
     def _prefetch(self, j: int) -> None:

@@ -11,11 +11,35 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compression import CompressedTensor, CompressionConfig, compress
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..weights import WeightSource, layer_weights
 from .policy import Policy
 
 EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
+
+
+@dataclass
+class CompressedHandle:
+    """An offloaded weight kept group-wise quantised: its packed data, scales and minima each on a tier.
+
+    Only these bytes cross PCIe; the executor rebuilds the full tensor on the GPU after the copy."""
+
+    parts: dict[str, Handle]  # "data", "scale", "min"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    config: CompressionConfig
+
+    @property
+    def tier(self) -> Tier:
+        return self.parts["data"].tier
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.parts.values())
+
+    def empty_on(self, device: torch.device) -> CompressedTensor:
+        return CompressedTensor.empty(self.shape, self.dtype, self.config, device=device)
 
 
 @dataclass
@@ -56,10 +80,16 @@ def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, 
             continue
         t = tensors[name].to(dtype)
         tier = tier_by_fraction(mid, policy.w_gpu_percent, policy.w_cpu_percent)
+        label = f"{layer.kind}{layer.index}.{name}"
         if tier is Tier.GPU:
             layer.resident[name] = t.to(tiers.device)
+        elif policy.compress_weight and t.dim() == 2 and name not in EMBED_KEYS:
+            cfg = CompressionConfig(num_bits=policy.comp_num_bits, group_size=policy.comp_group_size)
+            c = compress(t.to(tiers.device), cfg)  # quantise where the tensor is (fast on a GPU)
+            parts = {k: tiers.store(tier, getattr(c, k), name=f"{label}.{k}") for k in ("data", "scale", "min")}
+            layer.offloaded[name] = CompressedHandle(parts, tuple(t.shape), dtype, cfg)
         else:
-            layer.offloaded[name] = tiers.store(tier, t, name=f"{layer.kind}{layer.index}.{name}")
+            layer.offloaded[name] = tiers.store(tier, t, name=label)
 
 
 def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: torch.dtype,

@@ -119,3 +119,35 @@ def test_bench_throughput_reports(capsys):
     res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
     assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and 0 < res["fraction_of_bound"]
     assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.25)])
+def test_compressed_weights_stream_and_stay_close(tiny_model, tmp_path, bits, tol):
+    """Offloaded weights kept group-wise quantised: only packed bytes move, logits stay close to exact."""
+    import torch
+
+    from flexserve.benchmarks.perplexity import token_logprobs
+    from flexserve.offload.placement import CompressedHandle
+
+    folder, _ = tiny_model("llama-gqa")
+    prompt = MORE_PROMPTS[2]
+    with LLM(folder, dtype="float32", device="cpu") as ref:
+        exact = token_logprobs(ref, prompt)
+    policy = Policy.from_percent((0, 60, 100, 0, 100, 0), compress_weight=True, comp_num_bits=bits,
+                                 comp_group_size=32, gpu_batch_size=2, num_gpu_batches=2)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        handles = [h for layer in llm.executor.layers for h in layer.streamed.values()]
+        packed = [h for h in handles if isinstance(h, CompressedHandle)]
+        assert packed and {h.tier.value for h in packed} == {"cpu", "disk"}
+        full = sum(torch.Size(h.shape).numel() * 4 for h in packed)
+        assert sum(h.nbytes for h in packed) < full * (bits / 32 + 0.15)
+        got = token_logprobs(llm, prompt)
+        outs = llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)
+    assert (got - exact).abs().max() < tol * exact.abs().max()
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+
+
+def test_compressed_cache_is_refused_clearly(tiny_model):
+    folder, _ = tiny_model("opt")
+    with pytest.raises(PolicyError, match="KV cache"):
+        LLM(folder, device="cpu", policy=Policy(compress_cache=True))
