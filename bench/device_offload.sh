@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 4 benchmarks on the GPU machine: flexserve and FlexGen 0.1.8 in the same run, same dummy OPT weights,
-# fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...  (stages: 6.7b, 30b, llama, attn)
+# fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...
+# (stages: attn, 6.7b, 6.7b-fs, 30b-fs, 30b-fg, 30b-prof, llama, sweep, profile)
 # Needs the FlexGen wheels in .whl/ and run_flexgen.py in .peers/ (copied from ../shared/peers/).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -28,6 +29,11 @@ for stage in "$@"; do case $stage in
   30b-fg) run $FG --model facebook/opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
   llama)
     run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
-    ;;
+    run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --compress-weight ;;
+  sweep)  # extra policies for the planner's predicted-vs-measured check (gen 8 keeps them short)
+    run $FS --model dummy:opt-6.7b --percent 50 50 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --gen-len 8
+    run $FS --model dummy:opt-6.7b --percent 0 100 0 100 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --gen-len 8
+    run $FS --model dummy:opt-6.7b --percent 0 100 0 100 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --gen-len 8 --cpu-cache-compute
+    run $FS --model dummy:opt-13b --percent 30 70 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 2 --gen-len 8 ;;
   profile) TAIL=40 run $FS --model dummy:opt-6.7b --percent 100 0 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 1 --gen-len 8 --profile $OUT/trace.json ;;
 esac; done

@@ -67,10 +67,12 @@ def load_trace(args, max_context: int | None) -> list[TraceRequest]:
     n = args.num_requests
     if args.trace in ("poisson", "gamma"):
         prompt, output = AZURE_LIKE_PROMPT, AZURE_LIKE_OUTPUT
-        if args.prompt_len:
-            prompt = dataclasses.replace(prompt, median=args.prompt_len)
+        if args.prompt_len:  # a new median keeps the shape (sigma) and lets the tail grow with it
+            prompt = dataclasses.replace(prompt, median=args.prompt_len,
+                                         max_len=max(prompt.max_len, 8 * args.prompt_len))
         if args.output_len:
-            output = dataclasses.replace(output, median=args.output_len)
+            output = dataclasses.replace(output, median=args.output_len,
+                                         max_len=max(output.max_len, 8 * args.output_len))
         trace = synthetic_trace(n, args.rate or 5.0, cv=1.0 if args.trace == "poisson" else args.cv,
                                 prompt=prompt, output=output, seed=args.seed)
         return clip_to_context(trace, max_context) if max_context else trace
@@ -82,6 +84,11 @@ def prompt_ids(trace: list[TraceRequest], seed: int, low: int, high: int) -> lis
     """Random token ids in [low, high) per request, the same for every run of one trace and seed."""
     rng = np.random.default_rng(seed)
     return [rng.integers(low, high, r.prompt_len).tolist() for r in trace]
+
+
+def token_range(vocab_size: int) -> tuple[int, int]:
+    """Ids for random prompts: clear of the low special ids, within the vocabulary."""
+    return min(10, vocab_size // 2), min(vocab_size, 10_000)
 
 
 # --- HTTP replay -----------------------------------------------------------------------------------------------
@@ -186,18 +193,33 @@ def scrape_counters(base_url: str, api_key: str | None = None) -> dict[str, floa
     return out
 
 
-def server_model(base_url: str, api_key: str | None) -> tuple[str, int | None]:
-    """The first model id the server lists, and its context window when it says (`max_model_len`)."""
+def server_model(base_url: str, api_key: str | None) -> tuple[str, int | None, int | None]:
+    """The first model id the server lists, its context window and vocabulary size when it says
+    (`max_model_len` as vLLM; `vocab_size` is flexserve's)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
     resp.raise_for_status()
     card = resp.json()["data"][0]
-    return card["id"], card.get("max_model_len")
+    return card["id"], card.get("max_model_len"), card.get("vocab_size")
+
+
+def _raise_fd_limit() -> None:
+    """Each request in flight holds a socket (two with --launch): lift the soft limit on open files."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def http_run(label: str, base_url: str, trace, prompts, model: str, api_key: str | None) -> dict:
+    _raise_fd_limit()
     before = scrape_counters(base_url)
     timings, makespan = asyncio.run(replay(base_url, trace, prompts, model, api_key))
     after = scrape_counters(base_url)
@@ -213,40 +235,61 @@ def http_run(label: str, base_url: str, trace, prompts, model: str, api_key: str
 
 # --- modes -----------------------------------------------------------------------------------------------------
 def run_url(args) -> list[dict]:
-    model, window = server_model(args.url, args.api_key)
+    model, window, vocab = server_model(args.url, args.api_key)
     model = args.served_model_name or model
     max_context = min(x for x in (args.max_context, window) if x) if (args.max_context or window) else None
     trace = load_trace(args, max_context)
-    prompts = prompt_ids(trace, args.seed, 10, 1000)
+    prompts = prompt_ids(trace, args.seed, *token_range(vocab or 1000))
     return [http_run("server", args.url, trace, prompts, model, args.api_key)]
 
 
 def run_launch(args) -> list[dict]:
+    """One in-process engine and server per scheduler, one after the other, on the same trace and prompts."""
+    import gc
+
+    import torch
+
+    shared: dict = {}
+    runs = []
+    for name in (args.schedulers or "skip-join-mlfq").split(","):
+        runs.append(_launch_one(args, name, shared))
+        # Free the last engine's weights and KV pools before the next loads: its default pool size is a share
+        # of the memory free at that moment, so a leftover engine would shrink the next one's.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return runs
+
+
+def _launch_one(args, scheduler: str, shared: dict) -> dict:
     from ..engine.serving import AsyncEngine
     from ..server import ServerThread, build_app
     from ..server.app import engine_config_from_args
 
-    runs, trace, prompts = [], None, None
-    for name in (args.schedulers or "skip-join-mlfq").split(","):
-        run_args = copy.copy(args)
-        run_args.scheduler = name
-        engine = AsyncEngine(engine_config_from_args(run_args))
-        if trace is None:  # the same trace and prompts for every scheduler
-            cfg = engine.model_config
-            trace = load_trace(args, min(args.max_context or cfg.max_position, cfg.max_position))
-            prompts = prompt_ids(trace, args.seed, min(10, cfg.vocab_size // 2), min(cfg.vocab_size, 10_000))
-        with ServerThread(build_app(engine)) as srv:
-            runs.append(http_run(name, srv.url, trace, prompts, engine.model_name, None))
-    return runs
+    run_args = copy.copy(args)
+    run_args.scheduler = scheduler
+    # A replay measures latency, not admission control: queue every request unless told otherwise.
+    run_args.max_queue_len = args.max_queue_len or max(1024, args.num_requests)
+    engine = AsyncEngine(engine_config_from_args(run_args))
+    if not shared:  # the trace and prompts of the first run serve every run
+        cfg = engine.model_config
+        shared["trace"] = trace = load_trace(args, min(args.max_context or cfg.max_position, cfg.max_position))
+        shared["prompts"] = prompt_ids(trace, args.seed, *token_range(cfg.vocab_size))
+    with ServerThread(build_app(engine)) as srv:
+        return http_run(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name, None)
 
 
 def run_simulate(args) -> list[dict]:
     from ..scheduler import SCHEDULERS, SchedulerConfig
     from ..scheduler.simulator import KVCacheConfig, simulate
 
+    from ..engine.serving import EngineConfig
+
     trace = load_trace(args, args.max_context or SIM_MAX_CONTEXT)
-    sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size")
-             if getattr(args, k) is not None}
+    # The engine's batch limits (not SchedulerConfig's), so that --simulate predicts what --launch measures.
+    engine_defaults = EngineConfig()
+    sched = {k: getattr(args, k) if getattr(args, k) is not None else getattr(engine_defaults, k)
+             for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size")}
     config = SchedulerConfig(**sched, max_queue_len=args.max_queue_len or max(1, len(trace)))
     kv = {k: v for k, v in (("num_gpu_blocks", args.num_gpu_blocks), ("num_cpu_blocks", args.num_cpu_blocks),
                             ("block_size", args.block_size)) if v is not None}

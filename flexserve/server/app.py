@@ -28,9 +28,6 @@ from .errors import APIError, from_exception, from_validation_error, install_han
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 
-logger = logging.getLogger("flexserve.server")
-
-
 class AppState:
     """What every handler needs: the engine, the served name, the key, the metrics."""
 
@@ -122,7 +119,7 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     @v1.get("/models")
     async def models():
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "flexserve",
-                "max_model_len": state.max_position}
+                "max_model_len": state.max_position, "vocab_size": engine.model_config.vocab_size}
         return {"object": "list", "data": [card]}
 
     app.include_router(v1)

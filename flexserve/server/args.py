@@ -22,8 +22,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
     g.add_argument("--prefill-chunk-size", type=int, default=None,
                    help="prompt tokens of one request per step (default 512)")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    g.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks on the compute device (default: fit)")
-    g.add_argument("--num-cpu-blocks", type=int, default=None, help="KV blocks in pinned host memory (default: fit)")
+    g.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV blocks on the compute device (default: 85%% of free GPU memory after the weights; "
+                        "1 GiB on a CPU)")
+    g.add_argument("--num-cpu-blocks", type=int, default=None,
+                   help="KV blocks in pinned host memory (default: 4 GiB; 1 GiB on a CPU)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="requests not yet started before new ones get HTTP 429 (default 1024)")
 

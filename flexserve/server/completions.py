@@ -7,6 +7,7 @@ then `data: [DONE]\\n\\n`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -39,9 +40,11 @@ async def until_disconnected(request: Request, awaitable) -> object:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not task.done():
+        if not task.done():  # the client left (or this handler was cancelled): stop the work
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # let its cleanup (aborting engine requests) run before answering
         raise ClientDisconnected()
     return task.result()
 
@@ -175,8 +178,7 @@ async def serve_request(state, body: CompletionRequest | ChatCompletionRequest, 
         gen.close()
         return JSONResponse({}, status_code=499)
     if body.stream:
-        return StreamingResponse(stream(gen, fmt, head, body), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(stream(gen, fmt, head, body), gen.close)
     try:
         await until_disconnected(request, gen.collect())
     except ClientDisconnected:
@@ -190,6 +192,22 @@ async def serve_request(state, body: CompletionRequest | ChatCompletionRequest, 
             choice.update(token_ids=c.token_ids, prompt_token_ids=c.prompt_ids)
         choices.append(choice)
     return JSONResponse({**head, "object": fmt.object, "choices": choices, "usage": usage(gen)})
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends, even when the client leaves before the body
+    generator ever started (then the generator's own `finally` never runs)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _sse(obj: dict) -> str:

@@ -58,10 +58,24 @@ def from_exception(e: BaseException) -> APIError:
 def from_validation_error(e: ValidationError) -> APIError:
     """The first pydantic error, with the dotted field path as `param`."""
     err = e.errors(include_url=False)[0]
-    loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith(("function-", "list[", "str", "int"))]
+    loc = [str(x) for x in err.get("loc", ()) if not _is_union_tag(str(x))]
     param = ".".join(loc) or None
-    return APIError(400, f"{param + ': ' if param else ''}{err.get('msg', 'invalid value')}", param,
-                    "invalid_value")
+    hint = next((FIELD_HINTS[part] for part in loc if part in FIELD_HINTS), None)
+    message = hint or err.get("msg", "invalid value")
+    return APIError(400, f"{param + ': ' if param else ''}{message}", param, "invalid_value")
+
+
+# Fields whose type is a union, where pydantic's first complaint names only one of the accepted shapes.
+FIELD_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "must be a string or a list of strings",
+    "content": 'must be a string or a list of {"type": "text", "text": ...} parts (this server takes text only)',
+}
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member it tried in an error's location (`str`, `list[int]`, ...)."""
+    return part in ("str", "int", "float", "bool", "none") or part.startswith(("list[", "dict[", "function-"))
 
 
 def install_handlers(app: FastAPI, on_error: Callable[[APIError], None] | None = None) -> None:

@@ -64,6 +64,21 @@ def test_completion_prompt_forms_n_and_logprobs(smol_server, client):
         assert chosen <= 0 and len(top) == 2 and top[tok] == chosen  # greedy: the chosen is the best
 
 
+def test_streaming_n_choices(smol_server, client):
+    kw = dict(model=smol_server.model, prompt="Red, green,", max_tokens=6, temperature=0, n=3,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    texts = {0: "", 1: "", 2: ""}
+    finished = []
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.append(c.index)
+    assert sorted(finished) == [0, 1, 2]
+    assert [texts[i] for i in range(3)] == [c.text for c in full.choices]
+
+
 def test_sampling_with_seed_is_reproducible(smol_server, client):
     kw = dict(model=smol_server.model, prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9,
               seed=7, n=2, extra_body={"top_k": 50, "ignore_eos": True})

@@ -1,0 +1,66 @@
+"""`flexserve bench serve`: the simulator mode and an in-process launch on a tiny model."""
+import json
+
+from flexserve.cli import main
+
+
+def _results(out: str) -> list[dict]:
+    return [json.loads(line[len("SERVE_RESULT "):]) for line in out.splitlines() if line.startswith("SERVE_RESULT ")]
+
+
+def test_bench_serve_simulate(capsys, tmp_path):
+    plot = tmp_path / "cdf.png"
+    assert main(["bench", "serve", "--simulate", "--trace", "gamma", "--rate", "20", "--num-requests", "200",
+                 "--max-num-seqs", "8", "--schedulers", "fcfs,skip-join-mlfq", "--json", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    rows = _results(out)
+    assert [r["scheduler"] for r in rows] == ["fcfs", "skip-join-mlfq"]
+    for r in rows:
+        assert r["mode"] == "simulate" and r["finished"] == 200 and r["failed"] == 0
+        assert r["throughput_tok_s"] > 0 and 0 <= r["queueing_frac"] <= 1
+        assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["jct_mean_s"] >= r["ttft_mean_s"]
+    assert "jct_p99_s" in out.splitlines()[0] and plot.stat().st_size > 10_000
+
+
+def test_bench_serve_csv_trace(capsys, tmp_path):
+    csv = tmp_path / "trace.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" +
+                   "".join(f"{i * 0.05:.2f},{100 + 37 * i},{5 + (i * 13) % 90}\n" for i in range(40)))
+    assert main(["bench", "serve", "--simulate", "--trace", str(csv), "--rate", "10", "--num-requests", "30",
+                 "--schedulers", "mlfq", "--json"]) == 0
+    (row,) = _results(capsys.readouterr().out)
+    assert row["scheduler"] == "mlfq" and row["finished"] == 30 and row["trace"] == str(csv)
+
+
+def test_bench_serve_launch_tiny_model(capsys, tmp_path, tiny_model):
+    folder, _ = tiny_model("llama-gqa")
+    plot = tmp_path / "cdf.png"
+    assert main(["bench", "serve", "--launch", "--model", folder, "--dtype", "float32", "--device", "cpu",
+                 "--trace", "poisson", "--rate", "50", "--num-requests", "8", "--max-context", "64",
+                 "--prompt-len", "16", "--output-len", "8", "--schedulers", "fcfs,skip-join-mlfq",
+                 "--num-gpu-blocks", "64", "--json", "--plot", str(plot)]) == 0
+    rows = _results(capsys.readouterr().out)
+    assert [r["scheduler"] for r in rows] == ["fcfs", "skip-join-mlfq"]
+    for r in rows:
+        assert r["mode"] == "http" and r["finished"] == 8 and r["failed"] == 0
+        assert r["throughput_tok_s"] > 0 and r["ttft_mean_s"] > 0 and r["jct_p99_s"] >= r["jct_p50_s"]
+        assert {"preemptions", "swaps", "recomputes"} <= set(r)
+    assert plot.stat().st_size > 10_000
+
+
+def test_bench_serve_url_against_running_server(capsys, tiny_model):
+    from flexserve.engine.serving import AsyncEngine, EngineConfig
+
+    from .conftest import Served
+
+    folder, _ = tiny_model("llama-gqa")
+    server = Served(AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=64)),
+                    api_key="k")
+    try:
+        assert main(["bench", "serve", "--url", server.url, "--api-key", "k", "--trace", "gamma", "--cv", "2",
+                     "--rate", "40", "--num-requests", "6", "--prompt-len", "10", "--output-len", "5",
+                     "--json"]) == 0
+    finally:
+        server.stop()
+    (row,) = _results(capsys.readouterr().out)
+    assert row["scheduler"] == "server" and row["finished"] == 6 and row["failed"] == 0
