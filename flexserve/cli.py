@@ -61,6 +61,11 @@ def _config_for(model):
 def cmd_generate(args) -> int:
     from . import LLM, SamplingParams
 
+    if args.tensor_parallel > 1 or args.pipeline_parallel > 1:  # under torchrun: see docs/PARALLEL.md
+        from .parallel.launch import run_parallel_generate
+
+        return run_parallel_generate(args)
+
     config = _config_for(args.model) if args.policy == "auto" else None
     policy = policy_from_args(args, config, gen_len=args.max_tokens)
     llm = LLM(args.model, dtype=args.dtype, policy=policy, offload_dir=args.offload_dir, device=args.device)
@@ -122,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=1)
     g.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     g.add_argument("--num-prompts", type=int, default=1, help="repeat the prompts (batched), e.g. to measure speed")
+    from .parallel.launch import add_parallel_arguments
+
+    add_parallel_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("ppl", help="perplexity of a text file (sliding window)")

@@ -25,7 +25,7 @@ from ..errors import PolicyError, PromptTooLongError, RequestError
 from ..models.layers import decoder_layer, lm_head, rope_cos_sin
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
-from ..scheduler import BlockManager, Request, SchedulerConfig, make_scheduler
+from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
 from ..weights import DummySource, default_model_path, open_source
 from .llm import resolve_device, resolve_dtype
@@ -114,6 +114,7 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
+        self._lock = threading.Lock()  # held by the engine thread while it changes scheduler state
         self._thread: threading.Thread | None = None
         self._stop = False
         self._accepting = True
@@ -171,9 +172,13 @@ class AsyncEngine:
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", live, accepted))
         self._wake.set()
-        await asyncio.wrap_future(accepted)  # QueueFullError / RequestTooLargeError surface here
         done = False
         try:
+            try:
+                await asyncio.wrap_future(accepted)  # QueueFullError / RequestTooLargeError surface here
+            except (QueueFullError, RequestError):
+                done = True  # never admitted: nothing to abort
+                raise
             while True:
                 out = await live.queue.get()
                 if isinstance(out, BaseException):
@@ -191,7 +196,8 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> dict:
-        s = self.scheduler.stats()
+        with self._lock:  # the engine thread mutates the scheduler between steps
+            s = self.scheduler.stats()
         return {
             "kv_blocks_total": s.num_gpu_blocks, "kv_blocks_used": s.num_gpu_blocks_used,
             "cpu_blocks_total": s.num_cpu_blocks, "cpu_blocks_used": s.num_cpu_blocks_used,
@@ -216,12 +222,15 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
-                self._drain_inbox()
-                if not self.scheduler.has_work():
+                with self._lock:
+                    self._drain_inbox()
+                    busy = self.scheduler.has_work()
+                if not busy:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                self.step()
+                with self._lock:
+                    self.step()
         except BaseException as e:  # surface to every waiting client rather than hanging them
             self.error = e
             for live in list(self._live.values()):
