@@ -114,7 +114,6 @@ class AsyncEngine:
         self._live: dict[str, _Live] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
-        self._lock = threading.Lock()  # held by the engine thread while it changes scheduler state
         self._thread: threading.Thread | None = None
         self._stop = False
         self._accepting = True
@@ -196,8 +195,7 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> dict:
-        with self._lock:  # the engine thread mutates the scheduler between steps
-            s = self.scheduler.stats()
+        s = self.scheduler.stats()  # reads snapshots (list(...)) of the tables the engine thread changes
         return {
             "kv_blocks_total": s.num_gpu_blocks, "kv_blocks_used": s.num_gpu_blocks_used,
             "cpu_blocks_total": s.num_cpu_blocks, "cpu_blocks_used": s.num_cpu_blocks_used,
@@ -222,15 +220,12 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
-                with self._lock:
-                    self._drain_inbox()
-                    busy = self.scheduler.has_work()
-                if not busy:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                with self._lock:
-                    self.step()
+                self.step()
         except BaseException as e:  # surface to every waiting client rather than hanging them
             self.error = e
             for live in list(self._live.values()):

@@ -342,7 +342,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         per_level = [0] * self.num_levels
         by_status = dict.fromkeys(SequenceStatus, 0)
-        for req in self._requests.values():
+        for req in list(self._requests.values()):  # a snapshot: the engine thread may change the table
             per_level[req.level] += 1
             by_status[req.status] += 1
         usage = self.block_manager.usage()
