@@ -203,9 +203,13 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
     def overhead() -> None:
         values["layer_overhead_s"] = _layer_overhead(dev, timer)
 
+    def cpu_attention() -> None:
+        values["cpu_attention_bw"] = _cpu_attention_bw(torch.float16 if dev.type == "cuda" else torch.float32,
+                                                       _Timer(torch.device("cpu"), timer.min_time), quick)
+
     steps = (("memory sizes", sizes), ("host<->device copies", copies), ("disk write/read", disk),
              ("matmul FLOP/s per dtype", matmuls), ("memory bandwidth", memory), ("CPU FLOP/s", cpu_flops),
-             ("per-layer overhead", overhead))
+             ("per-layer overhead", overhead), ("CPU attention", cpu_attention))
     with _progress(progress) as bar:
         task = bar.add_task("calibrating", total=len(steps)) if bar is not None else None
         for label, step in steps:
@@ -221,6 +225,19 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
     notes.append(f"measured {time.strftime('%Y-%m-%d')} with torch {torch.__version__}"
                  + (" (quick)" if quick else ""))
     return Hardware(name=f"calibrated ({name})", notes="; ".join(notes), **values)
+
+
+def _cpu_attention_bw(dtype: torch.dtype, timer: "_Timer", quick: bool) -> float:
+    """Cache bytes per second read by a decode-step attention on the CPU (head-major cache, as the executor
+    keeps it), in the dtype the runtime uses there: half precision next to a GPU, fp32 on a CPU-only box."""
+    import torch.nn.functional as F
+
+    b, h, length, d = (4, 8, 512, 128) if quick else (16, 32, 1024, 128)
+    q = torch.randn(b, h, 1, d, dtype=dtype)
+    k = torch.randn(b, h, length, d, dtype=dtype)
+    v = torch.randn(b, h, length, d, dtype=dtype)
+    seconds = timer(lambda: F.scaled_dot_product_attention(q, k, v))
+    return 2 * k.numel() * k.element_size() / seconds
 
 
 def _progress(enabled: bool):

@@ -176,7 +176,8 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             load["cache pcie"] = moved * (cache_read / hw.h2d_pinned_bw)
             load["cache disk"] = share("cache", "disk") * (cache_read / hw.disk_read_bw)
         if cpu_attends:
-            cpu = max(blk * ctx * sz.kv_token * fv / hw.cpu_mem_bw, 4.0 * blk * ctx * cfg.q_size * fv / hw.cpu_flops)
+            attn_bw = hw.cpu_attention_bw or hw.cpu_mem_bw
+            cpu = max(blk * ctx * sz.kv_token * fv / attn_bw, 4.0 * blk * ctx * cfg.q_size * fv / hw.cpu_flops)
             compute["gpu attention"] = (1 - share("cache", "cpu")) * attn
             compute["cpu attention"] = share("cache", "cpu") * cpu
             load["attn out"] = share("cache", "cpu") * (blk * cfg.q_size * b / hw.h2d_pinned_bw)
