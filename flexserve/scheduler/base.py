@@ -59,6 +59,19 @@ class Scheduler:
     def _initial_level(self, req: Request) -> int:
         return 0
 
+    def _key(self, req: Request) -> tuple:
+        """Walk order, smaller first. Must order each waiting FIFO as its deque does (by `enqueue_seq`
+        within a level). FCFS and the default: `(level, enqueue_seq)`."""
+        return (req.level, req.enqueue_seq)
+
+    def _may_start(self, req: Request, need: int) -> bool:
+        """Whether a job holding no KV (new, or dropped earlier) may take `need` GPU blocks now."""
+        return True
+
+    def _may_evict(self, victim: Request, ahead: bool) -> bool:
+        """Whether `victim` may leave the GPU now (MLFQ: not a job that came back a moment ago)."""
+        return True
+
     def _charge(self, req: Request, step_time_s: float) -> None:
         """Account one step of iteration time to a job that ran in it and did not finish."""
 
@@ -128,7 +141,7 @@ class Scheduler:
             raise RuntimeError("schedule() called twice without on_step_done() in between")
         self.block_manager.begin_step()
         out = SchedulerOutput()
-        self._active.sort(key=_priority)
+        self._active.sort(key=self._key)
         self._gpu_holders = [r for r in self._active if self.block_manager.num_gpu_blocks_of(r.request_id)]
         scheduled_ids: set[str] = set()
         evicted_ids: set[str] = set()
@@ -183,10 +196,11 @@ class Scheduler:
         """Started jobs and not-started jobs merged in priority order; not-started ones stop being offered
         once one of them failed to fit (`_stop_admitting`)."""
         self._stop_admitting = False
-        waiting = heapq.merge(*self._waiting, key=_priority)
+        key = self._key
+        waiting = heapq.merge(*self._waiting, key=key)
         next_new = next(waiting, None)
         for req in self._active:
-            while next_new is not None and not self._stop_admitting and _priority(next_new) < _priority(req):
+            while next_new is not None and not self._stop_admitting and key(next_new) < key(req):
                 yield next_new
                 next_new = next(waiting, None)
             yield req
@@ -208,6 +222,8 @@ class Scheduler:
         # Keep the watermark when admitting a job that holds nothing yet, unless the batch would be empty.
         if req.first_scheduled_time is None and batch_nonempty:
             need += bm.watermark_blocks
+        if not is_swapped and not bm.num_gpu_blocks_of(rid) and not self._may_start(req, need):
+            return None
         if need > bm.num_free_gpu_blocks and not self._make_room(req, need, out, evicted_ids):
             return None
         if is_swapped:
@@ -223,12 +239,12 @@ class Scheduler:
         """Started jobs holding GPU blocks, lower in priority than `after`, lowest first. Drawn from the
         holders listed at the start of the step: jobs that gain blocks later in the step are in its batch,
         and the batch is never evicted."""
-        key = _priority(after)
+        key = self._key(after)
         bm = self.block_manager
         for r in reversed(self._gpu_holders):
-            if _priority(r) <= key:
+            if self._key(r) <= key:
                 return
-            if bm.num_gpu_blocks_of(r.request_id):
+            if bm.num_gpu_blocks_of(r.request_id) and self._may_evict(r, ahead=False):
                 yield r
 
     def _make_room(self, req: Request, need: int, out: SchedulerOutput, evicted_ids: set[str]) -> bool:

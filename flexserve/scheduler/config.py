@@ -31,6 +31,10 @@ class SchedulerConfig:
     starvation_check_interval: int = 1000  # iterations between starvation checks
     gpu_reserve_frac: float = 0.05
     proactive_swap_in: bool = True
+    demote_to_back: bool = False  # MLFQ: a demoted job keeps its arrival order in the lower queue
+    min_resident_steps: int = 4  # MLFQ: a job that ran or was swapped in this recently is evicted last
+    start_margin_frac: float = 0.05  # MLFQ: share of GPU + host blocks kept free when a job starts
+    max_promotions_per_check: int = 0  # skip-join: starved jobs promoted per check; 0 = max_num_seqs
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size", "max_queue_len",

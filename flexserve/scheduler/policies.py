@@ -37,18 +37,73 @@ class FCFSScheduler(Scheduler):
 
 
 class MLFQScheduler(Scheduler):
-    """Multi-level feedback queue with geometric quanta and demotion; new jobs enter the top queue."""
+    """Multi-level feedback queue with geometric quanta and demotion; new jobs enter the top queue.
+
+    MLFQ only decides the order in which the batch is filled. Within a level, jobs that ran last step come
+    first (a seat is only taken away by a job of a strictly higher level), then arrival order, which a
+    demotion keeps (`demote_to_back` False): jobs past every quantum are served first come, first served.
+    """
 
     name = "mlfq"
 
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        super().__init__(config, block_manager)
+        self._last_run_iter: dict[str, int] = {}  # iteration a job last ran in
+        self._swapped_in_iter: dict[str, int] = {}  # iteration a job last came back from the host
+
+    def _key(self, req: Request) -> tuple:
+        return (req.level, 0 if req.request_id in self._ran_last_step else 1, req.enqueue_seq)
+
+    def _may_start(self, req: Request, need: int) -> bool:
+        """Bound the started set by memory: a job without KV starts only if GPU + host keep a margin free
+        after it (`start_margin_frac` of both pools) for the growth of the started jobs. Without this, in
+        overload every arrival starts, the host fills, and running jobs push others' KV out to recompute."""
+        bm = self.block_manager
+        margin = int(self.config.start_margin_frac * (bm.num_gpu_blocks + bm.num_cpu_blocks))
+        return bm.num_free_gpu_blocks + bm.num_free_cpu_blocks - need >= margin
+
+    def _recent(self, req: Request) -> bool:
+        """Ran or came back to the GPU within the last `min_resident_steps` steps."""
+        now, rid, window = self.counters["iterations"], req.request_id, self.config.min_resident_steps
+        return (now - self._last_run_iter.get(rid, -window - 1) <= window
+                or now - self._swapped_in_iter.get(rid, -window - 1) <= window)
+
+    def _victims(self, after: Request):
+        """Lowest priority first, but jobs that ran or were swapped in a moment ago only when the others
+        are not enough (their KV is the most likely to be needed again)."""
+        recent = []
+        for r in super()._victims(after):
+            if self._recent(r):
+                recent.append(r)
+            else:
+                yield r
+        yield from recent
+
+    def _count_swap_in(self, num_blocks: int) -> None:
+        super()._count_swap_in(num_blocks)
+
+    def _try_schedule(self, req, budget, batch_nonempty, out, evicted_ids):
+        was_swapped = req.status is SequenceStatus.SWAPPED
+        seq = super()._try_schedule(req, budget, batch_nonempty, out, evicted_ids)
+        if seq is not None and was_swapped:
+            self._swapped_in_iter[req.request_id] = self.counters["iterations"]
+        return seq
+
+    def _retire(self, req, status, finish_time):
+        super()._retire(req, status, finish_time)
+        self._last_run_iter.pop(req.request_id, None)
+        self._swapped_in_iter.pop(req.request_id, None)
+
     def _charge(self, req: Request, step_time_s: float) -> None:
+        self._last_run_iter[req.request_id] = self.counters["iterations"]
         req.quantum_used_s += step_time_s
         req.quantum_iters += 1
         if req.quantum_used_s >= self.config.quantum_s(req.level):
             req.level += 1
             req.quantum_used_s = 0.0
             req.quantum_iters = 0
-            req.enqueue_seq = next(self._seq)  # to the back of the lower queue
+            if self.config.demote_to_back:
+                req.enqueue_seq = next(self._seq)  # to the back of the lower queue
             self.counters["demotions"] += 1
 
 
@@ -74,16 +129,22 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             self.promote_starved(now)
 
     def promote_starved(self, now: float) -> int:
-        """Move every job idle for at least the threshold to the back of the top queue; returns how many."""
+        """Move jobs idle for at least the threshold to the top queue, longest idle first, at most
+        `max_num_seqs` per check (a mass promotion would only make them take turns); keeps their arrival
+        order. Returns how many."""
         threshold = self.config.starvation_threshold_s
         starved = sorted((r for r in self._requests.values()
                           if r.level > 0 and r.status is not SequenceStatus.RUNNING
-                          and now - r.last_scheduled_time >= threshold), key=_priority)
+                          and now - r.last_scheduled_time >= threshold),
+                         key=lambda r: (r.last_scheduled_time, r.enqueue_seq))
+        limit = self.config.max_promotions_per_check or self.config.max_num_seqs
+        starved = starved[:limit]
         for req in starved:
             req.level = 0
             req.quantum_used_s = 0.0
             req.quantum_iters = 0
-            req.enqueue_seq = next(self._seq)
+            if self.config.demote_to_back:
+                req.enqueue_seq = next(self._seq)
         if starved:
             self.counters["promotions"] += len(starved)
             self._rebuild_waiting()
@@ -98,25 +159,38 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def _after_schedule(self, out: SchedulerOutput, scheduled_ids: set[str]) -> None:
         bm = self.block_manager
-        # Keep the reserve: swap out the lowest-priority idle jobs (never drop KV just for the reserve).
-        for victim in reversed(self._active):
-            if bm.num_free_gpu_blocks >= self.reserve_blocks:
+        # The started jobs that would fill the next batch, in priority order: never swap these out ahead of
+        # need, and they are the ones worth prefetching.
+        next_batch, seats = [], self.config.max_num_seqs
+        for req in self._active:  # sorted at the start of this step; good enough one step ahead
+            if len(next_batch) == seats:
                 break
-            rid = victim.request_id
-            if rid in scheduled_ids or not bm.num_gpu_blocks_of(rid) or not bm.can_swap_out(rid):
-                continue
-            self._evict(victim, out, ahead=True)
+            next_batch.append(req)
+        keep = {r.request_id for r in next_batch}
+        # Keep the reserve: swap out the lowest-priority idle jobs (never drop KV just for the reserve),
+        # never one that ran or came back within `min_resident_steps` steps (no ping-pong).
+        if bm.num_free_gpu_blocks < self.reserve_blocks:
+            for victim in reversed(self._active):
+                if bm.num_free_gpu_blocks >= self.reserve_blocks:
+                    break
+                rid = victim.request_id
+                if (rid in scheduled_ids or rid in keep or not bm.num_gpu_blocks_of(rid)
+                        or not bm.can_swap_out(rid) or self._recent(victim)):
+                    continue
+                self._evict(victim, out, ahead=True)
         if not self.config.proactive_swap_in or out.swap_out or out.swap_out_ahead or out.recompute:
             return
-        # Nothing had to leave the GPU: bring back the jobs most likely to run next, reserve permitting.
-        for req in self._active:
+        # Nothing had to leave the GPU: bring back the swapped jobs of the next batch while the free blocks
+        # stay above twice the reserve (hysteresis against swapping them straight out again).
+        for req in next_batch:
             if req.status is not SequenceStatus.SWAPPED:
                 continue
-            if bm.num_free_gpu_blocks - bm.num_cpu_blocks_of(req.request_id) < self.reserve_blocks:
+            if bm.num_free_gpu_blocks - bm.num_cpu_blocks_of(req.request_id) < 2 * self.reserve_blocks:
                 break
             pairs = bm.swap_in(req.request_id)
             out.swap_in_ahead.extend(pairs)
             self._count_swap_in(len(pairs))
+            self._swapped_in_iter[req.request_id] = self.counters["iterations"]
             req.status = SequenceStatus.PREEMPTED
 
 

@@ -69,10 +69,14 @@ AZURE_LIKE_OUTPUT = LengthDist("lognormal", median=129, sigma=0.99, max_len=1000
 
 
 def default_trace_dir() -> Path:
-    """`$FLEXSERVE_TRACE_DIR`, else `shared/traces` beside the repository checkout."""
+    """`$FLEXSERVE_TRACE_DIR`, else the repository's `bench/traces` (the Azure trace ships there), else
+    `shared/traces` beside the checkout."""
     env = os.environ.get("FLEXSERVE_TRACE_DIR")
     if env:
         return Path(env)
+    in_repo = Path(__file__).resolve().parents[2] / "bench" / "traces"
+    if (in_repo / AZURE_CONV_CSV).is_file():
+        return in_repo
     return Path(__file__).resolve().parents[3] / "shared" / "traces"
 
 

@@ -153,21 +153,21 @@ def test_a_swapped_job_is_swapped_in_no_later_than_the_step_it_runs_in():
 def test_with_the_host_full_too_the_victim_is_dropped_for_recomputation():
     sched = make("mlfq", gpu_blocks=4, cpu_blocks=0, max_num_seqs=1)
     sched.add_request(req("a", prompt_len=8, max_tokens=6))
-    step(sched, 0.0)
+    step(sched, 0.0)  # a: level 1
     sched.add_request(req("b", prompt_len=8, max_tokens=6, arrival=0.02))
-    step(sched, 0.02)  # b prefills into the last two blocks
-    out = step(sched, 0.04)  # a (older in the same level) needs a third block: b is the lower priority
-    assert [s.request_id for s in out.scheduled] == ["a"]
-    assert out.recompute == ["b"] and not out.swap_out
-    b = sched.get_request("b")
-    assert b.num_computed_tokens == 0 and b.num_output_tokens == 1 and b.num_recomputes == 1
+    step(sched, 0.02)  # b (level 0) takes the seat and prefills into the last two blocks; now level 1 too
+    out = step(sched, 0.04)  # b ran last step, so it keeps the seat; it needs a third block: a is lower
+    assert [s.request_id for s in out.scheduled] == ["b"]
+    assert out.recompute == ["a"] and not out.swap_out
+    a = sched.get_request("a")
+    assert a.num_computed_tokens == 0 and a.num_output_tokens == 1 and a.num_recomputes == 1
     seqs = []
     now = 0.06
     while sched.has_work():
         out = step(sched, now)
         seqs += [(s.request_id, s.start_pos, s.num_tokens, s.is_prefill) for s in out.scheduled]
         now += 0.02
-    assert ("b", 0, 9, True) in seqs  # prompt and its first output are computed again
+    assert ("a", 0, 9, True) in seqs  # prompt and its first output are computed again
     assert sched.stats().num_recomputes == 1 and sched.stats().num_finished == 2
 
 
@@ -261,3 +261,98 @@ def test_many_jobs_under_memory_pressure_all_finish_and_leak_nothing(name):
     assert stats.num_finished == 30
     sched.block_manager.begin_step()
     assert sched.block_manager.num_free_gpu_blocks == 24 and sched.block_manager.num_free_cpu_blocks == 16
+
+
+# --- MLFQ orders the batch; it does not take seats away needlessly -------------------------------------------
+def test_with_free_seats_an_arrival_preempts_nobody():
+    sched = make("mlfq", max_num_seqs=4, gpu_blocks=256)
+    sched.add_request(req("old", prompt_len=8, max_tokens=50))
+    for i in range(5):
+        step(sched, 0.02 * i)  # old sinks to a low level
+    sched.add_request(req("new", prompt_len=8, max_tokens=50, arrival=0.1))
+    out = step(sched, 0.1)
+    assert {s.request_id for s in out.scheduled} == {"old", "new"} and not out.preempted
+
+
+def test_a_running_job_keeps_its_seat_against_an_equal_level_job_and_loses_it_to_a_higher_one():
+    sched = make("mlfq", max_num_seqs=1, gpu_blocks=256)
+    sched.add_request(req("a", prompt_len=8, max_tokens=50))
+    step(sched, 0.0)  # a: level 1
+    sched.add_request(req("b", prompt_len=8, max_tokens=50, arrival=0.02))
+    assert [s.request_id for s in step(sched, 0.02).scheduled] == ["b"]  # level 0 beats level 1
+    # b is now at level 1 like a, and a arrived first: but b ran last step, so b keeps the seat; then b
+    # drops to level 2 and a (level 1) takes the seat; at level 2 both, a keeps it
+    ran = [s.request_id for i in range(2, 5) for s in step(sched, 0.02 * i).scheduled]
+    assert ran == ["b", "a", "a"]
+    assert sched.get_request("a").num_preemptions == 1 and sched.get_request("b").num_preemptions == 1
+
+
+def test_demotion_keeps_arrival_order_within_the_lower_queue():
+    sched = make("mlfq", max_num_seqs=2, gpu_blocks=256)
+    sched.add_request(req("first", prompt_len=8, max_tokens=50, arrival=0.0))
+    sched.add_request(req("second", prompt_len=8, max_tokens=50, arrival=0.001))
+    step(sched, 0.0)
+    first, second = sched.get_request("first"), sched.get_request("second")
+    assert first.level == second.level == 1 and first.enqueue_seq < second.enqueue_seq
+    ordered = sorted([second, first], key=sched._key)
+    assert ordered == [first, second]
+
+
+def test_demote_to_back_restores_the_classic_round_robin_order():
+    sched = make("mlfq", max_num_seqs=2, gpu_blocks=256, demote_to_back=True)
+    sched.add_request(req("first", prompt_len=8, max_tokens=50))
+    sched.add_request(req("second", prompt_len=8, max_tokens=50))
+    step(sched, 0.0)  # both demoted; first demoted first, so it is ahead again
+    assert sched.get_request("first").enqueue_seq > 1 and sched.get_request("second").enqueue_seq > 1
+
+
+def test_promotion_is_bounded_per_check_and_takes_the_longest_idle_first():
+    sched = make("skip-join-mlfq", max_num_seqs=1, gpu_blocks=512, starvation_threshold_s=0.05,
+                 starvation_check_interval=10_000, max_promotions_per_check=2)
+    for i in range(4):
+        sched.add_request(req(f"r{i}", prompt_len=100, max_tokens=50, arrival=0.0))  # level 4
+    now = 0.0
+    for _ in range(6):
+        step(sched, now)
+        now += 0.02
+    # r0 ran throughout; r1..r3 never ran: idle since arrival, r1 ahead by arrival order
+    assert sched.promote_starved(now) == 2
+    assert [sched.get_request(f"r{i}").level for i in range(1, 4)] == [0, 0, 4]
+    assert sched.get_request("r0").level > 0
+
+
+def test_a_new_job_starts_only_while_gpu_plus_host_keep_a_margin():
+    # 16 + 16 blocks, margin 25% = 8 blocks: three 8-block jobs may start, the fourth must wait
+    sched = make("mlfq", gpu_blocks=16, cpu_blocks=16, max_num_seqs=1, start_margin_frac=0.25)
+    for i in range(4):
+        sched.add_request(req(f"r{i}", prompt_len=32, max_tokens=20, arrival=0.001 * i))
+    started = set()
+    for i in range(12):
+        out = step(sched, 0.02 * i)
+        started |= {s.request_id for s in out.scheduled}
+    assert started == {"r0", "r1", "r2"} and sched.stats().num_recomputes == 0
+
+
+@pytest.mark.parametrize("name", ["mlfq", "skip-join-mlfq"])
+def test_no_job_is_swapped_out_and_back_in_on_consecutive_steps(name):
+    sched = make(name, gpu_blocks=40, cpu_blocks=400, max_num_seqs=3, gpu_reserve_frac=0.15,
+                 starvation_threshold_s=0.2, starvation_check_interval=7)
+    for i in range(40):
+        sched.add_request(req(f"r{i}", prompt_len=4 + (13 * i) % 37, max_tokens=1 + (29 * i) % 61,
+                              arrival=0.0))
+    now, history = 0.0, []
+    while sched.has_work():
+        before = {rid: r.status for rid, r in sched._requests.items()}
+        out = step(sched, now)
+        now += 0.02
+        after = {rid: (r.status if (r := sched.get_request(rid)) else None) for rid in before}
+        gone_out = {rid for rid, s in before.items() if s is not SequenceStatus.SWAPPED
+                    and sched.block_manager.is_swapped(rid)}
+        came_in = {rid for rid, s in before.items() if s is SequenceStatus.SWAPPED
+                   and after[rid] is not SequenceStatus.SWAPPED}
+        history.append((gone_out, came_in))
+        assert len(history) < 5000
+    assert sched.stats().num_swap_outs > 0 and sched.stats().num_finished == 40
+    for (out_t, in_t), (out_next, in_next) in zip(history, history[1:]):
+        assert not out_t & in_next, "swapped out, then straight back in"
+        assert not in_t & out_next, "swapped in, then straight back out"
