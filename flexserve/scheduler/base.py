@@ -68,6 +68,12 @@ class Scheduler:
         """Whether a job holding no KV (new, or dropped earlier) may take `need` GPU blocks now."""
         return True
 
+    def _may_drop_for(self, req: Request) -> bool:
+        """Whether `req` may drop other jobs' KV (recomputation) to get GPU blocks: only a job that holds
+        KV, so arrivals cannot grow the started set past GPU + host memory."""
+        bm = self.block_manager
+        return bool(bm.num_gpu_blocks_of(req.request_id) or bm.num_cpu_blocks_of(req.request_id))
+
     def _may_evict(self, victim: Request, ahead: bool) -> bool:
         """Whether `victim` may leave the GPU now (MLFQ: not a job that came back a moment ago)."""
         return True
@@ -252,7 +258,7 @@ class Scheduler:
         cannot work. Only a job that already holds KV may push others' KV out for recomputation: letting
         jobs without KV do so would let arrivals grow the started set past GPU + host memory and thrash."""
         bm = self.block_manager
-        may_drop = bool(bm.num_gpu_blocks_of(req.request_id) or bm.num_cpu_blocks_of(req.request_id))
+        may_drop = self._may_drop_for(req)
         free_gpu, free_cpu = bm.num_free_gpu_blocks, bm.num_free_cpu_blocks
         plan: list[Request] = []
         for victim in self._victims(req):

@@ -50,6 +50,7 @@ class MLFQScheduler(Scheduler):
         super().__init__(config, block_manager)
         self._last_run_iter: dict[str, int] = {}  # iteration a job last ran in
         self._swapped_in_iter: dict[str, int] = {}  # iteration a job last came back from the host
+        self._batch_nonempty = False
 
     def _key(self, req: Request) -> tuple:
         return (req.level, 0 if req.request_id in self._ran_last_step else 1, req.enqueue_seq)
@@ -62,6 +63,12 @@ class MLFQScheduler(Scheduler):
         margin = int(self.config.start_margin_frac * (bm.num_gpu_blocks + bm.num_cpu_blocks))
         return bm.num_free_gpu_blocks + bm.num_free_cpu_blocks - need >= margin
 
+    def _may_drop_for(self, req: Request) -> bool:
+        """Only a job growing on the GPU may drop others' KV. A swapped job that drops a lower job's KV to
+        come back in starts a cascade (the dropped job recomputes, pushing out the next): it waits instead,
+        for memory to free up; the jobs ahead of it on the GPU keep running meanwhile."""
+        return bool(self.block_manager.num_gpu_blocks_of(req.request_id))
+
     def _recent(self, req: Request) -> bool:
         """Ran or came back to the GPU within the last `min_resident_steps` steps."""
         now, rid, window = self.counters["iterations"], req.request_id, self.config.min_resident_steps
@@ -69,21 +76,24 @@ class MLFQScheduler(Scheduler):
                 or now - self._swapped_in_iter.get(rid, -window - 1) <= window)
 
     def _victims(self, after: Request):
-        """Lowest priority first, but jobs that ran or were swapped in a moment ago only when the others
-        are not enough (their KV is the most likely to be needed again)."""
+        """Lowest priority first, skipping jobs that ran or were swapped in within `min_resident_steps`
+        steps (no ping-pong: their KV is the most likely to be needed again). Those are offered too, last,
+        only while the batch is still empty, so the highest-priority job can always make progress."""
         recent = []
         for r in super()._victims(after):
             if self._recent(r):
                 recent.append(r)
             else:
                 yield r
-        yield from recent
+        if not self._batch_nonempty:
+            yield from recent
 
     def _count_swap_in(self, num_blocks: int) -> None:
         super()._count_swap_in(num_blocks)
 
     def _try_schedule(self, req, budget, batch_nonempty, out, evicted_ids):
         was_swapped = req.status is SequenceStatus.SWAPPED
+        self._batch_nonempty = batch_nonempty
         seq = super()._try_schedule(req, budget, batch_nonempty, out, evicted_ids)
         if seq is not None and was_swapped:
             self._swapped_in_iter[req.request_id] = self.counters["iterations"]

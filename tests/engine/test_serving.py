@@ -123,3 +123,25 @@ def test_stop_strings_logprobs_and_text(tmp_path):
     assert "Paris" in text and last.finish_reason == "stop"
     assert text2 == text[:text.index(" of")] and last2.finish_reason == "stop"
     assert last2.logprobs and toks2[-1] in last2.logprobs[0]
+
+
+def test_serving_a_model_whose_weights_are_offloaded(reference, tmp_path):
+    """The join: the serving engine streams weights from the CPU and disk tiers through the executor's layer
+    stream, with preemption and swapping on, and still gives every request its exact greedy tokens."""
+    from flexserve import Policy
+    from flexserve.memory.tiers import Tier
+
+    folder, ref = reference
+    policy = Policy.from_percent((20, 40, 100, 0, 100, 0))
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", scheduler="skip-join-mlfq",
+                                      num_gpu_blocks=24, num_cpu_blocks=400, block_size=8, max_num_seqs=6,
+                                      prefill_chunk_size=16, policy=policy, offload_dir=str(tmp_path)))
+    tiers = {h.tier for layer in engine.executor.layers for h in layer.offloaded.values()}
+    assert tiers == {Tier.CPU, Tier.DISK}
+
+    async def go():
+        res = await asyncio.gather(*[_collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, LENGTHS)])
+        return res, engine.stats()
+    results, stats = _run(engine, go)
+    assert [r[0] for r in results] == ref
+    assert stats["num_swaps"] > 0 and stats["kv_blocks_used"] == 0
