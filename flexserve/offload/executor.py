@@ -31,7 +31,7 @@ from ..models.attention import AttnMeta, dense_attention
 from ..models.layers import (attention_in, attention_out, decoder_layer, embed, lm_head, rope_cos_sin,
                              rope_inv_freq)
 from ..weights import WeightSource
-from ..compression import decompress
+from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
 from .placement import CompressedHandle, PseudoLayer, place_weights
 from .policy import Policy
 
@@ -77,6 +77,7 @@ class _CacheSlot:
     k: torch.Tensor
     v: torch.Tensor
     released: _Sync = field(default_factory=_Sync)
+    packed: list | None = None  # compressed cache: packed K and V buffers on the GPU, and pinned part staging
 
 
 @dataclass
@@ -106,8 +107,9 @@ class OffloadExecutor:
     def __init__(self, source: WeightSource, policy: Policy, device: torch.device | str, dtype: torch.dtype,
                  offload_dir: str | None = None, progress: bool = False):
         self.cfg: ModelConfig = source.config
-        if policy.compress_cache:
-            raise PolicyError("the executor does not compress the KV cache yet (--compress-weight works)")
+        if policy.compress_cache and policy.cpu_cache_compute:
+            raise PolicyError("--compress-cache and --cpu-cache-compute do not combine: CPU attention reads the "
+                              "host cache in place, uncompressed")
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
@@ -196,8 +198,9 @@ class OffloadExecutor:
             dims = [2 if self.policy.cpu_cache_compute and t is Tier.CPU else 0 for t in tiers]
             ks, vs = [], []
             for j, (t, sd) in enumerate(zip(tiers, dims)):
-                ks.append(self.tiers.allocate(t, self._cache_shape(b, max_len, sd), self.dtype, f"k{j}.{k}"))
-                vs.append(self.tiers.allocate(t, self._cache_shape(b, max_len, sd), self.dtype, f"v{j}.{k}"))
+                shape = self._cache_shape(b, max_len, sd)
+                ks.append(self._alloc_cache(t, shape, f"k{j}.{k}"))
+                vs.append(self._alloc_cache(t, shape, f"v{j}.{k}"))
             batches.append(BatchState(b, ks, vs, tiers, dims))
         keys = {(bs.size, bs.seq_dims[j]) for bs in batches for j in range(cfg.num_layers)
                 if self._needs_slot(bs, j, 2)}
@@ -205,11 +208,35 @@ class OffloadExecutor:
             shape = self._cache_shape(key[0], max_len, key[1])
             if key not in self._cslots or tuple(self._cslots[key][0].k.shape) != shape:
                 self._cslots[key] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
-                                                torch.empty(shape, dtype=self.dtype, device=self.device))
-                                     for _ in range(2)]
+                                                torch.empty(shape, dtype=self.dtype, device=self.device),
+                                                packed=self._packed_buffers(shape)) for _ in range(2)]
                 staged = self.policy.cache_disk_percent > 0 or (key[1] == 2 and self.device.type == "cuda")
                 self._cache_staging[key] = self.tiers.empty_cpu((2, 2, *shape), self.dtype) if staged else None
         return BlockState(batches, max_len)
+
+    def _cache_compression(self) -> CompressionConfig:
+        return CompressionConfig(num_bits=self.policy.comp_num_bits, group_size=self.policy.comp_group_size)
+
+    def _alloc_cache(self, tier: Tier, shape: tuple[int, ...], name: str):
+        """Cache storage on a tier; off the GPU with `compress_cache` it is kept group-wise quantised (groups
+        run along head_dim, so a range of positions stays a contiguous range of rows)."""
+        if not self.policy.compress_cache or tier is Tier.GPU:
+            return self.tiers.allocate(tier, shape, self.dtype, name)
+        empty = CompressedTensor.empty(shape, self.dtype, self._cache_compression())
+        parts = {p: self.tiers.allocate(tier, tuple(getattr(empty, p).shape), getattr(empty, p).dtype, f"{name}.{p}")
+                 for p in ("data", "scale", "min")}
+        return CompressedHandle(parts, shape, self.dtype, self._cache_compression())
+
+    def _packed_buffers(self, shape: tuple[int, ...]) -> list | None:
+        if not self.policy.compress_cache:
+            return None
+        out = []
+        for _ in range(2):  # K and V
+            packed = CompressedTensor.empty(shape, self.dtype, self._cache_compression(), device=self.device)
+            stage = {p: self.tiers.empty_cpu(tuple(getattr(packed, p).shape), getattr(packed, p).dtype)
+                     for p in ("data", "scale", "min")}
+            out.append((packed, stage))
+        return out
 
     def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
         return self.policy.cpu_cache_compute and batch.cache_tiers[j] is Tier.CPU and num_new == 1
@@ -230,6 +257,13 @@ class OffloadExecutor:
             batch.stored[j].wait_on(self.load_lane)
         with self.load_lane.context():
             for which, (h, dst) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
+                if isinstance(h, CompressedHandle):  # packed rows cross, then unpack on the device
+                    if length:
+                        packed, pstage = slot.packed[which]
+                        for p, part in h.parts.items():
+                            self.tiers.read_rows(part, getattr(packed, p), 0, length, pstage[p])
+                        decompress(packed.narrow(0, 0, length), out=dst[:length])
+                    continue
                 self.tiers.read_rows(h, dst, 0, length, None if stage is None else stage[which],
                                      dim=batch.seq_dims[j])
             return self.load_lane.record()
@@ -240,6 +274,12 @@ class OffloadExecutor:
         self.store_lane.wait(ready)
         with self.store_lane.context():
             for which, (h, src) in enumerate(((batch.k[j], slot.k), (batch.v[j], slot.v))):
+                if isinstance(h, CompressedHandle):  # quantise the new rows on the device, move packed bytes
+                    packed, pstage = slot.packed[which]
+                    compress_into(src[lo:hi], packed.narrow(0, lo, hi - lo))
+                    for p, part in h.parts.items():
+                        self.tiers.write_rows(part, getattr(packed, p), lo, hi, pstage[p])
+                    continue
                 self.tiers.write_rows(h, src, lo, hi, None if stage is None else stage[which],
                                       dim=batch.seq_dims[j])
             return self.store_lane.record()

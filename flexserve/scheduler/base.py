@@ -64,6 +64,10 @@ class Scheduler:
         within a level). FCFS and the default: `(level, enqueue_seq)`."""
         return (req.level, req.enqueue_seq)
 
+    def _headroom(self, req: Request, batch_size: int) -> int:
+        """Extra GPU blocks a job coming onto the GPU (new, or swapped in) must leave free."""
+        return 0
+
     def _may_start(self, req: Request, need: int) -> bool:
         """Whether a job holding no KV (new, or dropped earlier) may take `need` GPU blocks now."""
         return True
@@ -169,7 +173,7 @@ class Scheduler:
             if req.request_id in evicted_ids:
                 continue
             tokens = budget if not req.is_prefill else budget - min(decodes_ahead, seats - 1)
-            seq = self._try_schedule(req, tokens, bool(scheduled_ids), out, evicted_ids) if tokens > 0 else None
+            seq = self._try_schedule(req, tokens, len(scheduled_ids), out, evicted_ids) if tokens > 0 else None
             if seq is None:
                 failures_left -= 1
                 if is_new:
@@ -214,9 +218,10 @@ class Scheduler:
             yield next_new
             next_new = next(waiting, None)
 
-    def _try_schedule(self, req: Request, budget: int, batch_nonempty: bool, out: SchedulerOutput,
+    def _try_schedule(self, req: Request, budget: int, batch_nonempty: int, out: SchedulerOutput,
                       evicted_ids: set[str]) -> ScheduledSeq | None:
-        """Fit `req` into this step (evicting lower-priority jobs if needed); None if it cannot run now."""
+        """Fit `req` into this step (evicting lower-priority jobs if needed); None if it cannot run now.
+        `batch_nonempty`: how many jobs the batch already holds (truthy when non-empty)."""
         bm = self.block_manager
         rid = req.request_id
         num_new = min(req.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
@@ -228,8 +233,10 @@ class Scheduler:
         # Keep the watermark when admitting a job that holds nothing yet, unless the batch would be empty.
         if req.first_scheduled_time is None and batch_nonempty:
             need += bm.watermark_blocks
-        if not is_swapped and not bm.num_gpu_blocks_of(rid) and not self._may_start(req, need):
-            return None
+        if not bm.num_gpu_blocks_of(rid):
+            if not is_swapped and not self._may_start(req, need):
+                return None
+            need += self._headroom(req, batch_nonempty)
         if need > bm.num_free_gpu_blocks and not self._make_room(req, need, out, evicted_ids):
             return None
         if is_swapped:

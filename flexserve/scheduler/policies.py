@@ -63,29 +63,34 @@ class MLFQScheduler(Scheduler):
         margin = int(self.config.start_margin_frac * (bm.num_gpu_blocks + bm.num_cpu_blocks))
         return bm.num_free_gpu_blocks + bm.num_free_cpu_blocks - need >= margin
 
+    def _headroom(self, req: Request, batch_size: int) -> int:
+        """A job coming onto the GPU leaves a block free for each job already in the batch, so their
+        growth next step does not push it straight back out."""
+        return batch_size
+
     def _may_drop_for(self, req: Request) -> bool:
         """Only a job growing on the GPU may drop others' KV. A swapped job that drops a lower job's KV to
         come back in starts a cascade (the dropped job recomputes, pushing out the next): it waits instead,
         for memory to free up; the jobs ahead of it on the GPU keep running meanwhile."""
         return bool(self.block_manager.num_gpu_blocks_of(req.request_id))
 
-    def _recent(self, req: Request) -> bool:
-        """Ran or came back to the GPU within the last `min_resident_steps` steps."""
+    def _recent(self, req: Request, ran_too: bool = True) -> bool:
+        """Came back to the GPU (or, with `ran_too`, ran) within the last `min_resident_steps` steps."""
         now, rid, window = self.counters["iterations"], req.request_id, self.config.min_resident_steps
-        return (now - self._last_run_iter.get(rid, -window - 1) <= window
-                or now - self._swapped_in_iter.get(rid, -window - 1) <= window)
+        return (now - self._swapped_in_iter.get(rid, -window - 1) <= window
+                or (ran_too and now - self._last_run_iter.get(rid, -window - 1) <= window))
 
     def _victims(self, after: Request):
-        """Lowest priority first, skipping jobs that ran or were swapped in within `min_resident_steps`
-        steps (no ping-pong: their KV is the most likely to be needed again). Those are offered too, last,
-        only while the batch is still empty, so the highest-priority job can always make progress."""
+        """Lowest priority first; jobs swapped in within `min_resident_steps` steps (no ping-pong) go after
+        the others, and only to a job growing on the GPU while the batch is still empty, so some job always
+        progresses. A job merely preempted from its seat is fair game: it must not block a higher one."""
         recent = []
         for r in super()._victims(after):
-            if self._recent(r):
+            if self._recent(r, ran_too=False):
                 recent.append(r)
             else:
                 yield r
-        if not self._batch_nonempty:
+        if not self._batch_nonempty and self.block_manager.num_gpu_blocks_of(after.request_id):
             yield from recent
 
     def _count_swap_in(self, num_blocks: int) -> None:

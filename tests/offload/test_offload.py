@@ -147,7 +147,37 @@ def test_compressed_weights_stream_and_stay_close(tiny_model, tmp_path, bits, to
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
 
 
-def test_compressed_cache_is_refused_clearly(tiny_model):
+def test_compressed_cache_with_cpu_attention_is_refused_clearly(tiny_model):
     folder, _ = tiny_model("opt")
-    with pytest.raises(PolicyError, match="KV cache"):
-        LLM(folder, device="cpu", policy=Policy(compress_cache=True))
+    with pytest.raises(PolicyError, match="do not combine"):
+        LLM(folder, device="cpu", policy=Policy.from_percent((100, 0, 0, 100, 100, 0), compress_cache=True,
+                                                             cpu_cache_compute=True))
+
+
+@pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.3)])
+@pytest.mark.parametrize("percent", [(100, 0, 0, 100, 100, 0), (100, 0, 0, 50, 100, 0)])
+def test_compressed_cache_decodes_close_to_exact(tiny_model, tmp_path, bits, tol, percent):
+    """KV cache on the CPU/disk tiers kept 4/8-bit: decode logits (teacher-forced) stay close to exact."""
+    import torch
+
+    from flexserve.offload.placement import CompressedHandle
+
+    folder, _ = tiny_model("llama-gqa")
+    prompt = torch.tensor([MORE_PROMPTS[2]])
+    follow = [11, 12, 13, 14, 15]
+
+    def run(llm):
+        ex = llm.executor
+        state = ex.new_block([1], prompt.shape[1] + len(follow))
+        out = [ex.forward(state, [prompt], [torch.arange(prompt.shape[1])[None]], [None])[0]]
+        for i, t in enumerate(follow):
+            out.append(ex.forward(state, [torch.tensor([[t]])], [torch.tensor([[prompt.shape[1] + i]])], [None])[0])
+        return torch.cat(out), state
+    with LLM(folder, dtype="float32", device="cpu") as ref:
+        exact, _ = run(ref)
+    policy = Policy.from_percent(percent, compress_cache=True, comp_num_bits=bits, comp_group_size=8)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        got, state = run(llm)
+        assert any(isinstance(h, CompressedHandle) for h in state.batches[0].k)
+    err = (got - exact).abs().max() / exact.abs().max()
+    assert 0 < err < tol  # lossy, but close
