@@ -27,7 +27,7 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    text_len_checked: int = 0
+    detok: object = None  # IncrementalText of the output, kept by whoever checks stop strings
 
     @property
     def done(self) -> bool:

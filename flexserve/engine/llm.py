@@ -13,6 +13,7 @@ from ..offload.policy import Policy
 from ..tokenizer import Tokenizer
 from ..weights import DummySource, default_model_path, open_source
 from .block import Sequence, run_block
+from .detokenize import IncrementalText
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams, make_generator
 
@@ -104,11 +105,16 @@ class LLM:
         return ids
 
     def _stop_check(self, seq: Sequence) -> bool:
+        """Did the newest token complete a stop string? (Incremental: only the text's tail is searched.)"""
         if not seq.params.stop:
             return False
-        text = self.tokenizer.decode(seq.out_ids)
+        if seq.detok is None:
+            seq.detok = IncrementalText(self.tokenizer)
+        delta = seq.detok.add(seq.out_ids[-1])
+        text = seq.detok.text
+        start = max(0, len(text) - len(delta) - max(len(s) for s in seq.params.stop) + 1)
         for stop in seq.params.stop:
-            if stop in text:
+            if text.find(stop, start) >= 0:
                 seq.stop_reason = stop
                 return True
         return False

@@ -29,6 +29,7 @@ from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, 
 from ..tokenizer import Tokenizer
 from ..weights import DummySource, default_model_path, open_source
 from .llm import resolve_device, resolve_dtype
+from .detokenize import IncrementalText
 from .paged import PagedBatch, PagedKV, SeqChunk, paged_attend
 from .sampling import SamplingParams, make_generator, sample
 
@@ -76,6 +77,7 @@ class _Live:
     stop_ids: set[int]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    detok: IncrementalText | None = None  # the output's text so far
     sent: str = ""  # text already delivered
     stop_text: str | None = None  # the final text when a stop string ended the request
 
@@ -279,10 +281,17 @@ class AsyncEngine:
             self._emit(live, [tok], lp, done, stopped.get(rid, "length") if done else None)
 
     def _hit_stop_string(self, live: _Live, tok: int) -> bool:
-        if not live.params.stop:
+        """Advance the request's text by `tok`; True when a stop string appeared (only the tail is searched)."""
+        if live.detok is None:
+            if not self.tokenizer.available:
+                return False
+            live.detok = IncrementalText(self.tokenizer)
+        delta = live.detok.add(tok)
+        if not live.params.stop or not delta:
             return False
-        text = self.tokenizer.decode(live.request.output_token_ids + [tok])
-        hits = [text.index(s) for s in live.params.stop if s in text]
+        text = live.detok.text
+        start = max(0, len(text) - len(delta) - max(len(s) for s in live.params.stop) + 1)
+        hits = [i for i in (text.find(s, start) for s in live.params.stop) if i >= 0]
         if hits:
             live.stop_text = text[:min(hits)]
         return bool(hits)
@@ -290,7 +299,7 @@ class AsyncEngine:
     def _emit(self, live: _Live, toks: list[int], lp, finished: bool, reason: str | None) -> None:
         """Queue one increment: the new token(s) and the text that became final with them."""
         req = live.request
-        text = live.stop_text if live.stop_text is not None else self.tokenizer.decode(req.output_token_ids)
+        text = live.stop_text if live.stop_text is not None else (live.detok.text if live.detok else "")
         if not finished:
             hold = max((len(s) for s in live.params.stop), default=1) - 1  # maybe the start of a stop string
             text = text[:len(text) - hold] if hold else text

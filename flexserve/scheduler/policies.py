@@ -50,7 +50,8 @@ class MLFQScheduler(Scheduler):
         super().__init__(config, block_manager)
         self._last_run_iter: dict[str, int] = {}  # iteration a job last ran in
         self._swapped_in_iter: dict[str, int] = {}  # iteration a job last came back from the host
-        self._batch_nonempty = False
+        self._swapped_out_iter: dict[str, int] = {}  # iteration a job last went to the host
+        self._batch_nonempty = 0
 
     def _key(self, req: Request) -> tuple:
         return (req.level, 0 if req.request_id in self._ran_last_step else 1, req.enqueue_seq)
@@ -74,6 +75,16 @@ class MLFQScheduler(Scheduler):
         for memory to free up; the jobs ahead of it on the GPU keep running meanwhile."""
         return bool(self.block_manager.num_gpu_blocks_of(req.request_id))
 
+    def _left_recently(self, req: Request) -> bool:
+        """Swapped out within the last `min_resident_steps` steps."""
+        window = self.config.min_resident_steps
+        return self.counters["iterations"] - self._swapped_out_iter.get(req.request_id, -window - 1) <= window
+
+    def _evict(self, victim: Request, out: SchedulerOutput, ahead: bool) -> None:
+        super()._evict(victim, out, ahead)
+        if victim.status is SequenceStatus.SWAPPED:
+            self._swapped_out_iter[victim.request_id] = self.counters["iterations"]
+
     def _recent(self, req: Request, ran_too: bool = True) -> bool:
         """Came back to the GPU (or, with `ran_too`, ran) within the last `min_resident_steps` steps."""
         now, rid, window = self.counters["iterations"], req.request_id, self.config.min_resident_steps
@@ -81,17 +92,22 @@ class MLFQScheduler(Scheduler):
                 or (ran_too and now - self._last_run_iter.get(rid, -window - 1) <= window))
 
     def _victims(self, after: Request):
-        """Lowest priority first; jobs swapped in within `min_resident_steps` steps (no ping-pong) go after
-        the others, and only to a job growing on the GPU while the batch is still empty, so some job always
-        progresses. A job merely preempted from its seat is fair game: it must not block a higher one."""
-        recent = []
+        """Lowest priority first, in three tiers: idle jobs; then jobs that ran within
+        `min_resident_steps` steps (their KV is the most likely to be needed again); then, only to a job
+        growing on the GPU while the batch is still empty (so some job always progresses), jobs swapped in
+        within that window (no ping-pong). A job merely preempted from its seat is fair game: it must not
+        block a higher one."""
+        ran, came_in = [], []
         for r in super()._victims(after):
             if self._recent(r, ran_too=False):
-                recent.append(r)
+                came_in.append(r)
+            elif self._recent(r):
+                ran.append(r)
             else:
                 yield r
+        yield from ran
         if not self._batch_nonempty and self.block_manager.num_gpu_blocks_of(after.request_id):
-            yield from recent
+            yield from came_in
 
     def _count_swap_in(self, num_blocks: int) -> None:
         super()._count_swap_in(num_blocks)
@@ -99,6 +115,8 @@ class MLFQScheduler(Scheduler):
     def _try_schedule(self, req, budget, batch_nonempty, out, evicted_ids):
         was_swapped = req.status is SequenceStatus.SWAPPED
         self._batch_nonempty = batch_nonempty
+        if was_swapped and batch_nonempty and self._left_recently(req):
+            return None  # swapped out a moment ago: let it settle on the host (no ping-pong)
         seq = super()._try_schedule(req, budget, batch_nonempty, out, evicted_ids)
         if seq is not None and was_swapped:
             self._swapped_in_iter[req.request_id] = self.counters["iterations"]
@@ -108,6 +126,7 @@ class MLFQScheduler(Scheduler):
         super()._retire(req, status, finish_time)
         self._last_run_iter.pop(req.request_id, None)
         self._swapped_in_iter.pop(req.request_id, None)
+        self._swapped_out_iter.pop(req.request_id, None)
 
     def _charge(self, req: Request, step_time_s: float) -> None:
         self._last_run_iter[req.request_id] = self.counters["iterations"]
@@ -176,12 +195,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         bm = self.block_manager
         # The started jobs that would fill the next batch, in priority order: never swap these out ahead of
         # need, and they are the ones worth prefetching.
-        next_batch, seats = [], self.config.max_num_seqs
-        for req in self._active:  # sorted at the start of this step; good enough one step ahead
-            if len(next_batch) == seats:
-                break
-            next_batch.append(req)
-        keep = {r.request_id for r in next_batch}
+        # Demotions during the step reorder them a little, so twice the seats are spared.
+        seats = self.config.max_num_seqs
+        next_batch = self._active[:seats]  # sorted at the start of this step; good enough one step ahead
+        keep = {r.request_id for r in self._active[:2 * seats]}
         # Keep the reserve: swap out the lowest-priority idle jobs (never drop KV just for the reserve),
         # never one that ran or came back within `min_resident_steps` steps (no ping-pong).
         if bm.num_free_gpu_blocks < self.reserve_blocks:
@@ -198,7 +215,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         # Nothing had to leave the GPU: bring back the swapped jobs of the next batch while the free blocks
         # stay above twice the reserve (hysteresis against swapping them straight out again).
         for req in next_batch:
-            if req.status is not SequenceStatus.SWAPPED:
+            if req.status is not SequenceStatus.SWAPPED or self._left_recently(req):
                 continue
             if bm.num_free_gpu_blocks - bm.num_cpu_blocks_of(req.request_id) < 2 * self.reserve_blocks:
                 break
