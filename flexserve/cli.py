@@ -39,11 +39,17 @@ def policy_from_args(args, config=None, prompt_len: int = 512, gen_len: int = 32
     from .offload.policy import Policy
 
     if getattr(args, "policy", None) == "auto":
+        from .errors import PolicyError
         from .planner import auto_policy
 
+        if args.percent is not None:
+            raise PolicyError("give either --policy auto or --percent, not both")
         return auto_policy(config, prompt_len, gen_len, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
                            disk=args.disk)
-    if args.percent is None and args.gpu_batch_size is None and not args.cpu_cache_compute:
+    placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
+                       args.compress_weight or None, args.compress_cache or None,
+                       args.num_gpu_batches if args.num_gpu_batches != 1 else None)
+    if all(f is None for f in placement_flags):
         return None
     kw = dict(gpu_batch_size=args.gpu_batch_size or 1, num_gpu_batches=args.num_gpu_batches,
               overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
@@ -142,12 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_model_arguments(s)
     add_policy_arguments(s)
-    try:
-        from .server.args import add_serve_arguments
+    from .server.args import add_serve_arguments
 
-        add_serve_arguments(s)
-    except ImportError:
-        pass
+    add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks: throughput (offline) or serve (online)")
@@ -159,26 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_throughput_arguments(bt)
     bs = bsub.add_parser("serve", help="replay a request trace against the serving engine")
-    try:
-        from .benchmarks.serve import add_serve_bench_arguments
+    from .benchmarks.serve import add_serve_bench_arguments
 
-        add_model_arguments(bs)
-        add_serve_bench_arguments(bs)
-    except ImportError:
-        pass
+    add_model_arguments(bs)
+    add_serve_bench_arguments(bs)
     b.set_defaults(func=cmd_bench)
 
-    try:
-        from .planner.cli import add_calibrate_arguments, add_plan_arguments, run_calibrate, run_plan
+    from .planner.cli import add_calibrate_arguments, add_plan_arguments, run_calibrate, run_plan
 
-        pl = sub.add_parser("plan", help="pick the fastest policy for a model and a memory budget")
-        add_plan_arguments(pl)
-        pl.set_defaults(func=run_plan)
-        c = sub.add_parser("calibrate", help="measure this machine and save a hardware profile")
-        add_calibrate_arguments(c)
-        c.set_defaults(func=run_calibrate)
-    except ImportError:
-        pass
+    pl = sub.add_parser("plan", help="pick the fastest policy for a model and a memory budget")
+    add_plan_arguments(pl)
+    pl.set_defaults(func=run_plan)
+    c = sub.add_parser("calibrate", help="measure this machine and save a hardware profile")
+    add_calibrate_arguments(c)
+    c.set_defaults(func=run_calibrate)
     return parser
 
 

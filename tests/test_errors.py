@@ -111,3 +111,14 @@ def test_bad_sampling_values_on_cli(capsys):
 def test_prompt_too_long_on_cli(capsys):
     rc, _, err = run_cli(capsys, "generate", "--raw", "--device", "cpu", "hello " * 9000)
     assert rc == 1 and "context window is 8192" in err and "Traceback" not in err
+
+
+def test_cli_process_reports_errors_without_a_traceback(tmp_path):
+    """The installed entry point, as a user runs it: one line on stderr, exit status 1."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flexserve.cli", "generate", "--model", str(tmp_path / "nope"),
+                           "hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"flexserve: error: model path {str(tmp_path / 'nope')!r} does not exist"]

@@ -15,7 +15,10 @@ def token_logprobs(llm, ids: list[int]) -> torch.Tensor:
     ex = llm.executor
     state = ex.new_block([1], len(ids))
     x = torch.tensor([ids], dtype=torch.long)
-    logits = ex.forward(state, [x], [torch.arange(len(ids))[None]], [None], all_logits=True)[0]
+    try:
+        logits = ex.forward(state, [x], [torch.arange(len(ids))[None]], [None], all_logits=True)[0]
+    finally:
+        ex.release_block(state)
     lp = logits[0, :-1].float().log_softmax(-1)
     return lp.gather(1, x[0, 1:, None].to(lp.device))[:, 0].cpu()
 

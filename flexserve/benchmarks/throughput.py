@@ -79,6 +79,9 @@ def run_throughput(args) -> int:
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(10, config.vocab_size, (bs, args.prompt_len), generator=gen) for _ in range(nb)]
     pos = [torch.arange(args.prompt_len).expand(bs, -1) for _ in range(nb)]
+    from ..offload.budget import check_fits
+
+    check_fits(config, pol, torch.empty((), dtype=ex.dtype).element_size(), args.prompt_len + args.gen_len, dev)
     state = ex.new_block([bs] * nb, args.prompt_len + args.gen_len)
     bar = tqdm(total=args.gen_len, desc="bench", unit="step")
     _sync(dev)
@@ -125,6 +128,7 @@ def run_throughput(args) -> int:
         "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
         "peak_cpu_rss_gb": psutil.Process().memory_info().rss / 1e9,
         "h2d_gbps": h2d, "bound_decode_tok_s": bound_tps,
+        "disk_io": "buffered (page cache not bypassed)" if bound["offloaded_disk_bytes"] else None,
         "fraction_of_bound": decode_tps / bound_tps if bound_tps else None, **bound,
     }
     for k in ("prefill_tok_s", "decode_tok_s", "total_tok_s", "bound_decode_tok_s"):
@@ -135,5 +139,6 @@ def run_throughput(args) -> int:
         print(f"{'fraction of bound':>20}: {result['fraction_of_bound']:.1%}")
     if args.json:
         print("FLEXSERVE_RESULT " + json.dumps(result))
+    ex.release_block(state)
     llm.close()
     return 0

@@ -52,6 +52,13 @@ def run_block(ex: OffloadExecutor, seqs: list[Sequence], gpu_batch_size: int, st
         v = torch.tensor([[False] * p + [True] * len(s.prompt_ids) for p, s in zip(pad, b)])
         valid.append(v)
         pos.append((v.long().cumsum(-1) - 1).clamp(min=0))
+    try:
+        _generate(ex, state, batches, seqs, ids, pos, valid, max_new, stop_check, progress)
+    finally:
+        ex.release_block(state)
+
+
+def _generate(ex, state, batches, seqs, ids, pos, valid, max_new, stop_check, progress) -> None:
     want_prompt_lp = any(s.params.prompt_logprobs is not None for s in seqs)
     padded = any(not v.all() for v in valid)
     logits = ex.forward(state, ids, pos, [v if padded else None for v in valid], all_logits=want_prompt_lp)

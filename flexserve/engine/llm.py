@@ -25,7 +25,15 @@ DEFAULT_MAX_BATCH = 64
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise PolicyError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PolicyError("--device cuda was asked for but this machine has no usable CUDA GPU")
+    if dev.type not in ("cuda", "cpu"):
+        raise PolicyError(f"device {device!r} is not supported (use cuda or cpu)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, family: str) -> torch.dtype:
@@ -69,7 +77,11 @@ class LLM:
         check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
                    gpu_limit, cpu_limit)
         self.executor = OffloadExecutor(source, policy or Policy(), self.device, self.dtype, offload_dir, progress)
-        self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
+        try:
+            self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
+        except BaseException:
+            self.executor.close()
+            raise
         self._seed = seed
         self._ids = itertools.count()
 

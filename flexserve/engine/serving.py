@@ -23,6 +23,7 @@ import torch
 
 from ..errors import PolicyError, PromptTooLongError, RequestError
 from ..models.layers import decoder_layer, lm_head, rope_cos_sin
+from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, make_scheduler
@@ -97,8 +98,14 @@ class AsyncEngine:
             if self.device.type == "cuda":
                 source.device = self.device
         policy = config.policy or Policy()
+        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
+                or policy.compress_cache:
+            raise PolicyError("serving keeps the KV cache in its own paged pools (moved to host memory by the "
+                              "scheduler) and activations on the GPU: only the weight percentages "
+                              "(--percent W_GPU W_CPU 100 0 100 0) and --compress-weight apply")
         if policy.uses_disk and not config.offload_dir:
             raise PolicyError("the policy puts weights on disk: give an offload dir")
+        check_fits(cfg, policy, torch.empty((), dtype=self.dtype).element_size(), 1, self.device)
         self.executor = OffloadExecutor(source, policy, self.device, self.dtype, config.offload_dir)
         self.tokenizer = Tokenizer(self.model_path, cfg.vocab_size)
         self.model_name = self.model_path.rstrip("/").split("/")[-1]
@@ -216,6 +223,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            if self._thread.is_alive():  # a step is still running: leave the model to it
+                return
         self.executor.close()
 
     # --- the engine thread -----------------------------------------------------------------------------------
@@ -230,9 +239,23 @@ class AsyncEngine:
                 self.step()
         except BaseException as e:  # surface to every waiting client rather than hanging them
             self.error = e
-            for live in list(self._live.values()):
-                live.loop.call_soon_threadsafe(live.queue.put_nowait, RuntimeError(f"engine failed: {e}"))
             raise
+        finally:
+            self._fail_pending(RuntimeError(f"engine failed: {self.error}") if self.error else
+                               RequestError("the engine was shut down before this request finished"))
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Nobody may wait forever: refuse requests not yet admitted, end the ones still running."""
+        while True:
+            try:
+                kind, _, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add" and not fut.done():
+                fut.set_exception(error)
+        for live in list(self._live.values()):
+            self._deliver(live, error)
+        self._live.clear()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -310,7 +333,16 @@ class AsyncEngine:
             live.sent = text
         out = StepOutput(req.request_id, toks, delta, [lp] if lp is not None else None, finished, reason,
                          len(req.prompt_token_ids), len(req.output_token_ids))
-        live.loop.call_soon_threadsafe(live.queue.put_nowait, out)
+        self._deliver(live, out)
+
+    def _deliver(self, live: _Live, item) -> None:
+        """Hand an output to the request's event loop; a client whose loop is gone is dropped, not fatal."""
+        try:
+            live.loop.call_soon_threadsafe(live.queue.put_nowait, item)
+        except RuntimeError:  # its event loop was closed
+            rid = live.request.request_id
+            if self._live.pop(rid, None) is not None:
+                self.scheduler.abort(rid)
 
     # --- the model -------------------------------------------------------------------------------------------
     def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:

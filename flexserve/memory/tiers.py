@@ -1,7 +1,8 @@
 """Memory tiers and the one copy path between them.
 
 Three tiers: GPU (the compute device's own memory), CPU (pinned host memory, allocated once and reused) and
-DISK (one file per tensor under the offload directory, read and written by a thread pool with positional I/O).
+DISK (one file per tensor under the offload directory, read and written with positional I/O on the offload
+executor's loader and storer threads, so disk traffic overlaps compute; reads go through the page cache).
 A `Handle` says where one tensor lives; `copy_to_device` moves it to a buffer on the compute device. This
 module knows nothing of models. On a machine without CUDA the compute device is the CPU: the "GPU" tier is then
 ordinary memory of the compute device and the CPU and disk tiers stay real, so every path runs in CI.
@@ -17,7 +18,6 @@ import tempfile
 import threading
 import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +58,7 @@ class DiskTier:
     _live: "weakref.WeakSet[DiskTier]" = weakref.WeakSet()
     _hooks_installed = False
 
-    def __init__(self, offload_dir: str, num_threads: int = 4):
+    def __init__(self, offload_dir: str):
         if not offload_dir:
             raise PolicyError("the policy puts data on disk but no offload_dir was given")
         try:
@@ -66,7 +66,6 @@ class DiskTier:
             self.root = tempfile.mkdtemp(prefix="flexserve-", dir=offload_dir)
         except OSError as e:
             raise PolicyError(f"cannot use offload_dir {offload_dir!r}: {e}") from None
-        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="flexserve-disk")
         self._lock = threading.Lock()
         DiskTier._live.add(self)
         DiskTier._install_hooks()
@@ -120,12 +119,8 @@ class DiskTier:
         finally:
             os.close(fd)
 
-    def submit(self, fn, *args) -> Future:
-        return self.pool.submit(fn, *args)
-
     def close(self) -> None:
         if getattr(self, "root", None) and os.path.isdir(self.root):
-            self.pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(self.root, ignore_errors=True)
         DiskTier._live.discard(self)
 

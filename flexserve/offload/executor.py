@@ -17,6 +17,7 @@ cache is: only the new token's q/k/v and the attention output cross PCIe.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class OffloadExecutor:
         self._cache_staging: dict[tuple[int, int], torch.Tensor | None] = {}
         self._pending: dict[int, Future] = {}
         self._pinned_bufs: dict[str, torch.Tensor] = {}
+        self._staging_busy: dict[str, object] = {}  # weight slot -> event of its last copy out of staging
+        self._act_handles: dict[tuple, Handle] = {}
         self.timers: collections.Counter = collections.Counter()  # host seconds by activity (for profiles)
 
     # --- weights ---------------------------------------------------------------------------------------------
@@ -148,6 +151,9 @@ class OffloadExecutor:
         layer = self.layers[j]
         gpu, stage, released = self._weight_slot(layer)
         released.wait_on(self.load_lane)
+        previous = self._staging_busy.pop(layer.slot_key, None)
+        if previous is not None and stage:  # the last copy out of this slot's pinned staging must be done
+            previous.synchronize()
         with self.load_lane.context():
             for name, h in layer.streamed.items():
                 if isinstance(h, CompressedHandle):  # move the packed bytes, then unpack on the GPU
@@ -157,7 +163,10 @@ class OffloadExecutor:
                     decompress(packed, out=gpu[name])
                 else:
                     self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
-            return self.load_lane.record()
+            event = self.load_lane.record()
+            if event is not None:
+                self._staging_busy[layer.slot_key] = event
+            return event
 
     def _prefetch(self, j: int) -> None:
         if j < len(self.layers) and j not in self._pending and self.layers[j].streamed:
@@ -237,6 +246,22 @@ class OffloadExecutor:
                      for p in ("data", "scale", "min")}
             out.append((packed, stage))
         return out
+
+    def release_block(self, state: BlockState) -> None:
+        """Free a finished block's caches: wait for stores in flight, then delete its disk files."""
+        for bs in state.batches:
+            for li in list(bs.stored):
+                self._await_store(bs, li)
+            for h in bs.k + bs.v:
+                parts = h.parts.values() if isinstance(h, CompressedHandle) else [h]
+                for part in parts:
+                    if part.path is not None:
+                        try:
+                            os.remove(part.path)
+                        except FileNotFoundError:
+                            pass
+            bs.k.clear()
+            bs.v.clear()
 
     def _cpu_attends(self, batch: BatchState, j: int, num_new: int) -> bool:
         return self.policy.cpu_cache_compute and batch.cache_tiers[j] is Tier.CPU and num_new == 1
@@ -362,6 +387,7 @@ class OffloadExecutor:
                 fut = self.storer.submit(self._store_cache, bs, li, idx, start, start + s, ready)
                 bs.stored[li] = slot.released = _Sync(future=fut)
             elif self._cpu_attends(bs, li, s):
+                self._await_store(bs, li)
                 x = decoder_layer(self.cfg, w, x, bs.rope, self._cpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
             else:
                 x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(bs.k[li].data, bs.v[li].data, bs.meta,
@@ -390,6 +416,16 @@ class OffloadExecutor:
             return self._pinned("attn_out", out).copy_(out).to(self.device, non_blocking=True)
         return attend
 
+    @staticmethod
+    def _await_store(bs: BatchState, li: int) -> None:
+        """The host is about to read (li, bs)'s cache in place: its last store must have fully landed."""
+        pending = bs.stored.pop(li, None)
+        if pending is not None:
+            pending.wait_host()
+            event = pending.future.result() if pending.future is not None else pending.event
+            if event is not None:
+                event.synchronize()
+
     def _cpu_attention_layer(self, state: BlockState, li: int, w, hidden, act: "_Activations") -> None:
         """A decode layer whose caches all live in host memory, pipelined across the block's batches.
 
@@ -398,6 +434,7 @@ class OffloadExecutor:
         projecting later batches (and the load stream streams the next layers' weights)."""
         xs, ready = [], []
         for k, bs in enumerate(state.batches):
+            self._await_store(bs, li)
             x = act.get(k, hidden[k])
             q, kk, v = attention_in(self.cfg, w, x, bs.rope)
             host = [self._pinned(f"attn{i}.{k}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, kk, v))]
@@ -440,21 +477,24 @@ class _Activations:
         self.ex = ex
         self.tier = [tier_by_fraction((k + 0.5) / num_batches * 100, p.act_gpu_percent, p.act_cpu_percent)
                      for k in range(num_batches)]
-        self.handles: dict[int, Handle] = {}
+        self.handles = ex._act_handles  # reused across forwards (a disk handle is a file: never re-create it)
+        self.current: dict[int, Handle] = {}
 
     def put(self, k: int, x: torch.Tensor) -> torch.Tensor:
         if self.tier[k] is Tier.GPU:
             return x
-        h = self.handles.get(k)
-        if h is None or h.shape != tuple(x.shape):
-            h = self.handles[k] = self.ex.tiers.allocate(self.tier[k], tuple(x.shape), x.dtype, f"act{k}")
+        key = (k, self.tier[k], tuple(x.shape), x.dtype)
+        h = self.handles.get(key)
+        if h is None:
+            h = self.handles[key] = self.ex.tiers.allocate(self.tier[k], tuple(x.shape), x.dtype, f"act{k}")
+        self.current[k] = h
         self.ex.tiers.write_rows(h, x, 0, x.shape[0], non_blocking=True)
         return None  # type: ignore[return-value]
 
     def get(self, k: int, x: torch.Tensor | None) -> torch.Tensor:
         if self.tier[k] is Tier.GPU:
             return x
-        h = self.handles[k]
+        h = self.current[k]
         out = torch.empty(h.shape, dtype=h.dtype, device=self.ex.device)
         self.ex.tiers.read_rows(h, out, 0, h.shape[0], non_blocking=True)
         return out

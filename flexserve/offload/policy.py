@@ -75,8 +75,7 @@ class Policy:
 
     @property
     def uses_disk(self) -> bool:
-        return min(self.w_disk_percent, self.cache_disk_percent, self.act_disk_percent) < 100 and max(
-            self.w_disk_percent, self.cache_disk_percent, self.act_disk_percent) > 1e-9
+        return max(self.w_disk_percent, self.cache_disk_percent, self.act_disk_percent) > 1e-9
 
     @property
     def percent(self) -> tuple[float, float, float, float, float, float]:

@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 import time
 
@@ -188,7 +189,12 @@ def run_server(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=args.drain_timeout)
     try:
-        QuietServer(config).run()
+        server = QuietServer(config)
+        server.run()
+        if not server.started:  # uvicorn could not bind (bad host, port in use) and returned quietly
+            print(f"flexserve: error: could not serve on {args.host}:{args.port} (see the log above)",
+                  file=sys.stderr)
+            return 1
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind or start
         return int(e.code or 0)
     return 0 if getattr(engine, "error", None) is None else 1
