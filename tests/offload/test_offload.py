@@ -183,3 +183,31 @@ def test_compressed_cache_decodes_close_to_exact(tiny_model, tmp_path, bits, tol
         assert any(isinstance(h, CompressedHandle) for h in state.batches[0].k)
     err = (got - exact).abs().max() / exact.abs().max()
     assert 0 < err < tol  # lossy, but close
+
+
+@pytest.mark.parametrize("name", ["cpu-attention", "cache-disk", "weights-3-tiers", "act-disk"])
+def test_slow_io_threads_do_not_change_results(tiny_model, resident, tmp_path, monkeypatch, name):
+    """Make every load and store on the I/O threads slow: ordering bugs (compute reading a buffer before its
+    copy landed) would change the tokens, so they must stay those of resident execution."""
+    import threading
+    import time
+
+    from flexserve.memory.tiers import Tiers
+
+    real_read, real_write = Tiers.read_rows, Tiers.write_rows
+
+    def slow(fn, seconds):
+        def wrapper(*args, **kw):
+            if threading.current_thread().name.startswith(("flexserve-load", "flexserve-store")):
+                time.sleep(seconds)
+            return fn(*args, **kw)
+        return wrapper
+    monkeypatch.setattr(Tiers, "read_rows", slow(real_read, 0.002))
+    monkeypatch.setattr(Tiers, "write_rows", slow(real_write, 0.03))
+    spec = POLICIES[name]
+    policy = Policy.from_percent(spec["percent"], gpu_batch_size=spec["bs"], num_gpu_batches=spec["nb"],
+                                 cpu_cache_compute=spec.get("cpu_cache_compute", False))
+    folder, _ = tiny_model("llama-gqa")
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
+    assert got == resident["llama-gqa"]
