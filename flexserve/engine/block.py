@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..offload.executor import OffloadExecutor
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, logprob_entry, sample
 
 
 @dataclass
@@ -94,10 +94,7 @@ def _sample_into(batch: list[Sequence], logits: torch.Tensor) -> None:
         tok = res.token_ids[r]
         s.out_ids.append(tok)
         if s.params.logprobs is not None:
-            entry = {tok: res.logprobs[r]}
-            if res.top is not None:
-                entry.update(dict(list(res.top[r].items())[:s.params.logprobs]))
-            s.logprobs.append(entry)
+            s.logprobs.append(logprob_entry(res, r, s.params.logprobs))
             s.cum_logprob += res.logprobs[r]
 
 

@@ -28,3 +28,13 @@ class IncrementalText:
             self.text += delta
             return delta
         return ""
+
+
+def find_stop(text: str, delta_len: int, stops: list[str]) -> int | None:
+    """Index in `text` of the earliest stop string that the last `delta_len` characters completed, or None.
+    Only the tail is searched: earlier text was checked when it arrived."""
+    if not stops or not delta_len:
+        return None
+    start = max(0, len(text) - delta_len - max(len(s) for s in stops) + 1)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

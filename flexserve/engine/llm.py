@@ -6,16 +6,16 @@ from typing import Any, Iterable
 
 import torch
 
-from ..errors import PolicyError, PromptTooLongError, RequestError
+from ..errors import PolicyError, RequestError
 from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..tokenizer import Tokenizer
 from ..weights import DummySource, default_model_path, open_source
 from .block import Sequence, run_block
-from .detokenize import IncrementalText
+from .detokenize import IncrementalText, find_stop
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import SamplingParams, make_generator
+from .sampling import SamplingParams, fit_prompt, make_generator
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,6 +48,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, family: str) -
     return DTYPES[dtype]
 
 
+def open_model(model: str | None, dtype: str | torch.dtype, device: str | torch.device | None):
+    """Resolve a model string, device and dtype into (path, weight source, device, dtype) for either front end.
+
+    Dummy weights are generated straight in the runtime dtype, on the GPU when there is one."""
+    path = model if model is not None else default_model_path()
+    dev = resolve_device(device)
+    source = open_source(path, dtype=torch.float32, device="cpu")
+    dt = resolve_dtype(dtype, dev, source.config.family)
+    if isinstance(source, DummySource):
+        source.dtype = dt
+        if dev.type == "cuda":
+            source.device = dev
+    return path, source, dev, dt
+
+
 class LLM:
     """A model loaded under a placement policy, ready to generate.
 
@@ -61,15 +76,8 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
                  offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None):
-        self.model = model if model is not None else default_model_path()
-        self.device = resolve_device(device)
-        source = open_source(self.model, dtype=torch.float32, device="cpu")
+        self.model, source, self.device, self.dtype = open_model(model, dtype, device)
         self.config = source.config
-        self.dtype = resolve_dtype(dtype, self.device, self.config.family)
-        if isinstance(source, DummySource):
-            source.dtype = self.dtype  # dummy weights are generated straight in the runtime dtype
-            if self.device.type == "cuda":
-                source.device = self.device
         self.policy = policy
         if policy is not None and policy.uses_disk and not offload_dir:
             raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir")
@@ -99,16 +107,9 @@ class LLM:
             return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise RequestError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
-    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        """Reject prompts that cannot run: empty, out-of-vocabulary, or longer than the context window."""
-        ctx = self.config.max_position
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise RequestError(f"prompt token ids must be in 0..{self.config.vocab_size - 1}")
-        if len(ids) >= ctx:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the context window is {ctx} "
-                                     f"(prompt plus at least one new token must fit)")
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Reject prompts that cannot run; returns the params with max_tokens clipped to the context."""
+        return fit_prompt(self.config, ids, params)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         ids = set(params.stop_token_ids or [])
@@ -123,13 +124,11 @@ class LLM:
         if seq.detok is None:
             seq.detok = IncrementalText(self.tokenizer)
         delta = seq.detok.add(seq.out_ids[-1])
-        text = seq.detok.text
-        start = max(0, len(text) - len(delta) - max(len(s) for s in seq.params.stop) + 1)
-        for stop in seq.params.stop:
-            if text.find(stop, start) >= 0:
-                seq.stop_reason = stop
-                return True
-        return False
+        at = find_stop(seq.detok.text, len(delta), seq.params.stop)
+        if at is None:
+            return False
+        seq.stop_reason = next(s for s in seq.params.stop if seq.detok.text.startswith(s, at))
+        return True
 
     # --- generation --------------------------------------------------------------------------------------------
     def generate(self, prompts: str | dict | Iterable[str | dict], sampling_params: SamplingParams | list | None = None,
@@ -148,9 +147,7 @@ class LLM:
         requests, seqs = [], []
         for prompt, params in zip(prompts, params_list):
             text, ids = self._prompt_ids(prompt)
-            self.check_prompt(ids, params)
-            room = self.config.max_position - len(ids)
-            eff = params if params.max_tokens <= room else _with_max_tokens(params, room)
+            eff = self.check_prompt(ids, params)
             mine = []
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
@@ -205,9 +202,3 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, max_tokens=max_tokens)

@@ -112,3 +112,31 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     if seed is None:
         return fallback
     return torch.Generator().manual_seed(seed)
+
+
+def fit_prompt(config, ids: list[int], params: SamplingParams) -> SamplingParams:
+    """Reject prompts that cannot run (empty, out of vocabulary, no room for one new token in the context
+    window) and clip max_tokens to the room left. Shared by the offline `LLM` and the serving engine."""
+    from ..errors import PromptTooLongError
+
+    if not ids:
+        raise RequestError("the prompt is empty")
+    if min(ids) < 0 or max(ids) >= config.vocab_size:
+        raise RequestError(f"prompt token ids must be in 0..{config.vocab_size - 1}")
+    room = config.max_position - len(ids)
+    if room < 1:
+        raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the context window is {config.max_position} "
+                                 f"(prompt plus at least one new token must fit)")
+    if params.max_tokens > room:
+        import dataclasses
+
+        params = dataclasses.replace(params, max_tokens=room)
+    return params
+
+
+def logprob_entry(res: SampleResult, row: int, k: int) -> dict[int, float]:
+    """{chosen token: logprob} plus the row's top-k alternatives, as both front ends report them."""
+    entry = {res.token_ids[row]: res.logprobs[row]}
+    if res.top is not None:
+        entry.update(dict(list(res.top[row].items())[:k]))
+    return entry

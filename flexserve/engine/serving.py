@@ -21,18 +21,17 @@ from typing import AsyncIterator
 
 import torch
 
-from ..errors import PolicyError, PromptTooLongError, RequestError
+from ..errors import PolicyError, RequestError
 from ..models.layers import decoder_layer, lm_head, rope_cos_sin
 from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
-from ..weights import DummySource, default_model_path, open_source
-from .llm import resolve_device, resolve_dtype
-from .detokenize import IncrementalText
+from .llm import open_model
+from .detokenize import IncrementalText, find_stop
 from .paged import PagedBatch, PagedKV, SeqChunk, paged_attend
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample
 
 GiB = 1 << 30
 
@@ -88,15 +87,8 @@ class AsyncEngine:
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.model_path = config.model if config.model is not None else default_model_path()
-        self.device = resolve_device(config.device)
-        source = open_source(self.model_path, dtype=torch.float32, device="cpu")
+        self.model_path, source, self.device, self.dtype = open_model(config.model, config.dtype, config.device)
         self.model_config = cfg = source.config
-        self.dtype = resolve_dtype(config.dtype, self.device, cfg.family)
-        if isinstance(source, DummySource):
-            source.dtype = self.dtype
-            if self.device.type == "cuda":
-                source.device = self.device
         policy = config.policy or Policy()
         if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
                 or policy.compress_cache:
@@ -145,20 +137,7 @@ class AsyncEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Reject what cannot run; clip max_tokens to the context window. Returns the params to use."""
-        cfg = self.model_config
-        if not prompt_token_ids:
-            raise RequestError("the prompt is empty")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= cfg.vocab_size:
-            raise RequestError(f"prompt token ids must be in 0..{cfg.vocab_size - 1}")
-        room = cfg.max_position - len(prompt_token_ids)
-        if room < 1:
-            raise PromptTooLongError(f"the prompt has {len(prompt_token_ids)} tokens; the context window is "
-                                     f"{cfg.max_position} (prompt plus at least one new token must fit)")
-        if params.max_tokens > room:
-            import dataclasses
-
-            params = dataclasses.replace(params, max_tokens=room)
-        return params
+        return fit_prompt(self.model_config, prompt_token_ids, params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
@@ -310,14 +289,10 @@ class AsyncEngine:
                 return False
             live.detok = IncrementalText(self.tokenizer)
         delta = live.detok.add(tok)
-        if not live.params.stop or not delta:
-            return False
-        text = live.detok.text
-        start = max(0, len(text) - len(delta) - max(len(s) for s in live.params.stop) + 1)
-        hits = [i for i in (text.find(s, start) for s in live.params.stop) if i >= 0]
-        if hits:
-            live.stop_text = text[:min(hits)]
-        return bool(hits)
+        at = find_stop(live.detok.text, len(delta), live.params.stop)
+        if at is not None:
+            live.stop_text = live.detok.text[:at]
+        return at is not None
 
     def _emit(self, live: _Live, toks: list[int], lp, finished: bool, reason: str | None) -> None:
         """Queue one increment: the new token(s) and the text that became final with them."""
@@ -368,10 +343,6 @@ class AsyncEngine:
         res = sample(logits, [lv.params for lv in lives], [lv.generator for lv in lives], nlp)
         out = {}
         for i, (rid, lv) in enumerate(zip(sampled_ids, lives)):
-            lp = None
-            if lv.params.logprobs is not None:
-                lp = {res.token_ids[i]: res.logprobs[i]}
-                if res.top is not None:
-                    lp.update(dict(list(res.top[i].items())[:lv.params.logprobs]))
+            lp = logprob_entry(res, i, lv.params.logprobs) if lv.params.logprobs is not None else None
             out[rid] = (res.token_ids[i], lp)
         return out
