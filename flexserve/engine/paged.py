@@ -7,7 +7,9 @@ keys through its slots and runs the same SDPA as the dense path (`attend_over`),
 gather costs one extra read of the context, which is the price of a portable (CPU and GPU) paged path.
 
 Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream from pinned staging
-memory; a swap the scheduler marks "ahead" overlaps the step's compute and is completed before the next step.
+memory, without blocking the host: the compute stream waits on the copy event, and the host-side scatter of
+swapped-out blocks is finished at the start of the next step. Copies the scheduler marks "ahead" are still
+ordered before this step's compute; letting them overlap it is future work.
 """
 from __future__ import annotations
 
