@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 4 benchmarks on the GPU machine: flexserve and FlexGen 0.1.8 in the same run, same dummy OPT weights,
 # fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...
-# (stages: attn, 6.7b, 6.7b-fs, 30b-fs, 30b-fg, 30b-prof, llama, sweep, profile)
+# (stages: attn, 6.7b, 6.7b-fs, 30b-fs, 30b-bf16, 30b-fg, 30b-prof, llama, sweep, profile)
 # Needs the FlexGen wheels in .whl/ and run_flexgen.py in .peers/ (copied from ../shared/peers/).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -26,6 +26,7 @@ for stage in "$@"; do case $stage in
     run $FS --model dummy:opt-6.7b --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4 ;;
   30b-prof) TAIL=60 run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute --gen-len 6 --profile $OUT/trace30.json ;;
   30b-fs) run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
+  30b-bf16) run $FS --model dummy:opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute --cpu-attention-dtype bfloat16 ;;
   30b-fg) run $FG --model facebook/opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute ;;
   llama)
     run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4

@@ -25,6 +25,8 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-batch-size", type=int, default=None)
     g.add_argument("--num-gpu-batches", type=int, default=1)
     g.add_argument("--cpu-cache-compute", action="store_true", help="attention on the CPU where the cache is")
+    g.add_argument("--cpu-attention-dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="dtype of the host cache that CPU attention reads (default: the model's)")
     g.add_argument("--no-overlap", action="store_true", help="run loads, stores and compute in sequence")
     g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
     g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache compression")
@@ -48,12 +50,13 @@ def policy_from_args(args, config=None, prompt_len: int = 512, gen_len: int = 32
                            disk=args.disk)
     placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
                        args.compress_weight or None, args.compress_cache or None,
-                       args.num_gpu_batches if args.num_gpu_batches != 1 else None)
+                       args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype)
     if all(f is None for f in placement_flags):
         return None
     kw = dict(gpu_batch_size=args.gpu_batch_size or 1, num_gpu_batches=args.num_gpu_batches,
               overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
-              compress_weight=args.compress_weight, compress_cache=args.compress_cache)
+              compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+              cpu_attention_dtype=args.cpu_attention_dtype)
     return Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), **kw)
 
 

@@ -114,6 +114,8 @@ class OffloadExecutor:
         self.policy = policy
         self.device = torch.device(device)
         self.dtype = dtype
+        self.cpu_attention_dtype = (getattr(torch, policy.cpu_attention_dtype) if policy.cpu_attention_dtype
+                                    else dtype)
         self.tiers = Tiers(self.device, offload_dir, pin=policy.pin_weight)
         self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress)
         self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
@@ -208,8 +210,9 @@ class OffloadExecutor:
             ks, vs = [], []
             for j, (t, sd) in enumerate(zip(tiers, dims)):
                 shape = self._cache_shape(b, max_len, sd)
-                ks.append(self._alloc_cache(t, shape, f"k{j}.{k}"))
-                vs.append(self._alloc_cache(t, shape, f"v{j}.{k}"))
+                dtype = self.cpu_attention_dtype if sd == 2 else self.dtype
+                ks.append(self._alloc_cache(t, shape, f"k{j}.{k}", dtype))
+                vs.append(self._alloc_cache(t, shape, f"v{j}.{k}", dtype))
             batches.append(BatchState(b, ks, vs, tiers, dims))
         keys = {(bs.size, bs.seq_dims[j]) for bs in batches for j in range(cfg.num_layers)
                 if self._needs_slot(bs, j, 2)}
@@ -226,11 +229,11 @@ class OffloadExecutor:
     def _cache_compression(self) -> CompressionConfig:
         return CompressionConfig(num_bits=self.policy.comp_num_bits, group_size=self.policy.comp_group_size)
 
-    def _alloc_cache(self, tier: Tier, shape: tuple[int, ...], name: str):
+    def _alloc_cache(self, tier: Tier, shape: tuple[int, ...], name: str, dtype: torch.dtype):
         """Cache storage on a tier; off the GPU with `compress_cache` it is kept group-wise quantised (groups
         run along head_dim, so a range of positions stays a contiguous range of rows)."""
         if not self.policy.compress_cache or tier is Tier.GPU:
-            return self.tiers.allocate(tier, shape, self.dtype, name)
+            return self.tiers.allocate(tier, shape, dtype, name)
         empty = CompressedTensor.empty(shape, self.dtype, self._cache_compression())
         parts = {p: self.tiers.allocate(tier, tuple(getattr(empty, p).shape), getattr(empty, p).dtype, f"{name}.{p}")
                  for p in ("data", "scale", "min")}
@@ -401,7 +404,7 @@ class OffloadExecutor:
     def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
         """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
         if self.device.type != "cuda":
-            return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta, 2)
+            return lambda q, k, v: self._host_attention(q, k, v, kc, vc, meta)
 
         def attend(q, k, v):
             # Pinned buffers, reused: the synchronize below also retires the previous call's output copy.
@@ -409,7 +412,7 @@ class OffloadExecutor:
             t0 = time.perf_counter()
             torch.cuda.current_stream().synchronize()
             t1 = time.perf_counter()
-            out = dense_attention(qc, kk, vv, kc, vc, meta, 2)
+            out = self._host_attention(qc, kk, vv, kc, vc, meta)
             t2 = time.perf_counter()
             self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
             self.timers["cpu_attn_s"] += t2 - t1
@@ -447,11 +450,18 @@ class OffloadExecutor:
             if ev is not None:
                 ev.synchronize()
             t1 = time.perf_counter()
-            out = dense_attention(qc, kc, vc, bs.k[li].data, bs.v[li].data, bs.meta, 2)
+            out = self._host_attention(qc, kc, vc, bs.k[li].data, bs.v[li].data, bs.meta)
             self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
             self.timers["cpu_attn_s"] += time.perf_counter() - t1
             attn = self._pinned(f"attn_out.{k}", out).copy_(out).to(self.device, non_blocking=True)
             hidden[k] = act.put(k, attention_out(self.cfg, w, xs[k], attn))
+
+    def _host_attention(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
+        """Decode attention on the CPU over a head-major host cache, in the cache's dtype; the result comes
+        back in the model's dtype."""
+        dt = k_cache.dtype
+        out = dense_attention(q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, meta, 2)
+        return out.to(self.dtype)
 
     def _pinned(self, tag: str, like: torch.Tensor) -> torch.Tensor:
         buf = self._pinned_bufs.get(tag)

@@ -211,3 +211,34 @@ def test_slow_io_threads_do_not_change_results(tiny_model, resident, tmp_path, m
     with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
         got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
     assert got == resident["llama-gqa"]
+
+
+def test_cpu_attention_over_a_bfloat16_host_cache(tiny_model, tmp_path):
+    """`cpu_attention_dtype`: the host cache CPU attention reads is kept in bf16 (fast on x86); the result is
+    close to exact, and the choice shows in the cache's storage."""
+    import torch
+
+    from flexserve.memory.tiers import Tier
+
+    folder, _ = tiny_model("llama-gqa")
+    prompt = torch.tensor([MORE_PROMPTS[2]])
+    follow = [11, 12, 13, 14, 15]
+
+    def run(llm):
+        ex = llm.executor
+        state = ex.new_block([1], prompt.shape[1] + len(follow))
+        out = [ex.forward(state, [prompt], [torch.arange(prompt.shape[1])[None]], [None])[0]]
+        for i, t in enumerate(follow):
+            out.append(ex.forward(state, [torch.tensor([[t]])], [torch.tensor([[prompt.shape[1] + i]])], [None])[0])
+        dtypes = {h.dtype for h, t in zip(state.batches[0].k, state.batches[0].cache_tiers) if t is Tier.CPU}
+        return torch.cat(out), dtypes
+    with LLM(folder, dtype="float32", device="cpu") as ref:
+        exact, _ = run(ref)
+    policy = Policy.from_percent((100, 0, 0, 100, 0, 100), cpu_cache_compute=True, cpu_attention_dtype="bfloat16")
+    with LLM(folder, dtype="float32", device="cpu", policy=policy) as llm:
+        got, dtypes = run(llm)
+    assert dtypes == {torch.bfloat16}
+    err = (got - exact).abs().max() / exact.abs().max()
+    assert 0 < err < 0.05
+    with pytest.raises(PolicyError, match="cpu_attention_dtype"):
+        Policy(cpu_attention_dtype="int8")
