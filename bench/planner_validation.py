@@ -1,0 +1,139 @@
+"""Issue 5's check: the planner's predicted throughput against measured runs, and `--policy auto` under caps.
+
+For every policy in the list it runs `flexserve bench throughput` (a subprocess each, so peak memory and CUDA
+state do not leak between runs), asks `flexserve.planner.estimate` for the same policy on the same hardware
+profile, and reports the relative error; `--auto` adds the planner's own choice under the given memory caps
+(e.g. a T4-like 16 GiB GPU) next to the measured best of the list. Writes a markdown table, one JSON line
+and a predicted-vs-measured scatter plot.
+
+    python bench/planner_validation.py --hardware h100 --gen-len 8 --plot bench/plots/planner_vs_measured.png
+    python bench/planner_validation.py --device cpu --quick      # tiny shapes, to check the script itself
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# (model, --percent, gpu batch size, num gpu batches, extra flags)
+GPU_CASES = [
+    ("opt-6.7b", (100, 0, 100, 0, 100, 0), 32, 1, []),
+    ("opt-6.7b", (0, 100, 100, 0, 100, 0), 32, 4, []),
+    ("opt-6.7b", (50, 50, 100, 0, 100, 0), 32, 2, []),
+    ("opt-6.7b", (0, 100, 0, 100, 100, 0), 16, 2, []),
+    ("opt-6.7b", (0, 100, 0, 100, 100, 0), 16, 2, ["--cpu-cache-compute"]),
+    ("opt-13b", (30, 70, 100, 0, 100, 0), 32, 2, []),
+    ("opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, ["--cpu-cache-compute"]),
+    ("llama-3-8b", (0, 100, 100, 0, 100, 0), 32, 4, []),
+    ("llama-3-8b", (50, 50, 100, 0, 100, 0), 32, 2, []),
+]
+CPU_CASES = [
+    ("opt-125m", (100, 0, 100, 0, 100, 0), 4, 1, []),
+    ("opt-125m", (0, 100, 100, 0, 100, 0), 4, 2, []),
+    ("opt-125m", (0, 100, 0, 100, 100, 0), 4, 2, ["--cpu-cache-compute"]),
+]
+
+
+def measure(model: str, percent, bs: int, nb: int, extra: list[str], args) -> dict:
+    cmd = [sys.executable, "-m", "flexserve.cli", "bench", "throughput", "--model", f"dummy:{model}",
+           "--dtype", args.dtype, "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--json",
+           "--percent", *map(str, percent), "--gpu-batch-size", str(bs), "--num-gpu-batches", str(nb), *extra]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.offload_dir:
+        cmd += ["--offload-dir", args.offload_dir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXSERVE_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(line[len("FLEXSERVE_RESULT "):])
+
+
+def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args) -> float:
+    from flexserve.config import preset
+    from flexserve.offload.policy import Policy
+    from flexserve.planner import estimate
+
+    policy = Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb,
+                                 cpu_cache_compute="--cpu-cache-compute" in extra)
+    dtype_bytes = 4 if args.dtype == "float32" else 2
+    return estimate(preset(model), policy, hw, args.prompt_len, args.gen_len, dtype_bytes=dtype_bytes).decode_tok_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hardware", default="h100", help="profile name, 'saved', or a JSON file")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=8)
+    ap.add_argument("--offload-dir", default=None)
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--quick", action="store_true", help="tiny CPU shapes (checks the script, not the planner)")
+    ap.add_argument("--auto", default=None, help="also run --policy auto for MODEL under the --gpu-mem/--cpu-mem caps")
+    ap.add_argument("--gpu-mem", default="16GiB")
+    ap.add_argument("--cpu-mem", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+    from flexserve.planner import resolve_hardware
+
+    hw = resolve_hardware(args.hardware)
+    cases = CPU_CASES if args.quick else GPU_CASES
+    if args.quick:
+        args.dtype, args.prompt_len, args.gen_len = "float32", 32, 4
+    rows = []
+    for model, percent, bs, nb, extra in cases:
+        got = measure(model, percent, bs, nb, extra, args)
+        pred = predict(model, percent, bs, nb, extra, hw, args)
+        meas = got.get("decode_tok_s")
+        rows.append(dict(model=model, percent=list(percent), block=f"{bs}x{nb}", extra=" ".join(extra),
+                         predicted=pred, measured=meas, error=(pred - meas) / meas if meas else None,
+                         failure=got.get("error")))
+        print(f"{model:12s} {' '.join(map(str, percent)):22s} {bs}x{nb} {' '.join(extra):20s} predicted "
+              f"{pred:10.1f}  measured {meas if meas is not None else float('nan'):10.1f}", flush=True)
+    if args.auto:
+        from flexserve.config import preset
+        from flexserve.planner import auto_policy
+
+        pol = auto_policy(preset(args.auto), args.prompt_len, args.gen_len, hardware=hw, gpu_mem=args.gpu_mem,
+                          cpu_mem=args.cpu_mem)
+        extra = ["--cpu-cache-compute"] if pol.cpu_cache_compute else []
+        got = measure(args.auto, pol.percent, pol.gpu_batch_size, pol.num_gpu_batches, extra, args)
+        rows.append(dict(model=args.auto, percent=list(pol.percent), block=f"{pol.gpu_batch_size}x"
+                         f"{pol.num_gpu_batches}", extra="auto " + " ".join(extra), measured=got.get("decode_tok_s"),
+                         predicted=predict(args.auto, pol.percent, pol.gpu_batch_size, pol.num_gpu_batches, extra,
+                                           hw, args), error=None, failure=got.get("error")))
+    errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
+    median = errors[len(errors) // 2] if errors else None
+    print("\n| model | --percent | block | flags | predicted decode tok/s | measured | error |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        err = f"{r['error']:+.1%}" if r["error"] is not None else (r["failure"] or "-")
+        meas = f"{r['measured']:.1f}" if r["measured"] is not None else "-"
+        print(f"| {r['model']} | {' '.join(map(str, r['percent']))} | {r['block']} | {r['extra']} | "
+              f"{r['predicted']:.1f} | {meas} | {err} |")
+    print(f"\nmedian absolute error: {median:.1%}" if median is not None else "\nno successful runs")
+    print("PLANNER_VALIDATION " + json.dumps({"hardware": hw.name, "rows": rows, "median_abs_error": median}))
+    if args.plot and errors:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in rows if r["measured"]]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.loglog([r["measured"] for r in ok], [r["predicted"] for r in ok], "o")
+        lo, hi = min(r["measured"] for r in ok) / 2, max(r["measured"] for r in ok) * 2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel("measured decode tok/s")
+        ax.set_ylabel("predicted decode tok/s")
+        ax.set_title(f"planner vs measured ({hw.name})")
+        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
