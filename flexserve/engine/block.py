@@ -47,15 +47,25 @@ def run_block(ex: OffloadExecutor, seqs: list[Sequence], gpu_batch_size: int, st
     state = ex.new_block([len(b) for b in batches], plen + max_new)
     ids, pos, valid = [], [], []
     for b in batches:
-        pad = [plen - len(s.prompt_ids) for s in b]
-        ids.append(torch.tensor([[0] * p + s.prompt_ids for p, s in zip(pad, b)], dtype=torch.long))
-        v = torch.tensor([[False] * p + [True] * len(s.prompt_ids) for p, s in zip(pad, b)])
+        i, p, v = left_pad([s.prompt_ids for s in b], plen)
+        ids.append(i)
+        pos.append(p)
         valid.append(v)
-        pos.append((v.long().cumsum(-1) - 1).clamp(min=0))
     try:
         _generate(ex, state, batches, seqs, ids, pos, valid, max_new, stop_check, progress)
     finally:
         ex.release_block(state)
+
+
+def left_pad(prompts: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Prompts left-padded to one length: (ids [B, L], positions [B, L], validity mask [B, L]).
+
+    Positions count real tokens only (HF's convention), so a padded row sees the positions it would alone."""
+    length = length or max(map(len, prompts))
+    pad = [length - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts)], dtype=torch.long)
+    valid = torch.tensor([[False] * n + [True] * len(p) for n, p in zip(pad, prompts)])
+    return ids, (valid.long().cumsum(-1) - 1).clamp(min=0), valid
 
 
 def _generate(ex, state, batches, seqs, ids, pos, valid, max_new, stop_check, progress) -> None:

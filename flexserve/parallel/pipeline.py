@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
+from ..engine.block import left_pad
+from ..offload.placement import EMBED_KEYS
 from ..errors import RequestError
 from ..models.attention import AttnMeta, dense_attention
 from ..models.layers import attention_in, attention_out, embed, lm_head, rope_cos_sin, rope_inv_freq
@@ -27,7 +29,6 @@ from ..weights import WeightSource, layer_weights
 from .groups import Groups, Layout, stage_bounds
 from .tensor import all_reduce_fn, shard_config, shard_layer
 
-EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
 
 
 class StageSource:
@@ -112,10 +113,8 @@ class PipelineRunner:
 
     def _new_micro_batch(self, rows: list[int], prompts: list[list[int]], max_tokens: int) -> MicroBatch:
         plen = max(len(prompts[r]) for r in rows)
-        pad = [plen - len(prompts[r]) for r in rows]
-        ids = torch.tensor([[0] * p + prompts[r] for p, r in zip(pad, rows)], dtype=torch.long)
-        valid = torch.tensor([[False] * p + [True] * len(prompts[r]) for p, r in zip(pad, rows)])
-        mb = MicroBatch(rows, ids, (valid.long().cumsum(-1) - 1).clamp(min=0), valid, any(pad),
+        ids, positions, valid = left_pad([prompts[r] for r in rows], plen)
+        mb = MicroBatch(rows, ids, positions, valid, not bool(valid.all()),
                         out=[[] for _ in rows], stopped=[False] * len(rows))
         shape = (plen + max_tokens, len(rows), self.cfg.num_kv_heads, self.cfg.head_dim)
         for _ in range(self.cfg.num_layers):
