@@ -108,6 +108,8 @@ class OffloadExecutor:
     def __init__(self, source: WeightSource, policy: Policy, device: torch.device | str, dtype: torch.dtype,
                  offload_dir: str | None = None, progress: bool = False):
         self.cfg: ModelConfig = source.config
+        if policy.attn_sparsity < 1:
+            raise PolicyError("sparse attention (attn_sparsity < 1) is not supported; use 1.0")
         if policy.compress_cache and policy.cpu_cache_compute:
             raise PolicyError("--compress-cache and --cpu-cache-compute do not combine: CPU attention reads the "
                               "host cache in place, uncompressed")

@@ -30,7 +30,7 @@ class Policy:
     act_gpu_percent: float = 100
     act_cpu_percent: float = 0
     overlap: bool = True
-    sep_layer: bool = True
+    sep_layer: bool = True  # FlexGen compatibility: layers are always split at attention where it pays (CPU attention)
     pin_weight: bool = True
     cpu_cache_compute: bool = False
     attn_sparsity: float = 1.0

@@ -149,6 +149,12 @@ def test_compressed_weights_stream_and_stay_close(tiny_model, tmp_path, bits, to
     assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
 
 
+def test_unsupported_sparse_attention_is_refused_clearly(tiny_model):
+    folder, _ = tiny_model("opt")
+    with pytest.raises(PolicyError, match="sparse attention"):
+        LLM(folder, device="cpu", policy=Policy(attn_sparsity=0.5))
+
+
 def test_compressed_cache_with_cpu_attention_is_refused_clearly(tiny_model):
     folder, _ = tiny_model("opt")
     with pytest.raises(PolicyError, match="do not combine"):
