@@ -17,7 +17,8 @@ def add_throughput_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--h2d-gbps", type=float, default=None,
-                   help="host-to-GPU bandwidth for the bound (default: measured now with pinned memory)")
+                   help="host-to-GPU bandwidth for the bound (default: measured now with pinned memory, "
+                        "as `flexserve calibrate` does)")
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth for the bound")
     p.add_argument("--json", action="store_true", help="print one JSON line at the end")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace of 2 decode steps to this file")
@@ -26,19 +27,6 @@ def add_throughput_arguments(p) -> None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_h2d(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Pinned host-to-device bandwidth in GB/s (memcpy bandwidth on a CPU device)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src, non_blocking=True)
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(3):
-        dst.copy_(src, non_blocking=True)
-    _sync(device)
-    return 3 * nbytes / (time.perf_counter() - t) / 1e9
 
 
 def transfer_bound(llm, h2d_gbps: float, disk_gbps: float | None) -> dict:
@@ -119,7 +107,12 @@ def run_throughput(args) -> int:
     block = bs * nb
     if ex.timers:
         print("host time by activity (whole run): " + ", ".join(f"{k} {v:.2f}" for k, v in ex.timers.items()))
-    h2d = args.h2d_gbps or measure_h2d(dev)
+    if args.h2d_gbps:
+        h2d = args.h2d_gbps
+    else:
+        from ..planner.calibrate import copy_bandwidths
+
+        h2d = copy_bandwidths(dev)["h2d_pinned_bw"] / 1e9
     bound = transfer_bound(llm, h2d, args.disk_gbps)
     decode_tps = block * (args.gen_len - 1) / decode_s if args.gen_len > 1 else 0.0
     bound_tps = block / bound["bound_step_s"] if bound["bound_step_s"] > 0 else None

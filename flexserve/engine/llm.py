@@ -15,7 +15,7 @@ from ..weights import DummySource, default_model_path, open_source
 from .block import Sequence, run_block
 from .detokenize import IncrementalText, find_stop
 from .outputs import CompletionOutput, RequestOutput
-from .sampling import SamplingParams, fit_prompt, make_generator
+from .sampling import SamplingParams, fit_prompt, make_generator, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -111,12 +111,6 @@ class LLM:
         """Reject prompts that cannot run; returns the params with max_tokens clipped to the context."""
         return fit_prompt(self.config, ids, params)
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
-        ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            ids.update(self.config.eos_ids)
-        return ids
-
     def _stop_check(self, seq: Sequence) -> bool:
         """Did the newest token complete a stop string? (Incremental: only the text's tail is searched.)"""
         if not seq.params.stop:
@@ -151,7 +145,7 @@ class LLM:
             mine = []
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
-                mine.append(Sequence(ids, eff, make_generator(seed, fallback), self._stop_ids(params)))
+                mine.append(Sequence(ids, eff, make_generator(seed, fallback), stop_token_ids(self.config, params)))
             requests.append((text, ids, mine))
             seqs.extend(mine)
         self._run(seqs, use_tqdm)

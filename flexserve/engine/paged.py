@@ -125,25 +125,30 @@ class PagedBatch:
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Lmax]
     chunks: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)  # (offset, n, start, gather)
     sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
+    sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
 
     @classmethod
     def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device) -> "PagedBatch":
         def slots_of(table: list[int], lo: int, hi: int) -> list[int]:
             return [table[p // block_size] * block_size + p % block_size for p in range(lo, hi)]
 
-        ids, pos, slots, sample_rows = [], [], [], []
-        decodes = [s for s in seqs if len(s.token_ids) == 1]
-        chunks = [s for s in seqs if len(s.token_ids) != 1]
-        for s in decodes + chunks:
+        ids, pos, slots, sample_rows, sampled = [], [], [], [], []
+        order = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1] + \
+                [i for i, s in enumerate(seqs) if len(s.token_ids) != 1]
+        decodes = [seqs[i] for i in order if len(seqs[i].token_ids) == 1]
+        chunks = [seqs[i] for i in order if len(seqs[i].token_ids) != 1]
+        for i in order:
+            s = seqs[i]
             n = len(s.token_ids)
             ids.extend(s.token_ids)
             pos.extend(range(s.start, s.start + n))
             slots.extend(slots_of(s.block_table, s.start, s.start + n))
             if s.sample:
                 sample_rows.append(len(ids) - 1)
+                sampled.append(i)
         batch = cls(torch.tensor([ids], device=device), torch.tensor([pos], device=device),
                     torch.tensor(slots, device=device), len(decodes),
-                    sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device))
+                    sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device), sampled=sampled)
         if decodes:
             lmax = max(s.start + 1 for s in decodes)
             gather = torch.zeros(len(decodes), lmax, dtype=torch.long)

@@ -134,6 +134,14 @@ def fit_prompt(config, ids: list[int], params: SamplingParams) -> SamplingParams
     return params
 
 
+def stop_token_ids(config, params: SamplingParams) -> set[int]:
+    """Token ids that end a sequence: the request's own, plus the model's eos unless `ignore_eos`."""
+    ids = set(params.stop_token_ids or [])
+    if not params.ignore_eos:
+        ids.update(config.eos_ids)
+    return ids
+
+
 def logprob_entry(res: SampleResult, row: int, k: int) -> dict[int, float]:
     """{chosen token: logprob} plus the row's top-k alternatives, as both front ends report them."""
     entry = {res.token_ids[row]: res.logprobs[row]}

@@ -31,7 +31,7 @@ from ..tokenizer import Tokenizer
 from .llm import open_model
 from .detokenize import IncrementalText, find_stop
 from .paged import PagedBatch, PagedKV, SeqChunk, paged_attend
-from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample
+from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample, stop_token_ids
 
 GiB = 1 << 30
 
@@ -150,12 +150,10 @@ class AsyncEngine:
         params = self.validate(list(prompt_token_ids), params)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         loop = asyncio.get_running_loop()
-        stop_ids = set(params.stop_token_ids or [])
-        if not params.ignore_eos:
-            stop_ids.update(self.model_config.eos_ids)
         live = _Live(Request(rid, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
                              arrival_time=time.monotonic()), params,
-                     make_generator(params.seed, self._fallback), stop_ids, loop, asyncio.Queue())
+                     make_generator(params.seed, self._fallback), stop_token_ids(self.model_config, params), loop,
+                     asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", live, accepted))
         self._wake.set()
@@ -324,9 +322,8 @@ class AsyncEngine:
         ex, cfg = self.executor, self.model_config
         seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
                          s.block_table, s.samples) for s in scheduled]
-        order = [s for s in scheduled if s.num_tokens == 1] + [s for s in scheduled if s.num_tokens != 1]
-        sampled_ids = [s.request.request_id for s in order if s.samples]
         batch = PagedBatch.build(seqs, self.config.block_size, self.device)
+        sampled_ids = [scheduled[i].request.request_id for i in batch.sampled]
         rope = rope_cos_sin(ex.inv_freq, batch.positions, self.dtype) if ex.inv_freq is not None else None
         x = logits = None
         for layer, w in ex.stream_layers():

@@ -63,10 +63,14 @@ class _Sync:
         if self.future is not None:
             self.future.result()
 
+    def stream_event(self):
+        """Host-wait the future; the event that marks the device-side work (the future's result if unset)."""
+        self.wait_host()
+        return self.event if self.event is not None or self.future is None else self.future.result()
+
     def wait_on(self, lane: Lane | None) -> None:
         """Host-wait the future, then make `lane` (or the current stream if None) wait for the event."""
-        self.wait_host()
-        ev = self.future.result() if self.future is not None and self.event is None else self.event
+        ev = self.stream_event()
         if ev is not None:
             lane.wait(ev) if lane is not None else current_wait(ev)
 
@@ -405,31 +409,35 @@ class OffloadExecutor:
 
     def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
         """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
-        if self.device.type != "cuda":
-            return lambda q, k, v: self._host_attention(q, k, v, kc, vc, meta)
+        return lambda q, k, v: self._attend_on_host("one", self._qkv_to_host("one", q, k, v), kc, vc, meta)
 
-        def attend(q, k, v):
-            # Pinned buffers, reused: the synchronize below also retires the previous call's output copy.
-            qc, kk, vv = (self._pinned(f"attn{i}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, k, v)))
-            t0 = time.perf_counter()
-            torch.cuda.current_stream().synchronize()
-            t1 = time.perf_counter()
-            out = self._host_attention(qc, kk, vv, kc, vc, meta)
-            t2 = time.perf_counter()
-            self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
-            self.timers["cpu_attn_s"] += t2 - t1
-            return self._pinned("attn_out", out).copy_(out).to(self.device, non_blocking=True)
-        return attend
+    def _qkv_to_host(self, tag: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Copy q/k/v into reused pinned buffers; returns them and the event marking the copies done."""
+        host = [self._pinned(f"attn{i}.{tag}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, k, v))]
+        return host, current_record(self.device)
+
+    def _attend_on_host(self, tag: str, qkv_ready, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttnMeta) -> torch.Tensor:
+        """Wait for q/k/v to land, attend on the CPU, send the output back (it arrives in stream order).
+
+        Waiting on the q/k/v event also retires the previous output copy out of the same pinned buffer."""
+        (qc, kc, vc), ev = qkv_ready
+        t0 = time.perf_counter()
+        if ev is not None:
+            ev.synchronize()
+        t1 = time.perf_counter()
+        out = self._host_attention(qc, kc, vc, k_cache, v_cache, meta)
+        self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
+        self.timers["cpu_attn_s"] += time.perf_counter() - t1
+        return self._pinned(f"attn_out.{tag}", out).copy_(out).to(self.device, non_blocking=True)
 
     @staticmethod
     def _await_store(bs: BatchState, li: int) -> None:
         """The host is about to read (li, bs)'s cache in place: its last store must have fully landed."""
         pending = bs.stored.pop(li, None)
-        if pending is not None:
-            pending.wait_host()
-            event = pending.future.result() if pending.future is not None else pending.event
-            if event is not None:
-                event.synchronize()
+        event = pending.stream_event() if pending is not None else None
+        if event is not None:
+            event.synchronize()
 
     def _cpu_attention_layer(self, state: BlockState, li: int, w, hidden, act: "_Activations") -> None:
         """A decode layer whose caches all live in host memory, pipelined across the block's batches.
@@ -440,22 +448,10 @@ class OffloadExecutor:
         xs, ready = [], []
         for k, bs in enumerate(state.batches):
             self._await_store(bs, li)
-            x = act.get(k, hidden[k])
-            q, kk, v = attention_in(self.cfg, w, x, bs.rope)
-            host = [self._pinned(f"attn{i}.{k}", t).copy_(t, non_blocking=True) for i, t in enumerate((q, kk, v))]
-            ev = current_record(self.device)
-            xs.append(x)
-            ready.append((host, ev))
+            xs.append(act.get(k, hidden[k]))
+            ready.append(self._qkv_to_host(str(k), *attention_in(self.cfg, w, xs[k], bs.rope)))
         for k, bs in enumerate(state.batches):
-            (qc, kc, vc), ev = ready[k]
-            t0 = time.perf_counter()
-            if ev is not None:
-                ev.synchronize()
-            t1 = time.perf_counter()
-            out = self._host_attention(qc, kc, vc, bs.k[li].data, bs.v[li].data, bs.meta)
-            self.timers["cpu_attn_wait_gpu_s"] += t1 - t0
-            self.timers["cpu_attn_s"] += time.perf_counter() - t1
-            attn = self._pinned(f"attn_out.{k}", out).copy_(out).to(self.device, non_blocking=True)
+            attn = self._attend_on_host(str(k), ready[k], bs.k[li].data, bs.v[li].data, bs.meta)
             hidden[k] = act.put(k, attention_out(self.cfg, w, xs[k], attn))
 
     def _host_attention(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:

@@ -54,6 +54,11 @@ class _Timer:
         return best
 
 
+def copy_bandwidths(dev: torch.device, nbytes: int = 512 * MIB, min_time: float = 0.3) -> dict[str, float]:
+    """Host<->device copy bandwidths in bytes/s (pinned and pageable; memcpy on a CPU device)."""
+    return _copy_bandwidths(dev, _Timer(dev, min_time), nbytes)
+
+
 def _copy_bandwidths(dev: torch.device, timer: _Timer, nbytes: int) -> dict[str, float]:
     if dev.type != "cuda":  # host and device are one memory: a memcpy is what a "transfer" costs
         a, b = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)

@@ -25,6 +25,20 @@ POLICIES = {
 }
 
 
+def teacher_forced(llm, prompt=MORE_PROMPTS[2], follow=(11, 12, 13, 14, 15)):
+    """Logits of a prefill then one decode step per `follow` token (the same tokens whatever the model
+    predicts, so lossy policies can be compared position by position), and the block state."""
+    import torch
+
+    ex = llm.executor
+    ids = torch.tensor([prompt])
+    state = ex.new_block([1], len(prompt) + len(follow))
+    out = [ex.forward(state, [ids], [torch.arange(len(prompt))[None]], [None])[0]]
+    for i, t in enumerate(follow):
+        out.append(ex.forward(state, [torch.tensor([[t]])], [torch.tensor([[len(prompt) + i]])], [None])[0])
+    return torch.cat(out), state
+
+
 @pytest.fixture(scope="module")
 def resident(tiny_model):
     out = {}
@@ -171,21 +185,11 @@ def test_compressed_cache_decodes_close_to_exact(tiny_model, tmp_path, bits, tol
     from flexserve.offload.placement import CompressedHandle
 
     folder, _ = tiny_model("llama-gqa")
-    prompt = torch.tensor([MORE_PROMPTS[2]])
-    follow = [11, 12, 13, 14, 15]
-
-    def run(llm):
-        ex = llm.executor
-        state = ex.new_block([1], prompt.shape[1] + len(follow))
-        out = [ex.forward(state, [prompt], [torch.arange(prompt.shape[1])[None]], [None])[0]]
-        for i, t in enumerate(follow):
-            out.append(ex.forward(state, [torch.tensor([[t]])], [torch.tensor([[prompt.shape[1] + i]])], [None])[0])
-        return torch.cat(out), state
     with LLM(folder, dtype="float32", device="cpu") as ref:
-        exact, _ = run(ref)
+        exact, _ = teacher_forced(ref)
     policy = Policy.from_percent(percent, compress_cache=True, comp_num_bits=bits, comp_group_size=8)
     with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
-        got, state = run(llm)
+        got, state = teacher_forced(llm)
         assert any(isinstance(h, CompressedHandle) for h in state.batches[0].k)
     err = (got - exact).abs().max() / exact.abs().max()
     assert 0 < err < tol  # lossy, but close
@@ -227,22 +231,12 @@ def test_cpu_attention_over_a_bfloat16_host_cache(tiny_model, tmp_path):
     from flexserve.memory.tiers import Tier
 
     folder, _ = tiny_model("llama-gqa")
-    prompt = torch.tensor([MORE_PROMPTS[2]])
-    follow = [11, 12, 13, 14, 15]
-
-    def run(llm):
-        ex = llm.executor
-        state = ex.new_block([1], prompt.shape[1] + len(follow))
-        out = [ex.forward(state, [prompt], [torch.arange(prompt.shape[1])[None]], [None])[0]]
-        for i, t in enumerate(follow):
-            out.append(ex.forward(state, [torch.tensor([[t]])], [torch.tensor([[prompt.shape[1] + i]])], [None])[0])
-        dtypes = {h.dtype for h, t in zip(state.batches[0].k, state.batches[0].cache_tiers) if t is Tier.CPU}
-        return torch.cat(out), dtypes
     with LLM(folder, dtype="float32", device="cpu") as ref:
-        exact, _ = run(ref)
+        exact, _ = teacher_forced(ref)
     policy = Policy.from_percent((100, 0, 0, 100, 0, 100), cpu_cache_compute=True, cpu_attention_dtype="bfloat16")
     with LLM(folder, dtype="float32", device="cpu", policy=policy) as llm:
-        got, dtypes = run(llm)
+        got, state = teacher_forced(llm)
+    dtypes = {h.dtype for h, t in zip(state.batches[0].k, state.batches[0].cache_tiers) if t is Tier.CPU}
     assert dtypes == {torch.bfloat16}
     err = (got - exact).abs().max() / exact.abs().max()
     assert 0 < err < 0.05
