@@ -3,17 +3,9 @@
 # fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...
 # (stages: attn, 6.7b, 6.7b-fs, 30b-fs, 30b-bf16, 30b-fg, 30b-prof, llama, sweep, profile)
 # Needs the FlexGen wheels in .whl/ and run_flexgen.py in .peers/ (copied from ../shared/peers/).
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source bench/device_env.sh
 FS="python3 -m flexserve.cli bench throughput --dtype float16 --prompt-len 512 --gen-len 32 --json --h2d-gbps 53.1"
 FG="python3 .peers/run_flexgen.py --prompt-len 512 --gen-len 32"
-run() { echo "=== $*"; timeout ${T:-400} "$@" 2>&1 | grep -v "it/s\]" | tail -${TAIL:-12}; }
 for stage in "$@"; do case $stage in
   attn) run python3 bench/cpu_attention_layouts.py ;;
   6.7b)

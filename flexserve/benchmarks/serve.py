@@ -276,7 +276,17 @@ def _launch_one(args, scheduler: str, shared: dict) -> dict:
         shared["trace"] = trace = load_trace(args, min(args.max_context or cfg.max_position, cfg.max_position))
         shared["prompts"] = prompt_ids(trace, args.seed, *token_range(cfg.vocab_size))
     with ServerThread(build_app(engine)) as srv:
-        return http_run(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name, None)
+        return http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
+
+
+def http_run_isolated(label: str, base_url: str, trace, prompts, model: str) -> dict:
+    """`http_run` in a child process: the client's HTTP and JSON work must not compete for the server
+    process's interpreter lock, or the benchmark would measure its own client."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(http_run, label, base_url, trace, prompts, model, None).result()
 
 
 def run_simulate(args) -> list[dict]:

@@ -1,10 +1,9 @@
-"""Paged KV cache for the serving engine: block pools on the device and in pinned host memory, the
-attention that reads through block tables, and block swaps between the two pools.
+"""Paged KV cache for the serving engine: block pools on the device and in pinned host memory, and block
+swaps between the two pools.
 
-The pools hold every layer: [L, 2 (K/V), num_blocks * block_size, Hkv, hd]. A token at position p of a
-sequence lives in slot `table[p // block_size] * block_size + p % block_size`. Attention gathers a sequence's
-keys through its slots and runs the same SDPA as the dense path (`attend_over`), so the math is shared; the
-gather costs one extra read of the context, which is the price of a portable (CPU and GPU) paged path.
+The pools hold every layer: [L, 2 (K/V), num_blocks, block_size, Hkv, hd]. A token at position p of a
+sequence lives in slot `table[p // block_size] * block_size + p % block_size` of its layer's pool; attention
+through the block tables is in `paged_batch.py`.
 
 Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream from pinned staging
 memory, without blocking the host: the compute stream waits on the copy event, and the host-side scatter of
@@ -13,12 +12,9 @@ ordered before this step's compute; letting them overlap it is future work.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..config import ModelConfig
-from ..models.attention import attend_over, causal_mask
 
 
 class PagedKV:
@@ -101,89 +97,3 @@ class PagedKV:
         if in_pairs:
             c = torch.tensor([p[0] for p in in_pairs])
             self.gpu.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), self.cpu.index_select(2, c))
-
-
-@dataclass
-class SeqChunk:
-    """Tokens [start, start + len(token_ids)) of one sequence, computed this step."""
-
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    sample: bool
-
-
-@dataclass
-class PagedBatch:
-    """Flattened tokens of one step (decodes first, then prompt chunks) and the index tensors to attend."""
-
-    ids: torch.Tensor  # [1, T]
-    positions: torch.Tensor  # [1, T]
-    slots: torch.Tensor  # [T] where each new token's K/V is written
-    num_decode: int
-    decode_gather: torch.Tensor | None = None  # [Bd, Lmax] slots of each decode sequence's context
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Lmax]
-    chunks: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)  # (offset, n, start, gather)
-    sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
-    sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
-
-    @classmethod
-    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device) -> "PagedBatch":
-        def slots_of(table: list[int], lo: int, hi: int) -> list[int]:
-            return [table[p // block_size] * block_size + p % block_size for p in range(lo, hi)]
-
-        ids, pos, slots, sample_rows, sampled = [], [], [], [], []
-        order = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1] + \
-                [i for i, s in enumerate(seqs) if len(s.token_ids) != 1]
-        decodes = [seqs[i] for i in order if len(seqs[i].token_ids) == 1]
-        chunks = [seqs[i] for i in order if len(seqs[i].token_ids) != 1]
-        for i in order:
-            s = seqs[i]
-            n = len(s.token_ids)
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start, s.start + n))
-            slots.extend(slots_of(s.block_table, s.start, s.start + n))
-            if s.sample:
-                sample_rows.append(len(ids) - 1)
-                sampled.append(i)
-        batch = cls(torch.tensor([ids], device=device), torch.tensor([pos], device=device),
-                    torch.tensor(slots, device=device), len(decodes),
-                    sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device), sampled=sampled)
-        if decodes:
-            lmax = max(s.start + 1 for s in decodes)
-            gather = torch.zeros(len(decodes), lmax, dtype=torch.long)
-            mask = torch.zeros(len(decodes), lmax, dtype=torch.bool)
-            for i, s in enumerate(decodes):
-                ctx = s.start + 1
-                gather[i, :ctx] = torch.tensor(slots_of(s.block_table, 0, ctx))
-                mask[i, :ctx] = True
-            batch.decode_gather = gather.to(device)
-            batch.decode_mask = mask[:, None, None, :].to(device)
-        offset = len(decodes)
-        for s in chunks:
-            n = len(s.token_ids)
-            gather = torch.tensor(slots_of(s.block_table, 0, s.start + n), device=device)
-            batch.chunks.append((offset, n, s.start, gather))
-            offset += n
-        return batch
-
-
-def paged_attend(kv_slots: torch.Tensor, batch: PagedBatch):
-    """The attend(q, k, v) callable of `decoder_layer` for one layer's pool ([2, slots, Hkv, hd])."""
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [1, T, H, hd]; k, v: [1, T, Hkv, hd]
-        kv_slots[0].index_copy_(0, batch.slots, k[0])
-        kv_slots[1].index_copy_(0, batch.slots, v[0])
-        outs = []
-        nd = batch.num_decode
-        if nd:
-            keys = kv_slots[0][batch.decode_gather].transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
-            values = kv_slots[1][batch.decode_gather].transpose(1, 2)
-            outs.append(attend_over(q[0, :nd, None], keys, values, batch.decode_mask)[:, 0])  # [Bd, H*hd]
-        for offset, n, start, gather in batch.chunks:
-            keys = kv_slots[0][gather].transpose(0, 1)[None]  # [1, Hkv, L, hd]
-            values = kv_slots[1][gather].transpose(0, 1)[None]
-            mask = causal_mask(start, n, q.device) if start else None
-            outs.append(attend_over(q[:, offset:offset + n], keys, values, mask, causal=start == 0)[0])
-        return torch.cat(outs, 0)[None]
-    return attend

@@ -30,7 +30,8 @@ from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, 
 from ..tokenizer import Tokenizer
 from .llm import open_model
 from .detokenize import IncrementalText, find_stop
-from .paged import PagedBatch, PagedKV, SeqChunk, paged_attend
+from .paged import PagedKV
+from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample, stop_token_ids
 
 GiB = 1 << 30
@@ -252,7 +253,7 @@ class AsyncEngine:
                 self.scheduler.abort(item)
                 live = self._live.pop(item)
                 self.counters["aborted_requests"] += 1
-                self._emit(live, [], None, True, "abort")
+                self._deliver(live, self._output(live, [], None, True, "abort"))
 
     def step(self) -> None:
         """One iteration: swaps, one forward pass over every scheduled sequence, sampling, bookkeeping."""
@@ -272,13 +273,15 @@ class AsyncEngine:
         finished = {r.request_id for r in self.scheduler.on_step_done(t1, t1 - t0, new_tokens, stopped)}
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += len(sampled)
+        outputs = []
         for rid, (tok, lp) in sampled.items():
             live = self._live[rid]
             done = rid in finished
             if done:
                 self._live.pop(rid)
                 self.counters["finished_requests"] += 1
-            self._emit(live, [tok], lp, done, stopped.get(rid, "length") if done else None)
+            outputs.append((live, self._output(live, [tok], lp, done, stopped.get(rid, "length") if done else None)))
+        self._deliver_many(outputs)
 
     def _hit_stop_string(self, live: _Live, tok: int) -> bool:
         """Advance the request's text by `tok`; True when a stop string appeared (only the tail is searched)."""
@@ -292,8 +295,8 @@ class AsyncEngine:
             live.stop_text = live.detok.text[:at]
         return at is not None
 
-    def _emit(self, live: _Live, toks: list[int], lp, finished: bool, reason: str | None) -> None:
-        """Queue one increment: the new token(s) and the text that became final with them."""
+    def _output(self, live: _Live, toks: list[int], lp, finished: bool, reason: str | None) -> StepOutput:
+        """One increment of a request: the new token(s) and the text that became final with them."""
         req = live.request
         text = live.stop_text if live.stop_text is not None else (live.detok.text if live.detok else "")
         if not finished:
@@ -304,18 +307,26 @@ class AsyncEngine:
         delta = text[len(live.sent):] if text.startswith(live.sent) else ""
         if delta:
             live.sent = text
-        out = StepOutput(req.request_id, toks, delta, [lp] if lp is not None else None, finished, reason,
-                         len(req.prompt_token_ids), len(req.output_token_ids))
-        self._deliver(live, out)
+        return StepOutput(req.request_id, toks, delta, [lp] if lp is not None else None, finished, reason,
+                          len(req.prompt_token_ids), len(req.output_token_ids))
 
     def _deliver(self, live: _Live, item) -> None:
         """Hand an output to the request's event loop; a client whose loop is gone is dropped, not fatal."""
-        try:
-            live.loop.call_soon_threadsafe(live.queue.put_nowait, item)
-        except RuntimeError:  # its event loop was closed
-            rid = live.request.request_id
-            if self._live.pop(rid, None) is not None:
-                self.scheduler.abort(rid)
+        self._deliver_many([(live, item)])
+
+    def _deliver_many(self, items: list[tuple[_Live, object]]) -> None:
+        """One wake-up per event loop for a whole step's outputs (a wake-up per token costs a syscall each)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Live, object]]] = {}
+        for live, item in items:
+            by_loop.setdefault(live.loop, []).append((live, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # its event loop was closed
+                for live, _ in batch:
+                    rid = live.request.request_id
+                    if self._live.pop(rid, None) is not None:
+                        self.scheduler.abort(rid)
 
     # --- the model -------------------------------------------------------------------------------------------
     def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:
@@ -343,3 +354,9 @@ class AsyncEngine:
             lp = logprob_entry(res, i, lv.params.logprobs) if lv.params.logprobs is not None else None
             out[rid] = (res.token_ids[i], lp)
         return out
+
+
+def _put_all(batch: list[tuple[_Live, object]]) -> None:
+    """On a request's event loop: queue each output for its request."""
+    for live, item in batch:
+        live.queue.put_nowait(item)

@@ -1,0 +1,13 @@
+# Sourced by the bench/device_*.sh scripts: environment of the GPU machine. Python packages the machine lacks
+# travel as wheels in .whl/ (see the README's "Benchmarks on a GPU machine"); they go to /tmp/site.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.done
+fi
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() { echo "=== $*"; timeout ${T:-400} "$@" 2>&1 | grep -v "it/s\]\|s/it\]\|placing weights" | tail -${TAIL:-12}; }

@@ -1,0 +1,132 @@
+"""One serving step's tokens, flattened, and the attention that reads their context through block tables.
+
+A step computes decode tokens (one per running sequence) and prompt chunks together. Every token is a row
+of one flat batch [1, T]; what attention needs per row is its sequence's block table and how many positions
+it sees (`ctx_lens` = position + 1, which is also the causal mask inside a chunk). That metadata is built once
+per step, with array operations over block tables rather than per-token Python, and shared by both paths:
+
+- GPU: the Triton kernel of `flexserve.kernels.paged_attention` walks the block tables, one launch per layer.
+- CPU (and GPUs without Triton): the portable path gathers each sequence's keys into a dense tensor and runs
+  the same SDPA as the dense executor (`attend_over`): decodes as one padded batch, each chunk on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..kernels.paged_attention import kernel_available, paged_attention
+from ..models.attention import attend_over, causal_mask
+
+
+@dataclass
+class SeqChunk:
+    """Tokens [start, start + len(token_ids)) of one sequence, computed this step."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+
+
+@dataclass
+class PagedBatch:
+    """Flattened tokens of one step (single-token rows first, then prompt chunks) and their attention metadata."""
+
+    ids: torch.Tensor  # [1, T]
+    positions: torch.Tensor  # [1, T]
+    slots: torch.Tensor  # [T] where each new token's K/V is written
+    block_tables: torch.Tensor  # [R, max_blocks] int32, one row per sequence (in flattened order)
+    row_seq: torch.Tensor  # [T] int32: the block-table row of each token
+    ctx_lens: torch.Tensor  # [T] int32: positions each token attends to (its position + 1)
+    block_size: int
+    num_decode: int  # leading single-token rows (one per sequence)
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset, n, start, table row)
+    sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
+    sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
+    _gather: dict = field(default_factory=dict)  # portable path: slot indices, built on first use
+
+    @classmethod
+    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device) -> "PagedBatch":
+        order = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1] + \
+                [i for i, s in enumerate(seqs) if len(s.token_ids) != 1]
+        num_decode = sum(1 for s in seqs if len(s.token_ids) == 1)
+        lens = np.array([len(seqs[i].token_ids) for i in order], dtype=np.int64)
+        starts = np.array([seqs[i].start for i in order], dtype=np.int64)
+        max_blocks = max(1, max(len(seqs[i].block_table) for i in order))
+        tables = np.zeros((len(order), max_blocks), dtype=np.int32)
+        for r, i in enumerate(order):
+            tables[r, :len(seqs[i].block_table)] = seqs[i].block_table
+        row_seq = np.repeat(np.arange(len(order), dtype=np.int64), lens)
+        offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        positions = starts[row_seq] + (np.arange(len(row_seq)) - offsets[row_seq])
+        slots = tables[row_seq, positions // block_size].astype(np.int64) * block_size + positions % block_size
+        ids = [t for i in order for t in seqs[i].token_ids]
+        sampled = [i for i in order if seqs[i].sample]
+        sample_rows = [int(offsets[r] + lens[r] - 1) for r, i in enumerate(order) if seqs[i].sample]
+        chunks = [(int(offsets[r]), int(lens[r]), int(starts[r]), r) for r in range(num_decode, len(order))]
+
+        def dev(a, dtype):
+            return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
+        return cls(ids=dev([ids], torch.long), positions=dev(positions[None], torch.long),
+                   slots=dev(slots, torch.long), block_tables=dev(tables, torch.int32),
+                   row_seq=dev(row_seq, torch.int32), ctx_lens=dev(positions + 1, torch.int32),
+                   block_size=block_size, num_decode=num_decode, chunks=chunks,
+                   sample_rows=dev(sample_rows, torch.long), sampled=sampled)
+
+    def context_slots(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """[len(rows), length] pool slots of positions 0..length-1 of the given block-table rows."""
+        pos = torch.arange(length, device=self.block_tables.device)
+        blocks = self.block_tables[rows][:, pos // self.block_size].long()
+        return blocks * self.block_size + pos % self.block_size
+
+    def decode_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Portable path: slots [Bd, Lmax] of every single-token row's context, and its mask [Bd, 1, 1, Lmax]."""
+        if "decode" not in self._gather:
+            nd = self.num_decode
+            ctx = self.ctx_lens[:nd].long()
+            lmax = int(ctx.max())
+            slots = self.context_slots(self.row_seq[:nd].long(), lmax)
+            mask = torch.arange(lmax, device=ctx.device)[None, :] < ctx[:, None]
+            self._gather["decode"] = (slots, mask[:, None, None, :])
+        return self._gather["decode"]
+
+    def chunk_gather(self, row: int, length: int) -> torch.Tensor:
+        key = ("chunk", row)
+        if key not in self._gather:
+            rows = torch.tensor([row], device=self.block_tables.device)
+            self._gather[key] = self.context_slots(rows, length)[0]
+        return self._gather[key]
+
+
+def paged_attend(kv_slots: torch.Tensor, batch: PagedBatch):
+    """The attend(q, k, v) callable of `decoder_layer` for one layer's pool ([2, slots, Hkv, hd])."""
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [1, T, H, hd]; k, v: [1, T, Hkv, hd]
+        kv_slots[0].index_copy_(0, batch.slots, k[0])
+        kv_slots[1].index_copy_(0, batch.slots, v[0])
+        if kernel_available(q):
+            out = paged_attention(q[0], kv_slots[0], kv_slots[1], batch.block_tables, batch.row_seq,
+                                  batch.ctx_lens, batch.block_size)
+            return out.reshape(1, out.shape[0], -1)
+        return _gather_attend(kv_slots, batch, q)
+    return attend
+
+
+def _gather_attend(kv_slots: torch.Tensor, batch: PagedBatch, q: torch.Tensor) -> torch.Tensor:
+    """The portable path: dense copies of each context, then SDPA. Same result as the kernel."""
+    outs = []
+    nd = batch.num_decode
+    if nd:
+        slots, mask = batch.decode_gather()
+        keys = kv_slots[0][slots].transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
+        values = kv_slots[1][slots].transpose(1, 2)
+        outs.append(attend_over(q[0, :nd, None], keys, values, mask)[:, 0])  # [Bd, H*hd]
+    for offset, n, start, row in batch.chunks:
+        gather = batch.chunk_gather(row, start + n)
+        keys = kv_slots[0][gather].transpose(0, 1)[None]  # [1, Hkv, L, hd]
+        values = kv_slots[1][gather].transpose(0, 1)[None]
+        mask = causal_mask(start, n, q.device) if start else None
+        outs.append(attend_over(q[:, offset:offset + n], keys, values, mask, causal=start == 0)[0])
+    return torch.cat(outs, 0)[None]
