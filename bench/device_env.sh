@@ -4,9 +4,10 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
+WHEELS=$(ls .whl 2>/dev/null | md5sum | cut -c1-32)
+if [ -d .whl ] && [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.done
+    && echo "$WHEELS" > /tmp/site/.wheels
 fi
 [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -2,22 +2,23 @@
 # Issues 6 and 7 on the GPU machine: the serving engine (Llama-3-8B shape, dummy bf16 weights) through HTTP,
 # against transformers' continuous batching in the same run, and FCFS vs MLFQ vs skip-join MLFQ on the Azure
 # and Gamma traces with the simulator's prediction beside each. Usage: bash bench/device_serve.sh STAGE...
-# (stages: kernel, peer, batch, batch-gather, azure, gamma, sim)
+# (stages: kernel, peer, batch, batch-gather, profile, azure, gamma, sim)
 source bench/device_env.sh
 M="--model dummy:llama-3-8b --dtype bfloat16"
 BS="python3 -m flexserve.cli bench serve --json"
 RATE=${RATE:-12}; N=${N:-300}
 for stage in "$@"; do case $stage in
-  kernel) TAIL=5 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_attention.py ;;
+  kernel) TAIL=15 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_attention.py tests/engine/test_serving.py -k "kernel or captured" ;;
   peer) run python3 bench/peer_transformers_serving.py 256 ;;
   batch) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
       --max-num-seqs 256 --max-num-batched-tokens 8192 --plot $OUT/serve_batch256.png ;;
-  batch-gather) FLEXSERVE_PAGED_ATTENTION=gather run $BS --launch $M --trace bench/traces/batch256_uniform.csv \
+  batch-gather) FLEXSERVE_PAGED_ATTENTION=gather run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-gpu-blocks 16000 \
       --num-requests 256 --schedulers fcfs --max-num-seqs 256 --max-num-batched-tokens 8192 ;;
   azure) run $BS --launch $M --trace azure --rate $RATE --num-requests $N --schedulers fcfs,mlfq,skip-join-mlfq \
       --plot $OUT/sched_azure.png ;;
   gamma) run $BS --launch $M --trace gamma --cv 3 --rate $RATE --num-requests $N \
       --schedulers fcfs,mlfq,skip-join-mlfq --plot $OUT/sched_gamma.png ;;
+  profile) TAIL=45 run python3 bench/profile_serving.py $M --trace-out $OUT/serve_trace.json ;;
   sim)
     run $BS --simulate --trace azure --rate $RATE --num-requests $N --schedulers fcfs,mlfq,skip-join-mlfq
     run $BS --simulate --trace gamma --cv 3 --rate $RATE --num-requests $N --schedulers fcfs,mlfq,skip-join-mlfq ;;

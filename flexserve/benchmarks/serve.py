@@ -275,8 +275,11 @@ def _launch_one(args, scheduler: str, shared: dict) -> dict:
         cfg = engine.model_config
         shared["trace"] = trace = load_trace(args, min(args.max_context or cfg.max_position, cfg.max_position))
         shared["prompts"] = prompt_ids(trace, args.seed, *token_range(cfg.vocab_size))
-    with ServerThread(build_app(engine)) as srv:
-        return http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
+    try:
+        with ServerThread(build_app(engine)) as srv:
+            return http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
+    finally:
+        engine.release_memory()
 
 
 def http_run_isolated(label: str, base_url: str, trace, prompts, model: str) -> dict:

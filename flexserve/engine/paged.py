@@ -24,7 +24,10 @@ class PagedKV:
                  num_cpu_blocks: int, block_size: int):
         self.block_size = block_size
         self.device = device
-        shape = (cfg.num_layers, 2, num_gpu_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block more than the block manager hands out: the scratch block that padding rows of a
+        # CUDA-graph batch write to and read from (see decode_graphs.py); no sequence ever owns it.
+        self.scratch_block = num_gpu_blocks
+        shape = (cfg.num_layers, 2, num_gpu_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.gpu = torch.zeros(shape, dtype=dtype, device=device)
         cpu_shape = (cfg.num_layers, 2, num_cpu_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.cpu = torch.zeros(cpu_shape, dtype=dtype, pin_memory=device.type == "cuda")

@@ -22,14 +22,16 @@ from typing import AsyncIterator
 import torch
 
 from ..errors import PolicyError, RequestError
+from ..kernels.paged_attention import kernel_supports
 from ..models.layers import decoder_layer, lm_head, rope_cos_sin
 from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
-from .llm import open_model
+from .decode_graphs import DecodeGraphs
 from .detokenize import IncrementalText, find_stop
+from .llm import open_model
 from .paged import PagedKV
 from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample, stop_token_ids
@@ -54,6 +56,7 @@ class EngineConfig:
     policy: Policy | None = None  # weight placement (None: resident); the KV cache is always paged
     offload_dir: str | None = None
     scheduler_options: dict = field(default_factory=dict)  # extra SchedulerConfig fields
+    cuda_graphs: bool = True  # replay decode-only steps as CUDA graphs (when the weights are resident on a GPU)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class AsyncEngine:
         num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
             1, (4 * GiB if self.device.type == "cuda" else GiB) // per_block)
         self.kv = PagedKV(cfg, self.device, self.dtype, num_gpu, num_cpu, config.block_size)
+        self.graphs = self._decode_graphs(policy) if config.cuda_graphs else None
         self.blocks = BlockManager(num_gpu, num_cpu, config.block_size)
         sched_cfg = SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                     max_num_batched_tokens=config.max_num_batched_tokens,
@@ -123,6 +127,16 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.counters = {"generated_tokens": 0, "finished_requests": 0, "aborted_requests": 0, "steps": 0}
         self.error: BaseException | None = None
+
+    def _decode_graphs(self, policy: Policy) -> DecodeGraphs | None:
+        """Graphs need a GPU, resident uncompressed weights and the paged-attention kernel (no host syncs)."""
+        if not (self.device.type == "cuda" and policy.w_gpu_percent == 100 and not policy.compress_weight
+                and kernel_supports(self.device, self.model_config.head_dim)):
+            return None
+        cfg = self.model_config
+        max_blocks = -(-cfg.max_position // self.config.block_size)
+        return DecodeGraphs(self._model_forward, self.config.max_num_seqs, max_blocks, self.config.block_size,
+                            self.kv.scratch_block, self.device)
 
     def _default_gpu_blocks(self, per_block: int) -> int:
         if self.device.type == "cuda":
@@ -204,6 +218,13 @@ class AsyncEngine:
             if self._thread.is_alive():  # a step is still running: leave the model to it
                 return
         self.executor.close()
+
+    def release_memory(self) -> None:
+        """Drop the weights and KV pools of a shut-down engine now, whoever still holds the engine object
+        (a benchmark that starts several engines in one process needs the memory back at once)."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("release_memory() needs a shut-down engine")
+        self.executor = self.kv = None
 
     # --- the engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -329,21 +350,31 @@ class AsyncEngine:
                         self.scheduler.abort(rid)
 
     # --- the model -------------------------------------------------------------------------------------------
-    def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:
+    def _model_forward(self, batch: PagedBatch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits of the given rows of the flattened batch (every row when None; no LM head for an empty
+        selection). Runs eagerly, or inside a CUDA graph capture (no host synchronisation in here)."""
         ex, cfg = self.executor, self.model_config
-        seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
-                         s.block_table, s.samples) for s in scheduled]
-        batch = PagedBatch.build(seqs, self.config.block_size, self.device)
-        sampled_ids = [scheduled[i].request.request_id for i in batch.sampled]
         rope = rope_cos_sin(ex.inv_freq, batch.positions, self.dtype) if ex.inv_freq is not None else None
         x = logits = None
         for layer, w in ex.stream_layers():
             if layer.kind == "embed":
                 x = ex.embed_batch(layer, w, batch.ids, batch.positions)
             elif layer.kind == "head":
-                logits = lm_head(cfg, w, x[0, batch.sample_rows]) if sampled_ids else None
+                if rows is None or rows.numel():
+                    logits = lm_head(cfg, w, x[0] if rows is None else x[0, rows])
             else:
                 x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch))
+        return logits
+
+    def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:
+        seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
+                         s.block_table, s.samples) for s in scheduled]
+        batch = PagedBatch.build(seqs, self.config.block_size, self.device)
+        sampled_ids = [scheduled[i].request.request_id for i in batch.sampled]
+        if self.graphs is not None and self.graphs.applies(batch):
+            logits = self.graphs.run(batch)[batch.sample_rows]
+        else:
+            logits = self._model_forward(batch, batch.sample_rows if sampled_ids else None)
         if not sampled_ids:
             return {}
         lives = [self._live[r] for r in sampled_ids]

@@ -27,14 +27,18 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def kernel_available(q: torch.Tensor) -> bool:
-    """True when the Triton kernel can run this query: CUDA, Triton present, power-of-two head size >= 16.
+def kernel_supports(device: torch.device, head_dim: int) -> bool:
+    """True when the Triton kernel can run: CUDA, Triton present, power-of-two head size >= 16.
 
     FLEXSERVE_PAGED_ATTENTION=gather forces the portable path (for A/B benchmarks)."""
-    if triton is None or not q.is_cuda or os.environ.get("FLEXSERVE_PAGED_ATTENTION") == "gather":
+    if triton is None or device.type != "cuda" or os.environ.get("FLEXSERVE_PAGED_ATTENTION") == "gather":
         return False
-    hd = q.shape[-1]
-    return hd >= 16 and hd & (hd - 1) == 0
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def kernel_available(q: torch.Tensor) -> bool:
+    """`kernel_supports` for this query tensor."""
+    return kernel_supports(q.device, q.shape[-1])
 
 
 if triton is not None:

@@ -97,15 +97,15 @@ def test_attend_writes_new_keys_before_reading():
 def test_kernel_equals_gather_path(dtype, heads, kv_heads, hd):
     dev = torch.device("cuda")
     torch.manual_seed(2)
-    seqs = _scenario(num_blocks=256)
+    seqs = _scenario(num_blocks=1024)
     for s in seqs:  # longer contexts, so the kernel loops over several key tiles
         s.start *= 20
-    free = list(range(256))
+    free = list(range(1024))
     random.Random(3).shuffle(free)
     for s in seqs:
         s.block_table = [free.pop() for _ in range((s.start + len(s.token_ids) + BLOCK - 1) // BLOCK)]
     batch = PagedBatch.build(seqs, BLOCK, dev)
-    pool = torch.randn(2, 256 * BLOCK, kv_heads, hd, device=dev, dtype=dtype)
+    pool = torch.randn(2, 1024 * BLOCK, kv_heads, hd, device=dev, dtype=dtype)
     t = batch.slots.numel()
     q = torch.randn(1, t, heads, hd, device=dev, dtype=dtype)
     assert kernel_available(q)

@@ -6,6 +6,7 @@ however often it was preempted and whichever pool its KV cache sat in meanwhile.
 import asyncio
 
 import pytest
+import torch
 
 from flexserve import LLM, PromptTooLongError, SamplingParams
 from flexserve.engine.serving import AsyncEngine, EngineConfig
@@ -145,3 +146,51 @@ def test_serving_a_model_whose_weights_are_offloaded(reference, tmp_path):
     results, stats = _run(engine, go)
     assert [r[0] for r in results] == ref
     assert stats["num_swaps"] > 0 and stats["kv_blocks_used"] == 0
+
+
+def _decode_graph_engine(folder, device, capture):
+    """An engine whose decode-only steps go through DecodeGraphs (captured on CUDA; eager static batch else)."""
+    from flexserve.engine.decode_graphs import DecodeGraphs
+
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device=device, num_gpu_blocks=400,
+                                      block_size=8, max_num_seqs=6, prefill_chunk_size=16,
+                                      max_num_batched_tokens=64, cuda_graphs=False))
+    engine.graphs = DecodeGraphs(engine._model_forward, 6, 64, 8, engine.kv.scratch_block, engine.device,
+                                 capture=capture)
+    return engine
+
+
+def test_padded_decode_batches_match_offline(reference):
+    """The static, padded decode batch of the CUDA-graph path (run eagerly here): padding rows write only the
+    scratch block, so every request still gets exactly its offline tokens."""
+    folder, ref = reference
+    engine = _decode_graph_engine(folder, "cpu", capture=False)
+    used = []
+    run = engine.graphs.run
+    engine.graphs.run = lambda batch: used.append(batch.slots.numel()) or run(batch)
+
+    async def go():
+        return await asyncio.gather(*[_collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, LENGTHS)])
+    results = _run(engine, go)
+    assert [r[0] for r in results] == ref
+    assert used and any(n not in engine.graphs.buckets for n in used)  # some batches really were padded
+
+
+def test_decode_graph_buckets():
+    from flexserve.engine.decode_graphs import buckets_for
+
+    assert buckets_for(6) == [1, 2, 4, 6]
+    assert buckets_for(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert buckets_for(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_decode_graphs_match_offline(reference):
+    folder, ref = reference
+    engine = _decode_graph_engine(folder, "cuda", capture=True)
+
+    async def go():
+        return await asyncio.gather(*[_collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, LENGTHS)])
+    results = _run(engine, go)
+    assert [r[0] for r in results] == ref
+    assert engine.graphs.graphs  # at least one bucket was captured and replayed

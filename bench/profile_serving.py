@@ -1,0 +1,127 @@
+"""Where a serving step's time goes: the engine without HTTP, per-phase wall times and a torch.profiler table.
+
+    python bench/profile_serving.py --model dummy:llama-3-8b --dtype bfloat16 --requests 256 --trace-out t.json
+
+Submits `--requests` requests at once (prompts 64/128/256/512 tokens cycling, `--max-tokens` each, the
+workload of bench/traces/batch256_uniform.csv), times every step's phases (schedule, batch build, forward,
+sampling and delivery), and profiles `--profile-steps` decode steps. Prints one `PROFILE_RESULT {json}` line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from flexserve import SamplingParams  # noqa: E402
+from flexserve.engine import paged_batch, serving  # noqa: E402
+from flexserve.engine.serving import AsyncEngine, EngineConfig  # noqa: E402
+
+
+def _timed(acc: collections.Counter, label: str, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            acc[label] += time.perf_counter() - t
+    return wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dummy:llama-3-8b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--trace-out", default=None, help="write a Chrome trace of the profiled steps here")
+    args = p.parse_args()
+
+    engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, scheduler="fcfs",
+                                      max_num_seqs=args.requests, max_num_batched_tokens=args.max_num_batched_tokens,
+                                      max_queue_len=args.requests + 1))
+    acc: collections.Counter = collections.Counter()
+    sched = engine.scheduler
+    sched.schedule = _timed(acc, "schedule", sched.schedule)
+    sched.on_step_done = _timed(acc, "on_step_done", sched.on_step_done)
+    engine._forward = _timed(acc, "forward+sample", engine._forward)
+    engine._deliver_many = _timed(acc, "deliver", engine._deliver_many)
+    engine._hit_stop_string = _timed(acc, "detokenize", engine._hit_stop_string)
+    build = paged_batch.PagedBatch.build
+    paged_batch.PagedBatch.build = _timed(acc, "batch_build", build)
+    serving.PagedBatch = paged_batch.PagedBatch
+    sample = serving.sample
+    serving.sample = _timed(acc, "sample", sample)
+
+    step_times: list[tuple[int, float]] = []  # (tokens sampled, seconds)
+    orig_step = engine.step
+    prof_state = {"prof": None, "done": False}
+
+    def step():
+        sync = engine.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(engine.device)
+        t = time.perf_counter()
+        before = engine.counters["generated_tokens"]
+        running_decode = engine.counters["steps"] >= 30 and not prof_state["done"]
+        if running_decode and prof_state["prof"] is None:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if sync else [])
+            prof_state["prof"] = torch.profiler.profile(activities=acts)
+            prof_state["prof"].__enter__()
+            prof_state["left"] = args.profile_steps
+        orig_step()
+        if sync:
+            torch.cuda.synchronize(engine.device)
+        step_times.append((engine.counters["generated_tokens"] - before, time.perf_counter() - t))
+        if prof_state["prof"] is not None and not prof_state["done"]:
+            prof_state["left"] -= 1
+            if prof_state["left"] == 0:
+                prof_state["prof"].__exit__(None, None, None)
+                prof_state["done"] = True
+    engine.step = step
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, min(10_000, engine.model_config.vocab_size), ((64, 128, 256, 512)[i % 4],), generator=g).tolist()
+               for i in range(args.requests)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(prompt):
+        n = 0
+        async for out in engine.generate(prompt, params):
+            n += len(out.new_token_ids)
+        return n
+
+    async def run():
+        engine.start()
+        t = time.perf_counter()
+        counts = await asyncio.gather(*[one(pr) for pr in prompts])
+        dt = time.perf_counter() - t
+        await engine.shutdown()
+        return sum(counts), dt
+
+    tokens, seconds = asyncio.run(run())
+    decode = [s for n, s in step_times if n == args.requests]
+    result = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "steps": len(step_times),
+              "full_decode_steps": len(decode),
+              "full_decode_step_ms_median": 1e3 * sorted(decode)[len(decode) // 2] if decode else None,
+              "phase_ms_per_step": {k: 1e3 * v / max(1, len(step_times)) for k, v in acc.items()}}
+    prof = prof_state["prof"]
+    if prof is not None:
+        key = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+        if args.trace_out:
+            prof.export_chrome_trace(args.trace_out)
+    print("PROFILE_RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
