@@ -76,11 +76,12 @@ def main() -> None:
     ap.add_argument("--gpu-mem", default="16GiB")
     ap.add_argument("--cpu-mem", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the policy list; only --auto")
     args = ap.parse_args()
     from flexserve.planner import resolve_hardware
 
     hw = resolve_hardware(args.hardware)
-    cases = CPU_CASES if args.quick else GPU_CASES
+    cases = [] if args.no_sweep else CPU_CASES if args.quick else GPU_CASES
     if args.quick:
         args.dtype, args.prompt_len, args.gen_len = "float32", 32, 4
     rows = []

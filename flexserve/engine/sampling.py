@@ -98,6 +98,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             noise[r].exponential_(generator=generators[i])
         picks = (probs / noise).argmax(-1)
         chosen[rows] = picks.to(chosen.device)
+    wait_for_device(chosen)
     result = SampleResult(chosen.tolist())
     if num_logprobs is not None:
         lp = logits.log_softmax(-1)
@@ -106,6 +107,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             vals, idx = lp.topk(num_logprobs, dim=-1)
             result.top = [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
     return result
+
+
+def wait_for_device(t: torch.Tensor) -> None:
+    """Block until the GPU work behind `t` is done, without holding the interpreter lock: `.tolist()` would
+    wait inside a call that keeps it, and the HTTP server's thread could not stream tokens meanwhile."""
+    if t.is_cuda:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))
+        event.synchronize()
 
 
 def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generator:

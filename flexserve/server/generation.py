@@ -55,6 +55,7 @@ class Generation:
         self.arrival_time = time.monotonic()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._direct: AsyncIterator | None = None  # a single choice's engine stream, read without a relay task
         self._buffer: list[tuple[Choice, object]] = []
         self._num_ended = 0
         self._closed = False
@@ -86,7 +87,11 @@ class Generation:
         """Submit every choice; return once each has produced an output; raise the first error (all aborted)."""
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(self.num_prompt_tokens)
-        self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
+        if len(self.choices) == 1:  # the common case: one hop less per token (no relay task and queue)
+            c = self.choices[0]
+            self._direct = self.engine.generate(c.prompt_ids, c.params, request_id=c.request_id)
+        else:
+            self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
         try:
             while not all(c.is_started for c in self.choices):
                 item = await self._next()
@@ -98,7 +103,7 @@ class Generation:
 
     async def _next(self) -> tuple[Choice, object] | None:
         """The next output (recorded in its choice), None for an engine request that ended; raises its error."""
-        choice, out, err = await self._queue.get()
+        choice, out, err = await (self._read_direct() if self._direct is not None else self._queue.get())
         choice.is_started = True
         if err is not None:
             choice.is_failed = True
@@ -108,6 +113,17 @@ class Generation:
             return None
         self._record(choice, out)
         return choice, out
+
+    async def _read_direct(self) -> tuple[Choice, object, BaseException | None]:
+        """What `_pump` would have queued, read straight from the single choice's engine stream."""
+        try:
+            return self.choices[0], await self._direct.__anext__(), None
+        except StopAsyncIteration:
+            return self.choices[0], None, None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            return self.choices[0], None, e
 
     def _record(self, choice: Choice, out) -> None:
         now = time.monotonic()
