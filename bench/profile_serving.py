@@ -53,7 +53,7 @@ def main() -> None:
     sched = engine.scheduler
     sched.schedule = _timed(acc, "schedule", sched.schedule)
     sched.on_step_done = _timed(acc, "on_step_done", sched.on_step_done)
-    engine._forward = _timed(acc, "forward+sample", engine._forward)
+    engine._execute = _timed(acc, "forward", engine._execute)
     engine._deliver_many = _timed(acc, "deliver", engine._deliver_many)
     engine._hit_stop_string = _timed(acc, "detokenize", engine._hit_stop_string)
     build = paged_batch.PagedBatch.build

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import torch
 
@@ -29,12 +29,16 @@ from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..scheduler import BlockManager, QueueFullError, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
+from ..weights import DummySource
 from .decode_graphs import DecodeGraphs
 from .detokenize import IncrementalText, find_stop
 from .llm import open_model
 from .paged import PagedKV
 from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample, stop_token_ids
+
+if TYPE_CHECKING:
+    from ..parallel.serving import TensorParallelGroup
 
 GiB = 1 << 30
 
@@ -57,6 +61,7 @@ class EngineConfig:
     offload_dir: str | None = None
     scheduler_options: dict = field(default_factory=dict)  # extra SchedulerConfig fields
     cuda_graphs: bool = True  # replay decode-only steps as CUDA graphs (when the weights are resident on a GPU)
+    tensor_parallel: int = 1  # ranks of a torchrun group that split every layer (flexserve.parallel.serving)
 
 
 @dataclass
@@ -92,6 +97,18 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_path, source, self.device, self.dtype = open_model(config.model, config.dtype, config.device)
+        self.tp: TensorParallelGroup | None = None
+        self._reduce = None
+        self._workers_released = False
+        if config.tensor_parallel > 1:
+            from ..parallel.serving import TensorParallelGroup
+
+            self.tp = TensorParallelGroup.join(config.tensor_parallel, source.config, self.device)
+            self.device = self.tp.device(self.device)
+            if isinstance(source, DummySource) and self.device.type == "cuda":
+                source.device = self.device
+            source = self.tp.shard(source)  # this rank's heads and MLP columns of every layer
+            self._reduce = self.tp.reduce()
         self.model_config = cfg = source.config
         policy = config.policy or Policy()
         if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
@@ -109,8 +126,11 @@ class AsyncEngine:
         num_gpu = config.num_gpu_blocks or self._default_gpu_blocks(per_block)
         num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
             1, (4 * GiB if self.device.type == "cuda" else GiB) // per_block)
+        if self.tp is not None:  # block ids must mean the same on every rank
+            num_gpu, num_cpu = self.tp.agree_min(num_gpu, self.device), self.tp.agree_min(num_cpu, self.device)
         self.kv = PagedKV(cfg, self.device, self.dtype, num_gpu, num_cpu, config.block_size)
-        self.graphs = self._decode_graphs(policy) if config.cuda_graphs else None
+        # Graph capture of the all-reduces is not wired up: tensor-parallel ranks run decode eagerly.
+        self.graphs = self._decode_graphs(policy) if config.cuda_graphs and self.tp is None else None
         self.blocks = BlockManager(num_gpu, num_cpu, config.block_size)
         sched_cfg = SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                     max_num_batched_tokens=config.max_num_batched_tokens,
@@ -218,6 +238,9 @@ class AsyncEngine:
             if self._thread.is_alive():  # a step is still running: leave the model to it
                 return
         self.executor.close()
+        if self.tp is not None:
+            self._release_workers()  # also when the engine thread never started
+            self.tp.leave()
 
     def release_memory(self) -> None:
         """Drop the weights and KV pools of a shut-down engine now, whoever still holds the engine object
@@ -240,8 +263,15 @@ class AsyncEngine:
             self.error = e
             raise
         finally:
+            self._release_workers()
             self._fail_pending(RuntimeError(f"engine failed: {self.error}") if self.error else
                                RequestError("the engine was shut down before this request finished"))
+
+    def _release_workers(self) -> None:
+        """Send the tensor-parallel workers the end-of-plans marker, once."""
+        if self.tp is not None and not self._workers_released:
+            self._workers_released = True
+            self.tp.broadcast_plan(None)
 
     def _fail_pending(self, error: BaseException) -> None:
         """Nobody may wait forever: refuse requests not yet admitted, end the ones still running."""
@@ -278,12 +308,15 @@ class AsyncEngine:
 
     def step(self) -> None:
         """One iteration: swaps, one forward pass over every scheduled sequence, sampling, bookkeeping."""
-        self.kv.finish_pending()
         t0 = time.monotonic()
         out = self.scheduler.schedule(t0)
-        self.kv.swap(out.swap_out + out.swap_out_ahead, out.swap_in + out.swap_in_ahead, wait=False)
-        self.kv.order_before_compute()
-        sampled = self._forward(out.scheduled) if out.scheduled else {}
+        seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
+                         s.block_table, s.samples) for s in out.scheduled]
+        plan = (seqs, out.swap_out + out.swap_out_ahead, out.swap_in + out.swap_in_ahead)
+        if self.tp is not None:
+            self.tp.broadcast_plan(plan)
+        batch, logits = self._execute(*plan, sample=True)
+        sampled = self._sample(out.scheduled, batch, logits) if batch is not None else {}
         stopped: dict[str, str] = {}
         new_tokens = {rid: [tok] for rid, (tok, _) in sampled.items()}
         for rid, (tok, _) in sampled.items():
@@ -363,18 +396,36 @@ class AsyncEngine:
                 if rows is None or rows.numel():
                     logits = lm_head(cfg, w, x[0] if rows is None else x[0, rows])
             else:
-                x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch))
+                x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch),
+                                  reduce=self._reduce)
         return logits
 
-    def _forward(self, scheduled) -> dict[str, tuple[int, dict[int, float] | None]]:
-        seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
-                         s.block_table, s.samples) for s in scheduled]
+    def _execute(self, seqs: list[SeqChunk], swap_out: list, swap_in: list,
+                 sample: bool) -> tuple[PagedBatch | None, torch.Tensor | None]:
+        """A step's device work, the same on every tensor-parallel rank: block swaps, then the forward.
+        Returns the batch and the logits of its sampled rows (none when `sample` is False)."""
+        self.kv.finish_pending()
+        self.kv.swap(swap_out, swap_in, wait=False)
+        self.kv.order_before_compute()
+        if not seqs:
+            return None, None
         batch = PagedBatch.build(seqs, self.config.block_size, self.device)
-        sampled_ids = [scheduled[i].request.request_id for i in batch.sampled]
+        rows = batch.sample_rows if sample else batch.sample_rows[:0]
         if self.graphs is not None and self.graphs.applies(batch):
-            logits = self.graphs.run(batch)[batch.sample_rows]
-        else:
-            logits = self._model_forward(batch, batch.sample_rows if sampled_ids else None)
+            return batch, self.graphs.run(batch)[rows]
+        return batch, self._model_forward(batch, rows)
+
+    def run_worker(self) -> None:
+        """A tensor-parallel rank other than 0: execute rank 0's plans until it sends None."""
+        if self.tp is None or self.tp.is_driver:
+            raise RuntimeError("run_worker() is for tensor-parallel ranks other than 0")
+        while (plan := self.tp.broadcast_plan(None)) is not None:
+            self._execute(*plan, sample=False)
+        self.executor.close()
+        self.tp.leave()
+
+    def _sample(self, scheduled, batch: PagedBatch, logits) -> dict[str, tuple[int, dict[int, float] | None]]:
+        sampled_ids = [scheduled[i].request.request_id for i in batch.sampled]
         if not sampled_ids:
             return {}
         lives = [self._live[r] for r in sampled_ids]

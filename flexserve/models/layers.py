@@ -76,9 +76,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 # --- the decoder layer ---------------------------------------------------------------------------------------
 def decoder_layer(cfg: ModelConfig, w: Weights, x: torch.Tensor, rope: tuple[torch.Tensor, ...] | None,
-                  attend: AttendFn) -> torch.Tensor:
-    """One pre- or post-norm decoder layer. x: [B, S, D] -> [B, S, D]."""
-    return attention_out(cfg, w, x, attend(*attention_in(cfg, w, x, rope)))
+                  attend: AttendFn, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One pre- or post-norm decoder layer. x: [B, S, D] -> [B, S, D]. `reduce`: see `attention_out`."""
+    return attention_out(cfg, w, x, attend(*attention_in(cfg, w, x, rope)), reduce=reduce)
 
 
 def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,

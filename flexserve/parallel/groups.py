@@ -113,10 +113,11 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env(backend: str | None = None) -> tuple[int, int]:
+def init_from_env(backend: str | None = None, timeout=None) -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment; returns (rank, world size).
 
-    By default NCCL when CUDA is available (one GPU per process, chosen by LOCAL_RANK), gloo on the CPU."""
+    By default NCCL when CUDA is available (one GPU per process, chosen by LOCAL_RANK), gloo on the CPU.
+    `timeout` (a timedelta) bounds every collective; None keeps torch's default."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -127,5 +128,5 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     backend = backend or backend_for_device()
     if backend == "nccl":
         torch.cuda.set_device(local_device())
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     return dist.get_rank(), dist.get_world_size()

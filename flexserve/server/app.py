@@ -182,6 +182,9 @@ def run_server(args) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
     engine = AsyncEngine(engine_config_from_args(args))
+    if engine.tp is not None and not engine.tp.is_driver:  # torchrun rank > 0: follow rank 0's steps
+        engine.run_worker()
+        return 0
     app = build_app(engine, api_key, args.served_model_name, drain_timeout=args.drain_timeout)
     name = app.state.flexserve.model_name
     print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{args.host}:{args.port}/v1"

@@ -29,6 +29,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
                    help="KV blocks in pinned host memory (default: 4 GiB; 1 GiB on a CPU)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="requests not yet started before new ones get HTTP 429 (default 1024)")
+    g.add_argument("--tensor-parallel", "-tp", type=int, default=None,
+                   help="split every layer over this many ranks (start with torchrun --nproc-per-node N; rank 0 "
+                        "serves HTTP)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and A/B runs)")
 
