@@ -262,7 +262,7 @@ def run_launch(args) -> list[dict]:
 
 
 def _launch_one(args, scheduler: str, shared: dict) -> dict:
-    from ..engine.serving import AsyncEngine
+    from ..engine.remote import make_engine
     from ..server import ServerThread, build_app
     from ..server.app import engine_config_from_args
 
@@ -270,7 +270,7 @@ def _launch_one(args, scheduler: str, shared: dict) -> dict:
     run_args.scheduler = scheduler
     # A replay measures latency, not admission control: queue every request unless told otherwise.
     run_args.max_queue_len = args.max_queue_len or max(1024, args.num_requests)
-    engine = AsyncEngine(engine_config_from_args(run_args))
+    engine = make_engine(engine_config_from_args(run_args), getattr(args, "engine_process", None))
     if not shared:  # the trace and prompts of the first run serve every run
         cfg = engine.model_config
         shared["trace"] = trace = load_trace(args, min(args.max_context or cfg.max_position, cfg.max_position))

@@ -84,8 +84,8 @@ class _Live:
     params: SamplingParams
     generator: torch.Generator
     stop_ids: set[int]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    sink: "LoopSink | object"  # where its outputs go: an event loop here, or a pipe to another process
+    queue: asyncio.Queue | None  # the request's queue on that loop (None for a pipe sink)
     detok: IncrementalText | None = None  # the output's text so far
     sent: str = ""  # text already delivered
     stop_text: str | None = None  # the final text when a stop string ended the request
@@ -184,14 +184,8 @@ class AsyncEngine:
             raise RuntimeError(f"the engine stopped: {self.error}")
         params = self.validate(list(prompt_token_ids), params)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        loop = asyncio.get_running_loop()
-        live = _Live(Request(rid, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
-                             arrival_time=time.monotonic()), params,
-                     make_generator(params.seed, self._fallback), stop_token_ids(self.model_config, params), loop,
-                     asyncio.Queue())
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("add", live, accepted))
-        self._wake.set()
+        live_queue: asyncio.Queue = asyncio.Queue()
+        accepted = self.submit(prompt_token_ids, params, rid, LoopSink(asyncio.get_running_loop()), live_queue)
         done = False
         try:
             try:
@@ -200,7 +194,7 @@ class AsyncEngine:
                 done = True  # never admitted: nothing to abort
                 raise
             while True:
-                out = await live.queue.get()
+                out = await live_queue.get()
                 if isinstance(out, BaseException):
                     raise out
                 done = out.finished
@@ -210,6 +204,19 @@ class AsyncEngine:
         finally:
             if not done:
                 self.abort(rid)
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink,
+               queue: asyncio.Queue | None = None) -> concurrent.futures.Future:
+        """Hand a validated request to the engine thread; its outputs go to `sink` (see `LoopSink`). The future
+        resolves once the scheduler took it, or holds the reason it did not (queue full, too large)."""
+        live = _Live(Request(request_id, prompt_token_ids=list(prompt_token_ids), max_tokens=params.max_tokens,
+                             arrival_time=time.monotonic()), params,
+                     make_generator(params.seed, self._fallback), stop_token_ids(self.model_config, params), sink,
+                     queue)
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("add", live, accepted))
+        self._wake.set()
+        return accepted
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
@@ -369,14 +376,14 @@ class AsyncEngine:
         self._deliver_many([(live, item)])
 
     def _deliver_many(self, items: list[tuple[_Live, object]]) -> None:
-        """One wake-up per event loop for a whole step's outputs (a wake-up per token costs a syscall each)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Live, object]]] = {}
+        """One hand-over per sink (event loop or pipe) for a whole step's outputs, not one per token."""
+        by_sink: dict[object, list[tuple[_Live, object]]] = {}
         for live, item in items:
-            by_loop.setdefault(live.loop, []).append((live, item))
-        for loop, batch in by_loop.items():
+            by_sink.setdefault(live.sink.key, []).append((live, item))
+        for batch in by_sink.values():
             try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # its event loop was closed
+                batch[0][0].sink.deliver(batch)
+            except (RuntimeError, OSError):  # its event loop was closed, or the pipe broke
                 for live, _ in batch:
                     rid = live.request.request_id
                     if self._live.pop(rid, None) is not None:
@@ -436,6 +443,16 @@ class AsyncEngine:
             lp = logprob_entry(res, i, lv.params.logprobs) if lv.params.logprobs is not None else None
             out[rid] = (res.token_ids[i], lp)
         return out
+
+
+class LoopSink:
+    """Outputs for requests made on one asyncio event loop: one thread-safe wake-up per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.key = loop
+
+    def deliver(self, batch: list[tuple[_Live, object]]) -> None:
+        self.key.call_soon_threadsafe(_put_all, batch)
 
 
 def _put_all(batch: list[tuple[_Live, object]]) -> None:

@@ -177,11 +177,11 @@ class QuietServer(uvicorn.Server):
 
 def run_server(args) -> int:
     """`flexserve serve`: load the model, serve until Ctrl-C, drain in-flight requests, exit 0."""
-    from ..engine.serving import AsyncEngine
+    from ..engine.remote import make_engine
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
-    engine = AsyncEngine(engine_config_from_args(args))
+    engine = make_engine(engine_config_from_args(args), getattr(args, "engine_process", None))
     if engine.tp is not None and not engine.tp.is_driver:  # torchrun rank > 0: follow rank 0's steps
         engine.run_worker()
         return 0

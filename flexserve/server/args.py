@@ -32,6 +32,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
     g.add_argument("--tensor-parallel", "-tp", type=int, default=None,
                    help="split every layer over this many ranks (start with torchrun --nproc-per-node N; rank 0 "
                         "serves HTTP)")
+    g.add_argument("--engine-process", dest="engine_process", action="store_true", default=None,
+                   help="run the engine in a child process, so that HTTP streaming and the engine loop do not "
+                        "share one interpreter lock (default: off)")
+    g.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                   help="run the engine in the server's own process (the default)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and A/B runs)")
 

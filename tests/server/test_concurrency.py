@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from flexserve import LLM, SamplingParams
-from flexserve.engine.serving import AsyncEngine, EngineConfig
+from flexserve.engine.remote import EngineProcess, make_engine
+from flexserve.engine.serving import EngineConfig
 
 from .conftest import Served
 
@@ -17,16 +18,19 @@ PROMPTS = [[(11 * i + 3 * j) % 90 + 3 for j in range(2 + 5 * i)] for i in range(
 LENGTHS = [3 + (i * 7) % 29 for i in range(16)]  # 3 .. 31 tokens
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_model):
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def tiny_server(tiny_model, request):
+    """The same server with the engine in the server's process, and in a child process (`EngineProcess`)."""
     folder, _ = tiny_model("llama-gqa")
     with LLM(folder, dtype="float32", device="cpu") as llm:
         ref = [llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.0,
                                                                     ignore_eos=True))[0].outputs[0].token_ids
                for p, n in zip(PROMPTS, LENGTHS)]
-    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", scheduler="skip-join-mlfq",
-                                      num_gpu_blocks=24, num_cpu_blocks=400, block_size=8, max_num_seqs=6,
-                                      prefill_chunk_size=16, max_num_batched_tokens=64))
+    config = EngineConfig(model=folder, dtype="float32", device="cpu", scheduler="skip-join-mlfq",
+                          num_gpu_blocks=24, num_cpu_blocks=400, block_size=8, max_num_seqs=6,
+                          prefill_chunk_size=16, max_num_batched_tokens=64)
+    engine = make_engine(config, separate_process=request.param == "engine-process")
+    assert isinstance(engine, EngineProcess) == (request.param == "engine-process")
     served = Served(engine)
     yield served, ref
     served.stop()
@@ -52,3 +56,28 @@ def test_concurrent_streams_equal_offline_greedy(tiny_server):
     assert results == ref
     stats = server.wait_idle()
     assert stats["num_preemptions"] > 0  # the streams really were interleaved and preempted
+
+
+
+def test_disconnect_aborts_in_the_engine_process():
+    """A stream closed after three chunks is aborted in the child engine process and its blocks freed (the
+    default SmolLM2 model: slow enough on a CPU that the request is still running when the client leaves)."""
+    import httpx
+
+    engine = make_engine(EngineConfig(device="cpu", num_gpu_blocks=256, max_num_seqs=4), separate_process=True)
+    server = Served(engine)
+    try:
+        body = {"model": server.model, "prompt": "Tell me a long story.", "max_tokens": 2000, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+            assert engine.stats()["kv_blocks_used"] > 0
+        stats = server.wait_idle()
+        assert stats["kv_blocks_used"] == 0 and stats["aborted_requests"] == 1
+        assert stats["generated_tokens"] < 2000
+    finally:
+        server.stop()

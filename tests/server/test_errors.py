@@ -98,10 +98,13 @@ def test_api_key(smol_server):
     _assert_healthy(smol_server)
 
 
-def test_queue_full_is_429_and_server_recovers(tiny_model):
+@pytest.mark.parametrize("separate_process", [False, True], ids=["in-process", "engine-process"])
+def test_queue_full_is_429_and_server_recovers(tiny_model, separate_process):
+    from flexserve.engine.remote import make_engine
+
     folder, _ = tiny_model("llama-gqa")
-    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", max_num_seqs=1,
-                                      max_queue_len=1, num_gpu_blocks=64))
+    engine = make_engine(EngineConfig(model=folder, dtype="float32", device="cpu", max_num_seqs=1,
+                                      max_queue_len=1, num_gpu_blocks=64), separate_process)
     server = Served(engine)
     try:
         def one(i):

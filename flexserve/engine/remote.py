@@ -1,0 +1,283 @@
+"""The serving engine in its own process, behind the same interface as `AsyncEngine`.
+
+Why: in one process the engine thread (scheduling, batch building, detokenization) and the HTTP server's event
+loop (one SSE chunk per token per request) share one interpreter lock. On an H100 at batch 256 the engine
+alone steps in 29 ms, but with the server beside it a step takes 50 ms (bench/RESULTS.md section 4a). In two
+processes both loops run at once.
+
+The child process runs an `AsyncEngine` whose outputs go to a pipe: one message per step with every
+request's output (`PipeSink`). The parent's `EngineProcess` has the methods the server uses (`generate`,
+`abort`, `validate`, `stats`, `start`, `shutdown`, `model_config`, `tokenizer`, ...); a reader thread hands
+each step's outputs to the event loops that asked, one wake-up per loop. Prompts are validated in the parent
+(same `fit_prompt`), so bad requests never cross the pipe.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import multiprocessing
+import threading
+import uuid
+from typing import AsyncIterator
+
+from ..errors import RequestError
+from ..scheduler import QueueFullError
+from .sampling import SamplingParams, fit_prompt
+from .serving import EngineConfig, StepOutput
+
+_READY_TIMEOUT_S = 1800  # loading a large model (or pinning its host copy) can take minutes
+
+
+class PipeSink:
+    """Engine-process side: a step's outputs as one message to the parent."""
+
+    def __init__(self, conn, lock: threading.Lock):
+        self.key = conn
+        self._lock = lock
+
+    def deliver(self, batch) -> None:
+        with self._lock:
+            self.key.send(("out", [(live.request.request_id, item) for live, item in batch]))
+
+
+def _engine_main(config: EngineConfig, conn) -> None:
+    """The child process: build the engine, report, then serve commands until shutdown."""
+    from .serving import AsyncEngine
+
+    try:
+        engine = AsyncEngine(config)
+    except BaseException as e:  # the parent re-raises it: same error as an in-process engine would give
+        conn.send(("error", e))
+        return
+    lock = threading.Lock()
+    sink = PipeSink(conn, lock)
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    send(("ready", {"model_path": engine.model_path, "model_config": engine.model_config,
+                    "model_name": engine.model_name, "device": str(engine.device)}))
+    engine.start()
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent died: stop without draining
+            msg = ("shutdown", False, 0.0)
+        kind = msg[0]
+        if kind == "add":
+            _, rid, ids, params = msg
+            fut = engine.submit(ids, params, rid, sink)
+            fut.add_done_callback(lambda f, rid=rid: send(("accepted", rid, _portable(f.exception()))))
+        elif kind == "abort":
+            engine.abort(msg[1])
+        elif kind == "stats":
+            send(("stats", msg[1], engine.stats()))
+        elif kind == "shutdown":
+            asyncio.run(engine.shutdown(drain=msg[1], timeout=msg[2]))
+            send(("closed", engine.error))
+            return
+
+
+def make_engine(config: EngineConfig, separate_process: bool | None = None):
+    """The engine a server runs: in a child process (`EngineProcess`) or in this one (`AsyncEngine`).
+
+    None means in-process for now: the child-process engine is tested on the CPU but has not been measured on
+    a GPU yet, so it is opt-in (`--engine-process`). Tensor parallelism needs the engine in the torchrun ranks
+    themselves, so it always runs in-process."""
+    from ..errors import PolicyError
+    from .serving import AsyncEngine
+
+    if separate_process and config.tensor_parallel > 1:
+        raise PolicyError("--engine-process does not combine with --tensor-parallel (the torchrun ranks hold the "
+                          "engine)")
+    return EngineProcess(config) if separate_process else AsyncEngine(config)
+
+
+class EngineProcess:
+    """`AsyncEngine`'s interface, with the engine running in a child process (see module docstring)."""
+
+    tp = None  # tensor parallelism runs in-process (the torchrun ranks are the processes)
+
+    def __init__(self, config: EngineConfig):
+        from ..tokenizer import Tokenizer
+
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self.config = config
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_engine_main, args=(config, child), name="flexserve-engine", daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(_READY_TIMEOUT_S):
+            self._proc.kill()
+            raise RuntimeError("the engine process did not start in time")
+        try:
+            kind, info = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process died while loading (exit code {self._proc.exitcode})") from None
+        if kind == "error":
+            self._proc.join()
+            raise info
+        self.model_path, self.model_config = info["model_path"], info["model_config"]
+        self.model_name, self.device = info["model_name"], info["device"]
+        self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
+        self.error: BaseException | None = None
+        self._send_lock = threading.Lock()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._accepts: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._stats: dict[int, concurrent.futures.Future] = {}
+        self._closed: concurrent.futures.Future = concurrent.futures.Future()
+        self._ids = itertools.count()
+        self._accepting = True
+        self._reader = threading.Thread(target=self._read, name="flexserve-engine-pipe", daemon=True)
+        self._reader.start()
+
+    # --- the server's interface ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """The engine loop already runs in the child process."""
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        return fit_prompt(self.model_config, prompt_token_ids, params)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """As `AsyncEngine.generate`: errors before the first output; closing early aborts the request."""
+        if not self._accepting:
+            raise RequestError("the server is shutting down")
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {self.error}")
+        params = self.validate(list(prompt_token_ids), params)
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        accepted = loop.create_future()
+        self._streams[rid] = (loop, queue)
+        self._accepts[rid] = (loop, accepted)
+        done = False
+        try:
+            self._send(("add", rid, list(prompt_token_ids), params))
+            try:
+                await accepted
+            except (QueueFullError, RequestError):
+                done = True
+                raise
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                done = out.finished
+                yield out
+                if done:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            self._accepts.pop(rid, None)
+            if not done:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        try:
+            self._send(("abort", request_id))
+        except OSError:  # the engine process is gone: nothing left to free
+            pass
+
+    def stats(self) -> dict:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        key = next(self._ids)
+        self._stats[key] = fut
+        self._send(("stats", key))
+        try:
+            return fut.result(timeout=30)
+        finally:
+            self._stats.pop(key, None)
+
+    async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        self._accepting = False
+        if not self._closed.done():
+            try:
+                self._send(("shutdown", drain, timeout))
+            except OSError:
+                pass
+            await asyncio.wrap_future(self._closed)
+        await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 30)
+
+    def release_memory(self) -> None:
+        """The child's memory went with the child."""
+
+    # --- plumbing --------------------------------------------------------------------------------------------
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        """The reader thread: route every message from the child to whoever waits for it."""
+        error: BaseException | None = None
+        try:
+            while True:
+                msg = self._conn.recv()
+                kind = msg[0]
+                if kind == "out":
+                    self._route(msg[1])
+                elif kind == "accepted":
+                    self._resolve_accept(msg[1], msg[2])
+                elif kind == "stats":
+                    fut = self._stats.get(msg[1])
+                    if fut is not None:
+                        fut.set_result(msg[2])
+                elif kind == "closed":
+                    error = msg[1]
+                    break
+        except (EOFError, OSError):
+            error = RuntimeError(f"the engine process exited (code {self._proc.exitcode})")
+        self.error = error
+        end = error or RequestError("the engine was shut down before this request finished")
+        self._route([(rid, end) for rid in list(self._streams)])
+        for rid in list(self._accepts):
+            self._resolve_accept(rid, end)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _route(self, outputs: list[tuple[str, object]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for rid, item in outputs:
+            target = self._streams.get(rid)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_each, items)
+            except RuntimeError:  # that client's loop is closed
+                pass
+
+    def _resolve_accept(self, rid: str, error: BaseException | None) -> None:
+        target = self._accepts.get(rid)
+        if target is None:
+            return
+        loop, fut = target
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(None)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """`error` if it survives pickling, else a RuntimeError with its message (so the pipe never breaks)."""
+    import pickle
+
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(str(error))
+
+
+def _put_each(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
