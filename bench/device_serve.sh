@@ -2,7 +2,7 @@
 # Issues 6 and 7 on the GPU machine: the serving engine (Llama-3-8B shape, dummy bf16 weights) through HTTP,
 # against transformers' continuous batching in the same run, and FCFS vs MLFQ vs skip-join MLFQ on the Azure
 # and Gamma traces with the simulator's prediction beside each. Usage: bash bench/device_serve.sh STAGE...
-# (stages: kernel, peer, batch, batch-gather, profile, azure, gamma, sim)
+# (stages: kernel, peer, batch, batch-ep, batch-gather, profile, azure, gamma, sim)
 source bench/device_env.sh
 M="--model dummy:llama-3-8b --dtype bfloat16"
 BS="python3 -m flexserve.cli bench serve --json"
@@ -12,6 +12,8 @@ for stage in "$@"; do case $stage in
   peer) run python3 bench/peer_transformers_serving.py 256 ;;
   batch) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
       --max-num-seqs 256 --max-num-batched-tokens 8192 --plot $OUT/serve_batch256.png ;;
+  batch-ep) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
+      --max-num-seqs 256 --max-num-batched-tokens 8192 --engine-process ;;
   batch-gather) FLEXSERVE_PAGED_ATTENTION=gather run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-gpu-blocks 16000 \
       --num-requests 256 --schedulers fcfs --max-num-seqs 256 --max-num-batched-tokens 8192 ;;
   azure) run $BS --launch $M --trace azure --rate $RATE --num-requests $N --schedulers fcfs,mlfq,skip-join-mlfq \

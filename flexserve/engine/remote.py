@@ -22,9 +22,8 @@ import uuid
 from typing import AsyncIterator
 
 from ..errors import RequestError
-from ..scheduler import QueueFullError
 from .sampling import SamplingParams, fit_prompt
-from .serving import EngineConfig, StepOutput
+from .serving import EngineConfig, StepOutput, stream_outputs
 
 _READY_TIMEOUT_S = 1800  # loading a large model (or pinning its host copy) can take minutes
 
@@ -154,27 +153,13 @@ class EngineProcess:
         accepted = loop.create_future()
         self._streams[rid] = (loop, queue)
         self._accepts[rid] = (loop, accepted)
-        done = False
         try:
             self._send(("add", rid, list(prompt_token_ids), params))
-            try:
-                await accepted
-            except (QueueFullError, RequestError):
-                done = True
-                raise
-            while True:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                done = out.finished
+            async for out in stream_outputs(accepted, queue, lambda: self.abort(rid)):
                 yield out
-                if done:
-                    return
         finally:
             self._streams.pop(rid, None)
             self._accepts.pop(rid, None)
-            if not done:
-                self.abort(rid)
 
     def abort(self, request_id: str) -> None:
         try:

@@ -186,24 +186,8 @@ class AsyncEngine:
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         live_queue: asyncio.Queue = asyncio.Queue()
         accepted = self.submit(prompt_token_ids, params, rid, LoopSink(asyncio.get_running_loop()), live_queue)
-        done = False
-        try:
-            try:
-                await asyncio.wrap_future(accepted)  # QueueFullError / RequestTooLargeError surface here
-            except (QueueFullError, RequestError):
-                done = True  # never admitted: nothing to abort
-                raise
-            while True:
-                out = await live_queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                done = out.finished
-                yield out
-                if done:
-                    return
-        finally:
-            if not done:
-                self.abort(rid)
+        async for out in stream_outputs(asyncio.wrap_future(accepted), live_queue, lambda: self.abort(rid)):
+            yield out
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink,
                queue: asyncio.Queue | None = None) -> concurrent.futures.Future:
@@ -443,6 +427,29 @@ class AsyncEngine:
             lp = logprob_entry(res, i, lv.params.logprobs) if lv.params.logprobs is not None else None
             out[rid] = (res.token_ids[i], lp)
         return out
+
+
+async def stream_outputs(accepted, queue: asyncio.Queue, abandon) -> AsyncIterator[StepOutput]:
+    """A request's outputs from its queue until the finished one. `accepted` raises the admission error
+    (queue full, too large) before any output; a stream closed early calls `abandon` (abort, frees blocks)."""
+    done = False
+    try:
+        try:
+            await accepted
+        except (QueueFullError, RequestError):
+            done = True  # never admitted: nothing to abort
+            raise
+        while True:
+            out = await queue.get()
+            if isinstance(out, BaseException):
+                raise out
+            done = out.finished
+            yield out
+            if done:
+                return
+    finally:
+        if not done:
+            abandon()
 
 
 class LoopSink:
