@@ -2,7 +2,7 @@
 # Issue 4 benchmarks on the GPU machine: flexserve and FlexGen 0.1.8 in the same run, same dummy OPT weights,
 # fp16, prompt 512, generation 32. Usage: bash bench/device_offload.sh STAGE...
 # (stages: attn, 6.7b, 6.7b-fs, 30b-fs, 30b-bf16, 30b-fg, 30b-fg48, 30b-auto, 30b-prof, llama, 70b-cpu, tp2-70b,
-#  sweep, profile)
+#  175b-pp2, sweep, profile)
 # Needs the FlexGen wheels in .whl/ and run_flexgen.py in .peers/ (copied from ../shared/peers/).
 source bench/device_env.sh
 FS="python3 -m flexserve.cli bench throughput --dtype float16 --prompt-len 512 --gen-len 32 --json --h2d-gbps 53.1"
@@ -25,6 +25,7 @@ for stage in "$@"; do case $stage in
   30b-auto) TAIL=8 run python3 bench/planner_validation.py --hardware h100 --gen-len 32 --no-sweep --auto opt-30b --gpu-mem 16GiB ;;
   70b-cpu) run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --gen-len 8 ;;
   tp2-70b) run torchrun --nproc-per-node 2 bench/parallel_throughput.py --model dummy:llama-3-70b --dtype bfloat16 -tp 2 --batch 16 --prompt-len 512 --gen-len 32 ;;
+  175b-pp2) run torchrun --nproc-per-node 2 bench/parallel_throughput.py --model dummy:opt-175b --dtype float16 -pp 2 --batch 8 --prompt-len 512 --gen-len 8 --percent 0 100 100 0 100 0 --compress-weight ;;
   llama)
     run $FS --model dummy:llama-3-8b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 32 --num-gpu-batches 4
     run $FS --model dummy:llama-3-70b --dtype bfloat16 --percent 0 100 100 0 100 0 --gpu-batch-size 16 --num-gpu-batches 2 --compress-weight ;;

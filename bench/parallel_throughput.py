@@ -22,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flexserve.engine.llm import resolve_dtype  # noqa: E402
 from flexserve.parallel.groups import Groups, Layout, check_degrees, init_from_env, local_device, make_groups  # noqa: E402
+from flexserve.offload.policy import Policy  # noqa: E402
 from flexserve.parallel.pipeline import PipelineRunner  # noqa: E402
 from flexserve.weights import DummySource, open_source  # noqa: E402
 
@@ -36,6 +37,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--percent", nargs=6, type=float, default=None,
+                   help="weight placement of each stage (W_GPU W_CPU 100 0 100 0); default all on the GPU")
+    p.add_argument("--compress-weight", action="store_true")
+    p.add_argument("--offload-dir", default=None)
     args = p.parse_args()
     rank, world = init_from_env() if "RANK" in os.environ else (0, 1)  # plain python: one process
     source = open_source(args.model, dtype=torch.float32, device="cpu")
@@ -47,7 +52,9 @@ def main() -> None:
     layout = Layout(args.tensor_parallel, args.pipeline_parallel, rank)
     groups = make_groups(layout) if world > 1 else Groups(layout)
     t0 = time.perf_counter()
-    runner = PipelineRunner(source, groups, dev, dt)
+    policy = Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), compress_weight=args.compress_weight) \
+        if args.percent or args.compress_weight else None
+    runner = PipelineRunner(source, groups, dev, dt, policy, args.offload_dir)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, min(source.config.vocab_size, 10_000), (args.batch, args.prompt_len),
@@ -76,6 +83,7 @@ def main() -> None:
             "decode_tok_s": args.batch * (args.gen_len - 1) / decode_s,
             "total_tok_s": args.batch * args.gen_len / total_s, "total_s": total_s,
             "peak_gpu_gib_rank0": mem}), flush=True)
+    runner.close()
     if world > 1:
         dist.destroy_process_group()
 

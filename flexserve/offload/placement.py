@@ -104,7 +104,8 @@ def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: tor
         embed.gathered.add("embed.weight")
     head_tensors = {k: v for k, v in glob.items() if k not in EMBED_KEYS}
     shared = {}
-    if cfg.tie_word_embeddings:  # the head reuses the embedding matrix wherever it was placed
+    if cfg.tie_word_embeddings and "embed.weight" in glob:  # the head reuses the embedding matrix where placed
+        # (a middle pipeline stage has neither the embedding nor the head)
         head_tensors["embed.weight"] = glob["embed.weight"]
         if "embed.weight" in embed.resident:
             shared["embed.weight"] = ("resident", embed.resident["embed.weight"])

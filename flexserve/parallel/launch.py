@@ -30,11 +30,13 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device, family: str) 
 def parallel_generate(model: str | None, prompts_token_ids: Sequence[Sequence[int]], max_tokens: int,
                       tensor_parallel: int = 1, pipeline_parallel: int = 1, dtype: str | torch.dtype = "auto",
                       device: str | torch.device | None = None, num_micro_batches: int | None = None,
-                      stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+                      stop_token_ids: Sequence[int] = (), policy=None,
+                      offload_dir: str | None = None) -> list[list[int]]:
     """Greedy token ids for every prompt, on every rank of an initialised process group (collective).
 
     The group must hold exactly tensor_parallel x pipeline_parallel ranks; without an initialised group the
-    degrees must be 1 and this runs in the calling process. `model` is what `open_source` takes."""
+    degrees must be 1 and this runs in the calling process. `model` is what `open_source` takes. `policy`
+    (weight percentages, --compress-weight) places each stage's own layers on its GPU, CPU and disk."""
     import torch.distributed as dist
 
     from ..weights import DummySource, open_source
@@ -51,11 +53,14 @@ def parallel_generate(model: str | None, prompts_token_ids: Sequence[Sequence[in
         source.dtype, source.device = dt, dev
     layout = Layout(tensor_parallel, pipeline_parallel, rank)
     groups = make_groups(layout) if world > 1 else Groups(layout)
-    runner = PipelineRunner(source, groups, dev, dt)
-    prompts = [[int(t) for t in p] for p in prompts_token_ids]
-    if not prompts:
-        return []
-    return runner.generate(prompts, max_tokens, num_micro_batches, frozenset(int(t) for t in stop_token_ids))
+    runner = PipelineRunner(source, groups, dev, dt, policy, offload_dir)
+    try:
+        prompts = [[int(t) for t in p] for p in prompts_token_ids]
+        if not prompts:
+            return []
+        return runner.generate(prompts, max_tokens, num_micro_batches, frozenset(int(t) for t in stop_token_ids))
+    finally:
+        runner.close()
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,9 +107,17 @@ def run_parallel_generate(args) -> int:
         rank, _ = init_from_env("gloo" if device == "cpu" else None)
         prompts = _prompts_from_args(args, args.model)
         stop = () if getattr(args, "ignore_eos", False) else _eos_ids(args.model)
+        policy = None
+        if hasattr(args, "percent"):  # placement flags: each stage offloads its own layers
+            from ..cli import policy_from_args
+
+            if getattr(args, "policy", None) == "auto":
+                raise PolicyError("--policy auto does not plan parallel runs yet: give --percent")
+            policy = policy_from_args(args)
         out = parallel_generate(args.model, prompts, args.max_tokens, args.tensor_parallel, args.pipeline_parallel,
                                 dtype=getattr(args, "dtype", "auto"), device=device,
-                                num_micro_batches=args.num_micro_batches, stop_token_ids=stop)
+                                num_micro_batches=args.num_micro_batches, stop_token_ids=stop, policy=policy,
+                                offload_dir=getattr(args, "offload_dir", None))
         if rank == 0:
             if getattr(args, "prompt_token_ids", None):
                 print(json.dumps(out), flush=True)
@@ -148,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     add_parallel_arguments(p)
+    from ..cli import add_policy_arguments
+
+    add_policy_arguments(p)  # weight placement per stage (cache and activations stay on each stage's device)
     return p
 
 

@@ -21,10 +21,12 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..engine.block import left_pad
-from ..offload.placement import EMBED_KEYS
-from ..errors import RequestError
+from ..errors import PolicyError, RequestError
 from ..models.attention import AttnMeta, dense_attention
-from ..models.layers import attention_in, attention_out, embed, lm_head, rope_cos_sin, rope_inv_freq
+from ..models.layers import attention_in, attention_out, lm_head, rope_cos_sin
+from ..offload.executor import OffloadExecutor
+from ..offload.placement import EMBED_KEYS
+from ..offload.policy import Policy
 from ..weights import WeightSource, layer_weights
 from .groups import Groups, Layout, stage_bounds
 from .tensor import all_reduce_fn, shard_config, shard_layer
@@ -84,30 +86,45 @@ class MicroBatch:
 class PipelineRunner:
     """One rank's part of a tensor x pipeline parallel model; `generate` is collective over all ranks."""
 
-    def __init__(self, source: WeightSource, groups: Groups, device: torch.device, dtype: torch.dtype):
+    def __init__(self, source: WeightSource, groups: Groups, device: torch.device, dtype: torch.dtype,
+                 policy: Policy | None = None, offload_dir: str | None = None):
         self.layout: Layout = groups.layout
         self.full_config = source.config
         stage = StageSource(source, self.layout)
         self.cfg = stage.config  # the shard's shape: what the layer math sees
         self.device, self.dtype = device, dtype
-        self.layers = [{k: t.to(device=device, dtype=dtype) for k, t in stage.layer_parts(i).items()}
-                       for i in range(self.cfg.num_layers)]
-        self.glob = {k: t.to(device=device, dtype=dtype) for k, t in stage.global_parts().items()}
+        policy = policy or Policy()
+        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute:
+            raise PolicyError("pipeline stages keep their KV cache and activations on their device: only the "
+                              "weight percentages (--percent W_GPU W_CPU 100 0 100 0) and --compress-weight apply")
+        if policy.uses_disk and not offload_dir:
+            raise PolicyError("the policy puts weights on disk: give an offload dir")
+        # Each stage places its own layers under the policy and streams the offloaded ones layer by layer,
+        # exactly as a single-GPU offloaded model does (resident when the policy is all-GPU).
+        self.executor = OffloadExecutor(stage, policy, device, dtype, offload_dir)
         self.reduce = all_reduce_fn(groups.tp_group) if self.layout.tp > 1 else None
-        self.inv_freq = rope_inv_freq(self.cfg).to(device) if self.cfg.positional == "rope" else None
 
     # --- one micro-batch through this stage ------------------------------------------------------------------
     def _stage_forward(self, mb: MicroBatch, x: torch.Tensor | None) -> torch.Tensor:
-        """Embed (first stage) or take the received hidden x [b, S, D]; run the stage's layers."""
+        """Embed (first stage) or take the received hidden x [b, S, D]; run the stage's layers. The last stage
+        returns the logits of each row's last position [b, V] instead of hidden states."""
+        ex = self.executor
         s = mb.ids.shape[1]
         pos = mb.positions.to(self.device)
-        if x is None:
-            x = embed(self.cfg, self.glob, mb.ids.to(self.device), pos)
         meta = AttnMeta(mb.length, s, mb.valid.to(self.device) if mb.is_padded else None)
-        rope = rope_cos_sin(self.inv_freq, pos, self.dtype) if self.inv_freq is not None else None
-        for w, kc, vc in zip(self.layers, mb.k, mb.v):
-            q, k, v = attention_in(self.cfg, w, x, rope)
-            x = attention_out(self.cfg, w, x, dense_attention(q, k, v, kc, vc, meta), reduce=self.reduce)
+        rope = rope_cos_sin(ex.inv_freq, pos, self.dtype) if ex.inv_freq is not None else None
+        for layer, w in ex.stream_layers():
+            if layer.kind == "embed":
+                if x is None:
+                    x = ex.embed_batch(layer, w, mb.ids, pos)
+            elif layer.kind == "head":
+                if self.layout.is_last:
+                    x = lm_head(self.cfg, w, x[:, -1])
+            else:
+                i = layer.index
+                q, k, v = attention_in(self.cfg, w, x, rope)
+                x = attention_out(self.cfg, w, x, dense_attention(q, k, v, mb.k[i], mb.v[i], meta),
+                                  reduce=self.reduce)
         mb.length += s
         return x
 
@@ -181,8 +198,7 @@ class PipelineRunner:
                     x = x.contiguous()
                     sends[j] = (dist.isend(x, dst=nxt), x)
                     continue
-                logits = lm_head(self.cfg, self.glob, x[:, -1])  # [b, V]
-                tokens = logits.float().argmax(-1)
+                tokens = x.float().argmax(-1)  # x: the last stage's logits [b, V]
                 self._accept(mb, self._broadcast_tokens(mb.size, tokens), max_tokens, stop_token_ids)
         for work, _ in sends.values():
             work.wait()
@@ -191,6 +207,10 @@ class PipelineRunner:
             for r, toks in zip(mb.rows, mb.out):
                 out[r] = toks
         return out
+
+    def close(self) -> None:
+        """Stop the stage's I/O threads and remove its offload files."""
+        self.executor.close()
 
     def _broadcast_tokens(self, size: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """The sampler rank's tokens [b] on every rank (a no-op on a single process)."""

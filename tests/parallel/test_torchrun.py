@@ -86,3 +86,22 @@ def test_single_process_api_stops_like_the_engine(tiny_model):
     got = parallel_generate(folder, PROMPTS, MAX_TOKENS, dtype="float32", device="cpu", stop_token_ids=stop)
     assert got == _reference(folder, ignore_eos=True, stop_token_ids=stop)
     assert any(len(g) < MAX_TOKENS for g in got) and any(len(g) == MAX_TOKENS for g in got)
+
+
+@pytest.mark.parametrize("tp, pp, percent", [(1, 2, ("30", "40", "100", "0", "100", "0")),
+                                             (2, 1, ("0", "100", "100", "0", "100", "0"))],
+                         ids=["pp2-three-tiers", "tp2-weights-on-cpu"])
+def test_each_stage_offloads_its_own_layers(tiny_model, tmp_path, tp, pp, percent):
+    """Weights placed per stage on the GPU/CPU/disk tiers (the CPU stands in for the GPU here) and streamed
+    layer by layer: the same greedy tokens, and no offload file left behind."""
+    folder, _ = tiny_model("llama-gqa")
+    got = _parallel(folder, tp, pp, "--percent", *percent, "--offload-dir", str(tmp_path))
+    assert got == _reference(folder, ignore_eos=True)
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_parallel_rejects_cache_offload(tiny_model):
+    folder, _ = tiny_model("llama-gqa")
+    res = torchrun(2, "--model", folder, "--dtype", "float32", "--pipeline-parallel", "2", "--prompt-token-ids",
+                   "[[1, 2, 3]]", "--percent", "100", "0", "0", "100", "100", "0")
+    assert res.returncode != 0 and "only the weight percentages" in res.stderr
