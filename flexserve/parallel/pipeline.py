@@ -94,7 +94,8 @@ class PipelineRunner:
         self.cfg = stage.config  # the shard's shape: what the layer math sees
         self.device, self.dtype = device, dtype
         policy = policy or Policy()
-        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute:
+        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
+                or policy.compress_cache:
             raise PolicyError("pipeline stages keep their KV cache and activations on their device: only the "
                               "weight percentages (--percent W_GPU W_CPU 100 0 100 0) and --compress-weight apply")
         if policy.uses_disk and not offload_dir:

@@ -53,6 +53,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPE_BYTES))
     parser.add_argument("--compress", action="store_true", help="allow 4-bit weight/cache compression")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    g = parser.add_argument_group("several GPUs (the memory flags are then per GPU and its share of the host)")
+    g.add_argument("--tensor-parallel", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel", "-pp", type=int, default=1)
+    g.add_argument("--num-micro-batches", type=int, default=None, help="default: the number of stages")
+    g.add_argument("--link-bw", default=None, help="GPU-to-GPU bandwidth, e.g. 300GB (default: the profile's)")
 
 
 def _size_arg(value: str | None, flag: str) -> float | None:
@@ -66,15 +71,43 @@ def _size_arg(value: str | None, flag: str) -> float | None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Search the fastest policy and print it (text or `--json`)."""
-    config = resolve_model_config(args.model)
+    full = resolve_model_config(args.model)
+    tp, pp = getattr(args, "tensor_parallel", 1), getattr(args, "pipeline_parallel", 1)
+    config = full
+    if tp > 1 or pp > 1:  # plan one rank's share: 1/tp of every layer, 1/pp of the layers
+        import math
+
+        from ..parallel.tensor import check_tensor_parallel, shard_config
+
+        check_tensor_parallel(full, tp)
+        if pp > full.num_layers:
+            raise PolicyError(f"pipeline parallel {pp} is more stages than the model's {full.num_layers} layers")
+        config = shard_config(full, tp).replace(num_layers=math.ceil(full.num_layers / pp))
     hw = resolve_hardware(args.hardware) or default_hardware(progress=not args.json)
     plan = search(config, hw, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
                   gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),
                   disk=_size_arg(args.disk, "--disk"), allow_compression=args.compress, dtype=args.dtype)
+    par = None
+    if tp > 1 or pp > 1:
+        from .parallel import estimate_parallel
+
+        par = estimate_parallel(full, plan.policy, hw, args.prompt_len, args.gen_len, tp, pp, args.num_micro_batches,
+                                DTYPE_BYTES[args.dtype], args.dtype, _size_arg(args.link_bw, "--link-bw"))
     if args.json:
-        print(json.dumps(plan_to_dict(plan, config, args)))
+        out = plan_to_dict(plan, config, args)
+        if par is not None:
+            out["parallel"] = {"tp": tp, "pp": pp, "micro_batches": par.micro_batches,
+                               "prefill_tok_s": par.prefill_tok_s, "decode_tok_s": par.decode_tok_s,
+                               "total_tok_s": par.total_tok_s, "comm_decode_s": par.comm_decode_s,
+                               "comm_prefill_s": par.comm_prefill_s, "comm_fraction": par.comm_fraction}
+        print(json.dumps(out))
     else:
         print(format_plan(plan, config, args))
+        if par is not None:
+            print(f"{'parallel':<11}tp {tp} x pp {pp} ({par.micro_batches} micro-batches), per rank as above: "
+                  f"prefill {par.prefill_tok_s:,.1f} tok/s, decode {par.decode_tok_s:,.2f} tok/s, total "
+                  f"{par.total_tok_s:,.2f} tok/s; communication {format_seconds(par.comm_decode_s)} of each "
+                  f"{format_seconds(par.decode_s_per_step)} decode step ({par.comm_fraction:.0%})")
     return 0
 
 

@@ -1,0 +1,73 @@
+"""The cost model across several GPUs: one rank's share of the work plus the communication between ranks.
+
+A tensor x pipeline grid of `tp * pp` GPUs runs, on every rank, a model with 1/tp of the heads and MLP columns
+and 1/pp of the layers (the shapes `flexserve.parallel` gives each rank). Its time is the single-GPU cost model
+(`estimate`) of that shard under the same placement policy, on that rank's memory, plus `comm_time`: two
+all-reduces per layer for tensor parallelism (never overlapped), and the stage-to-stage hops for pipeline
+parallelism. With `m` micro-batches, a decode step keeps `pp` stages busy only if `m >= pp`: the step takes
+`max(m, pp) / m` stage-times (every micro-batch needs the previous token of its own rows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import PolicyError
+from ..offload.policy import Policy
+from ..parallel.cost import comm_time
+from ..parallel.tensor import check_tensor_parallel, shard_config
+from .cost_model import Estimate, estimate
+from .hardware import Hardware
+
+
+@dataclass
+class ParallelEstimate:
+    """Predicted throughput of a tp x pp grid; `stage` is one rank's single-GPU estimate."""
+
+    tp: int
+    pp: int
+    micro_batches: int
+    stage: Estimate
+    comm_prefill_s: float
+    comm_decode_s: float
+    prefill_s: float
+    decode_s_per_step: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    total_tok_s: float
+
+    @property
+    def comm_fraction(self) -> float:
+        """Share of a decode step spent communicating."""
+        return self.comm_decode_s / self.decode_s_per_step if self.decode_s_per_step else 0.0
+
+
+def estimate_parallel(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: int, gen_len: int,
+                      tp: int = 1, pp: int = 1, micro_batches: int | None = None, dtype_bytes: int = 2,
+                      dtype: str | None = None, link_bw: float | None = None) -> ParallelEstimate:
+    """Throughput of `policy` (each rank's placement, `hardware` describing one rank's GPU and its share of the
+    host) on a tp x pp grid. `link_bw` overrides the profile's `gpu_link_bw`."""
+    if tp < 1 or pp < 1:
+        raise PolicyError(f"parallel degrees must be >= 1, got tp={tp}, pp={pp}")
+    if pp > config.num_layers:
+        raise PolicyError(f"pipeline parallel {pp} is more stages than the model's {config.num_layers} layers")
+    check_tensor_parallel(config, tp)
+    bw = link_bw or hardware.gpu_link_bw
+    if (tp > 1 or pp > 1) and bw <= 0:
+        raise PolicyError(f"hardware profile {hardware.name!r} has no gpu_link_bw: give the GPU link bandwidth")
+    shard = shard_config(config, tp).replace(num_layers=math.ceil(config.num_layers / pp))
+    stage = estimate(shard, policy, hardware, prompt_len, gen_len, dtype_bytes, dtype)
+    m = micro_batches or pp
+    block = stage.block_size
+    lat = hardware.gpu_link_latency_s
+    comm_prefill = comm_time(config, tp, pp, block, prompt_len, bw or 1.0, dtype_bytes, lat) if bw else 0.0
+    comm_decode = comm_time(config, tp, pp, block, 1, bw or 1.0, dtype_bytes, lat) if bw else 0.0
+    bubble = max(m, pp) / m
+    prefill = stage.prefill_s * bubble + comm_prefill
+    step = stage.decode_s_per_step * bubble + comm_decode
+    total = prefill + (gen_len - 1) * step
+    return ParallelEstimate(tp=tp, pp=pp, micro_batches=m, stage=stage, comm_prefill_s=comm_prefill,
+                            comm_decode_s=comm_decode, prefill_s=prefill, decode_s_per_step=step,
+                            prefill_tok_s=block * prompt_len / prefill, decode_tok_s=block / step,
+                            total_tok_s=block * gen_len / total)
