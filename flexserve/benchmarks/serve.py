@@ -55,6 +55,11 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of synthetic traces and of the prompt token ids")
     p.add_argument("--schedulers", default=None,
                    help="comma list for --launch/--simulate (default: skip-join-mlfq; simulate: all three)")
+    p.add_argument("--sim-step-overhead-ms", type=float, default=None,
+                   help="--simulate: fixed time per step (default 7.0: Llama-3-8B weight reads + launches)")
+    p.add_argument("--sim-seq-overhead-us", type=float, default=None,
+                   help="--simulate: host time per decoding sequence per step (scheduling, detokenizing, "
+                        "streaming; default 0)")
     p.add_argument("--api-key", default=None, help="--url: the server's API key")
     p.add_argument("--served-model-name", default=None, help="--url: model id to send (default: the server's)")
     p.add_argument("--json", action="store_true", help="print one `SERVE_RESULT {json}` line per run")
@@ -292,6 +297,18 @@ def http_run_isolated(label: str, base_url: str, trace, prompts, model: str) -> 
         return pool.submit(http_run, label, base_url, trace, prompts, model, None).result()
 
 
+def sim_cost(args):
+    """The simulator's step-time model with the overheads the flags set (None: its defaults)."""
+    from ..scheduler.cost import LinearCostModel
+
+    kw = {}
+    if getattr(args, "sim_step_overhead_ms", None) is not None:
+        kw["step_overhead_s"] = args.sim_step_overhead_ms / 1e3
+    if getattr(args, "sim_seq_overhead_us", None) is not None:
+        kw["s_per_seq"] = args.sim_seq_overhead_us / 1e6
+    return LinearCostModel(**kw)
+
+
 def run_simulate(args) -> list[dict]:
     from ..scheduler import SCHEDULERS, SchedulerConfig
     from ..scheduler.simulator import KVCacheConfig, simulate
@@ -308,7 +325,7 @@ def run_simulate(args) -> list[dict]:
                             ("block_size", args.block_size)) if v is not None}
     runs = []
     for name in (args.schedulers or ",".join(SCHEDULERS)).split(","):
-        res = simulate(trace, name, config=config, kv=KVCacheConfig(**kv))
+        res = simulate(trace, name, config=config, kv=KVCacheConfig(**kv), cost=sim_cost(args))
         row = res.row()
         row.update(mode="simulate", failed=row.pop("rejected"), makespan_s=res.makespan_s,
                    swaps=row.pop("swap_outs"))

@@ -12,6 +12,10 @@ constants for a Llama-3-8B shape in bf16 on one H100 (figures from shared/REFERE
   128 dims x K and V x 2 bytes) at 2.95 TB/s.
 
 Prefill attention's quadratic FLOPs are left out: under ~8k tokens they are a small share of the matmuls.
+
+`s_per_seq` (default 0) is host time per scheduled sequence: scheduling, batch building, detokenization and
+streaming each token to its client. It is what a GPU-only model misses on a real server (bench/RESULTS.md
+section 4b); `flexserve bench serve --simulate --sim-seq-overhead-us N` sets it.
 """
 from __future__ import annotations
 
@@ -33,10 +37,13 @@ class LinearCostModel:
     step_overhead_s: float = 7.0e-3
     s_per_token: float = 35e-6
     s_per_context_token: float = 44e-9
+    s_per_seq: float = 0.0
 
-    def __call__(self, num_prefill_tokens: int, num_decode_seqs: int, total_context_tokens: int) -> float:
+    def __call__(self, num_prefill_tokens: int, num_decode_seqs: int, total_context_tokens: int,
+                 num_seqs: int | None = None) -> float:
+        host = self.s_per_seq * (num_seqs if num_seqs is not None else num_decode_seqs)
         return (self.step_overhead_s + self.s_per_token * (num_prefill_tokens + num_decode_seqs)
-                + self.s_per_context_token * total_context_tokens)
+                + self.s_per_context_token * total_context_tokens + host)
 
 
 def prefill_time_from(iteration_time: IterationTimeFn):

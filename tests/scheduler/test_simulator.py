@@ -96,3 +96,16 @@ def test_default_cost_model_shape():
     cost = LinearCostModel()
     assert cost(0, 1, 0) == pytest.approx(7.035e-3)
     assert 0.04 < cost(1000, 0, 1000) < 0.05  # batch-1 prefill of 1,000 tokens: ~42 ms
+
+
+def test_host_time_per_sequence_slows_the_simulated_engine():
+    from flexserve.scheduler.cost import LinearCostModel
+
+    base = LinearCostModel()
+    host = LinearCostModel(s_per_seq=300e-6)
+    assert host(0, 64, 0) - base(0, 64, 0) == pytest.approx(64 * 300e-6)
+    assert host(512, 0, 512) == pytest.approx(base(512, 0, 512))  # a lone prefill streams nothing yet
+    trace = synthetic_trace(60, 20.0, seed=1)
+    fast = simulate(trace, "fcfs", cost=base).report
+    slow = simulate(trace, "fcfs", cost=host).report
+    assert slow.jct.mean > fast.jct.mean
