@@ -7,8 +7,8 @@ through the block tables is in `paged_batch.py`.
 
 Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream from pinned staging
 memory, without blocking the host: the compute stream waits on the copy event, and the host-side scatter of
-swapped-out blocks is finished at the start of the next step. Copies the scheduler marks "ahead" are still
-ordered before this step's compute; letting them overlap it is future work.
+swapped-out blocks is finished at the start of the next step. Copies the scheduler marks "ahead" are issued
+after the compute stream's wait, so they overlap this step's compute (the engine's `_execute`).
 """
 from __future__ import annotations
 

@@ -303,7 +303,7 @@ class AsyncEngine:
         out = self.scheduler.schedule(t0)
         seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
                          s.block_table, s.samples) for s in out.scheduled]
-        plan = (seqs, out.swap_out + out.swap_out_ahead, out.swap_in + out.swap_in_ahead)
+        plan = (seqs, out.swap_out, out.swap_in, out.swap_out_ahead, out.swap_in_ahead)
         if self.tp is not None:
             self.tp.broadcast_plan(plan)
         batch, logits = self._execute(*plan, sample=True)
@@ -391,13 +391,18 @@ class AsyncEngine:
                                   reduce=self._reduce)
         return logits
 
-    def _execute(self, seqs: list[SeqChunk], swap_out: list, swap_in: list,
-                 sample: bool) -> tuple[PagedBatch | None, torch.Tensor | None]:
+    def _execute(self, seqs: list[SeqChunk], swap_out: list, swap_in: list, swap_out_ahead: list,
+                 swap_in_ahead: list, sample: bool) -> tuple[PagedBatch | None, torch.Tensor | None]:
         """A step's device work, the same on every tensor-parallel rank: block swaps, then the forward.
-        Returns the batch and the logits of its sampled rows (none when `sample` is False)."""
+        Returns the batch and the logits of its sampled rows (none when `sample` is False).
+
+        The copies this step needs are ordered before its compute; the copies ahead of need (blocks this
+        step does not touch) are issued after that ordering, so on a GPU they run on the copy stream while
+        this step computes, and the next step's `finish_pending` waits for them."""
         self.kv.finish_pending()
         self.kv.swap(swap_out, swap_in, wait=False)
         self.kv.order_before_compute()
+        self.kv.swap(swap_out_ahead, swap_in_ahead, wait=False)
         if not seqs:
             return None, None
         batch = PagedBatch.build(seqs, self.config.block_size, self.device)
