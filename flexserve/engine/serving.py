@@ -436,8 +436,12 @@ class AsyncEngine:
 
 async def stream_outputs(accepted, queue: asyncio.Queue, abandon) -> AsyncIterator[StepOutput]:
     """A request's outputs from its queue until the finished one. `accepted` raises the admission error
-    (queue full, too large) before any output; a stream closed early calls `abandon` (abort, frees blocks)."""
+    (queue full, too large) before any output; a stream closed early calls `abandon` (abort, frees blocks).
+
+    Outputs that queued up while the consumer was busy come out merged into one (several tokens), so a
+    client that falls behind costs the server one chunk per wake-up instead of one per token."""
     done = False
+    held: BaseException | None = None
     try:
         try:
             await accepted
@@ -445,9 +449,16 @@ async def stream_outputs(accepted, queue: asyncio.Queue, abandon) -> AsyncIterat
             done = True  # never admitted: nothing to abort
             raise
         while True:
-            out = await queue.get()
+            out = held if held is not None else await queue.get()
+            held = None
             if isinstance(out, BaseException):
                 raise out
+            while not out.finished and not queue.empty():
+                nxt = queue.get_nowait()
+                if isinstance(nxt, BaseException):
+                    held = nxt  # deliver what came before it first
+                    break
+                out = merge_outputs(out, nxt)
             done = out.finished
             yield out
             if done:
@@ -455,6 +466,13 @@ async def stream_outputs(accepted, queue: asyncio.Queue, abandon) -> AsyncIterat
     finally:
         if not done:
             abandon()
+
+
+def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
+    """`a` followed by `b` of the same request, as one output."""
+    logprobs = (a.logprobs or []) + (b.logprobs or []) if (a.logprobs or b.logprobs) else None
+    return StepOutput(a.request_id, a.new_token_ids + b.new_token_ids, a.text_delta + b.text_delta, logprobs,
+                      b.finished, b.finish_reason, b.num_prompt_tokens, b.num_output_tokens)
 
 
 class LoopSink:

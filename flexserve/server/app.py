@@ -183,8 +183,10 @@ def run_server(args) -> int:
     api_key = args.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
     engine = make_engine(engine_config_from_args(args), getattr(args, "engine_process", None))
     if engine.tp is not None and not engine.tp.is_driver:  # torchrun rank > 0: follow rank 0's steps
+        from ..parallel.serving import exit_worker
+
         engine.run_worker()
-        return 0
+        exit_worker(0)
     app = build_app(engine, api_key, args.served_model_name, drain_timeout=args.drain_timeout)
     name = app.state.flexserve.model_name
     print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{args.host}:{args.port}/v1"

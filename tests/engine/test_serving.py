@@ -194,3 +194,27 @@ def test_captured_decode_graphs_match_offline(reference):
     results = _run(engine, go)
     assert [r[0] for r in results] == ref
     assert engine.graphs.graphs  # at least one bucket was captured and replayed
+
+
+def test_outputs_that_queued_up_are_merged():
+    """A consumer that fell behind gets the queued tokens as one output, in order, text and logprobs joined;
+    an error queued after them still surfaces, after the tokens before it."""
+    from flexserve.engine.serving import StepOutput, stream_outputs
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        accepted.set_result(None)
+        q: asyncio.Queue = asyncio.Queue()
+        for i in range(3):
+            q.put_nowait(StepOutput("r", [10 + i], f"t{i}", [{10 + i: -0.5}], False, None, 4, i + 1))
+        q.put_nowait(RuntimeError("engine failed"))
+        got, aborted = [], []
+        with pytest.raises(RuntimeError, match="engine failed"):
+            async for out in stream_outputs(accepted, q, lambda: aborted.append(True)):
+                got.append(out)
+        return got, aborted
+    got, aborted = asyncio.run(go())
+    assert len(got) == 1 and got[0].new_token_ids == [10, 11, 12] and got[0].text_delta == "t0t1t2"
+    assert got[0].logprobs == [{10: -0.5}, {11: -0.5}, {12: -0.5}] and got[0].num_output_tokens == 3
+    assert aborted == [True]  # the stream ended without its finished output

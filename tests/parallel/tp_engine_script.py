@@ -15,8 +15,10 @@ engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", s
                                   num_gpu_blocks=gpu_blocks, num_cpu_blocks=400, block_size=8, max_num_seqs=6,
                                   prefill_chunk_size=16, max_num_batched_tokens=64))
 if not engine.tp.is_driver:
+    from flexserve.parallel.serving import exit_worker
+
     engine.run_worker()
-    sys.exit(0)
+    exit_worker(0)
 
 
 async def one(p, n):
