@@ -28,6 +28,9 @@ from .serving import EngineConfig, StepOutput, stream_outputs
 _READY_TIMEOUT_S = 1800  # loading a large model (or pinning its host copy) can take minutes
 
 
+_STATS_EVERY_S = 0.05  # the child pushes engine stats this often; /metrics reads the latest, never waits
+
+
 class PipeSink:
     """Engine-process side: a step's outputs as one message to the parent."""
 
@@ -36,8 +39,10 @@ class PipeSink:
         self._lock = lock
 
     def deliver(self, batch) -> None:
+        items = [(live.request.request_id, _portable(item) if isinstance(item, BaseException) else item)
+                 for live, item in batch]
         with self._lock:
-            self.key.send(("out", [(live.request.request_id, item) for live, item in batch]))
+            self.key.send(("out", items))
 
 
 def _engine_main(config: EngineConfig, conn) -> None:
@@ -47,7 +52,7 @@ def _engine_main(config: EngineConfig, conn) -> None:
     try:
         engine = AsyncEngine(config)
     except BaseException as e:  # the parent re-raises it: same error as an in-process engine would give
-        conn.send(("error", e))
+        conn.send(("error", _portable(e)))
         return
     lock = threading.Lock()
     sink = PipeSink(conn, lock)
@@ -59,24 +64,35 @@ def _engine_main(config: EngineConfig, conn) -> None:
     send(("ready", {"model_path": engine.model_path, "model_config": engine.model_config,
                     "model_name": engine.model_name, "device": str(engine.device)}))
     engine.start()
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the parent died: stop without draining
-            msg = ("shutdown", False, 0.0)
-        kind = msg[0]
-        if kind == "add":
-            _, rid, ids, params = msg
-            fut = engine.submit(ids, params, rid, sink)
-            fut.add_done_callback(lambda f, rid=rid: send(("accepted", rid, _portable(f.exception()))))
-        elif kind == "abort":
-            engine.abort(msg[1])
-        elif kind == "stats":
-            send(("stats", msg[1], engine.stats()))
-        elif kind == "shutdown":
-            asyncio.run(engine.shutdown(drain=msg[1], timeout=msg[2]))
-            send(("closed", engine.error))
-            return
+    failure_sent = False
+    try:
+        while True:
+            if not failure_sent and engine.error is not None:  # the engine thread died: tell the parent once
+                send(("failed", _portable(engine.error)))
+                failure_sent = True
+            if not conn.poll(_STATS_EVERY_S):
+                try:
+                    send(("stats", engine.stats()))
+                except RuntimeError:  # a table changed under the snapshot: next time
+                    pass
+                continue
+            try:
+                msg = conn.recv()
+            except EOFError:  # the parent died: stop without draining
+                msg = ("shutdown", False, 0.0)
+            kind = msg[0]
+            if kind == "add":
+                _, rid, ids, params = msg
+                fut = engine.submit(ids, params, rid, sink)
+                fut.add_done_callback(lambda f, rid=rid: send(("accepted", rid, _portable(f.exception()))))
+            elif kind == "abort":
+                engine.abort(msg[1])
+            elif kind == "shutdown":
+                asyncio.run(engine.shutdown(drain=msg[1], timeout=msg[2]))
+                send(("closed", _portable(engine.error)))
+                return
+    except (BrokenPipeError, EOFError, OSError):  # the parent is gone: nobody left to serve
+        engine._stop = True
 
 
 def make_engine(config: EngineConfig, separate_process: bool | None = None):
@@ -108,24 +124,30 @@ class EngineProcess:
         self._proc = ctx.Process(target=_engine_main, args=(config, child), name="flexserve-engine", daemon=True)
         self._proc.start()
         child.close()
-        if not self._conn.poll(_READY_TIMEOUT_S):
-            self._proc.kill()
-            raise RuntimeError("the engine process did not start in time")
         try:
-            kind, info = self._conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the engine process died while loading (exit code {self._proc.exitcode})") from None
-        if kind == "error":
+            if not self._conn.poll(_READY_TIMEOUT_S):
+                raise RuntimeError("the engine process did not start in time")
+            try:
+                kind, info = self._conn.recv()
+            except EOFError:
+                raise RuntimeError(f"the engine process died while loading (exit code "
+                                   f"{self._proc.exitcode})") from None
+            if kind == "error":
+                raise info
+            self.model_path, self.model_config = info["model_path"], info["model_config"]
+            self.model_name, self.device = info["model_name"], info["device"]
+            self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
+        except BaseException:
+            self._proc.kill()
             self._proc.join()
-            raise info
-        self.model_path, self.model_config = info["model_path"], info["model_config"]
-        self.model_name, self.device = info["model_name"], info["device"]
-        self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
+            self._conn.close()
+            raise
         self.error: BaseException | None = None
         self._send_lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._accepts: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._stats: dict[int, concurrent.futures.Future] = {}
+        self._stats: dict | None = None
+        self._stats_ready = threading.Event()
         self._closed: concurrent.futures.Future = concurrent.futures.Future()
         self._ids = itertools.count()
         self._accepting = True
@@ -168,14 +190,10 @@ class EngineProcess:
             pass
 
     def stats(self) -> dict:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        key = next(self._ids)
-        self._stats[key] = fut
-        self._send(("stats", key))
-        try:
-            return fut.result(timeout=30)
-        finally:
-            self._stats.pop(key, None)
+        """The engine's counters as of at most ~50 ms ago (the child pushes them; nothing waits on the pipe)."""
+        if not self._stats_ready.wait(10):
+            raise RuntimeError("the engine process has not reported its stats")
+        return dict(self._stats)
 
     async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
         self._accepting = False
@@ -207,33 +225,43 @@ class EngineProcess:
                 elif kind == "accepted":
                     self._resolve_accept(msg[1], msg[2])
                 elif kind == "stats":
-                    fut = self._stats.get(msg[1])
-                    if fut is not None:
-                        fut.set_result(msg[2])
+                    self._stats = msg[1]
+                    self._stats_ready.set()
+                elif kind == "failed":  # the engine thread died; the child stays to answer and to shut down
+                    self.error = msg[1]
+                    self._end_all(RuntimeError(f"engine failed: {msg[1]}"))
                 elif kind == "closed":
                     error = msg[1]
                     break
         except (EOFError, OSError):
             error = RuntimeError(f"the engine process exited (code {self._proc.exitcode})")
-        self.error = error
-        end = error or RequestError("the engine was shut down before this request finished")
-        self._route([(rid, end) for rid in list(self._streams)])
+        except BaseException as e:  # a message that could not be read: never leave waiters hanging
+            error = RuntimeError(f"the engine pipe failed: {e!r}")
+        finally:
+            self.error = self.error or error
+            self._end_all(error or RequestError("the engine was shut down before this request finished"))
+            if not self._closed.done():
+                self._closed.set_result(None)
+
+    def _end_all(self, error: BaseException) -> None:
+        """End every open stream and pending admission with `error`."""
+        self._route([(rid, error) for rid in list(self._streams)])
         for rid in list(self._accepts):
-            self._resolve_accept(rid, end)
-        if not self._closed.done():
-            self._closed.set_result(None)
+            self._resolve_accept(rid, error)
 
     def _route(self, outputs: list[tuple[str, object]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, object]]] = {}
         for rid, item in outputs:
             target = self._streams.get(rid)
             if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], item))
+                by_loop.setdefault(target[0], []).append((rid, target[1], item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_each, items)
-            except RuntimeError:  # that client's loop is closed
-                pass
+            except RuntimeError:  # that client's loop is closed: stop generating for it
+                for rid, _, _ in items:
+                    self._streams.pop(rid, None)
+                    self.abort(rid)
 
     def _resolve_accept(self, rid: str, error: BaseException | None) -> None:
         target = self._accepts.get(rid)
@@ -263,6 +291,6 @@ def _portable(error: BaseException | None) -> BaseException | None:
         return RuntimeError(str(error))
 
 
-def _put_each(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
+def _put_each(items: list[tuple[str, asyncio.Queue, object]]) -> None:
+    for _, queue, item in items:
         queue.put_nowait(item)

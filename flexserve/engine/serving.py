@@ -200,6 +200,8 @@ class AsyncEngine:
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("add", live, accepted))
         self._wake.set()
+        if self._thread is not None and not self._thread.is_alive():  # it died after the caller's check
+            self._fail_pending(RuntimeError(f"the engine stopped: {self.error}"))
         return accepted
 
     def abort(self, request_id: str) -> None:
@@ -229,7 +231,7 @@ class AsyncEngine:
             if self._thread.is_alive():  # a step is still running: leave the model to it
                 return
         self.executor.close()
-        if self.tp is not None:
+        if self.tp is not None and self.error is None:
             self._release_workers()  # also when the engine thread never started
             self.tp.leave()
 
@@ -238,10 +240,12 @@ class AsyncEngine:
         (a benchmark that starts several engines in one process needs the memory back at once)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("release_memory() needs a shut-down engine")
-        self.executor = self.kv = None
+        self.executor = self.kv = self.graphs = None
 
     # --- the engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.device.type == "cuda":  # a new thread starts on GPU 0: Triton and graphs use the current one
+            torch.cuda.set_device(self.device)
         try:
             while not self._stop:
                 self._drain_inbox()
@@ -254,9 +258,12 @@ class AsyncEngine:
             self.error = e
             raise
         finally:
-            self._release_workers()
             self._fail_pending(RuntimeError(f"engine failed: {self.error}") if self.error else
                                RequestError("the engine was shut down before this request finished"))
+            if self.error is not None and self.tp is not None:
+                self.tp.abort()  # workers may be inside this step's collectives: break them, do not wait
+            else:
+                self._release_workers()
 
     def _release_workers(self) -> None:
         """Send the tensor-parallel workers the end-of-plans marker, once."""
@@ -415,6 +422,8 @@ class AsyncEngine:
         """A tensor-parallel rank other than 0: execute rank 0's plans until it sends None."""
         if self.tp is None or self.tp.is_driver:
             raise RuntimeError("run_worker() is for tensor-parallel ranks other than 0")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while (plan := self.tp.broadcast_plan(None)) is not None:
             self._execute(*plan, sample=False)
         self.executor.close()

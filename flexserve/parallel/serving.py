@@ -45,6 +45,18 @@ class TensorParallelGroup:
         layout = Layout(tp, 1, rank)
         return cls(layout, make_groups(layout), owns)
 
+    def abort(self) -> None:
+        """After a failure mid-step on rank 0: tear the group down without a matching collective, so the
+        workers' pending collectives fail and they exit (torchrun then ends the job) instead of waiting."""
+        import torch.distributed as dist
+
+        self.owns_process_group = False
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # already broken: nothing more to release
+            pass
+
     def leave(self) -> None:
         """Tear the process group down in order (a process that exits with it alive can abort in teardown)."""
         import torch.distributed as dist

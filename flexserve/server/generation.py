@@ -171,9 +171,17 @@ class Generation:
         for task in self._tasks:
             if not task.done():
                 task.cancel()
+        if self._direct is not None:  # close the engine stream now rather than whenever it is collected
+            with contextlib.suppress(RuntimeError):  # no running loop (or the stream is mid-step): GC closes it
+                asyncio.get_running_loop().create_task(_aclose_quietly(self._direct))
         for c in self.choices:
             if not c.is_finished:
                 with contextlib.suppress(Exception):  # the request may never have reached the engine
                     self.engine.abort(c.request_id)
                 if self.metrics is not None and c.is_started and not c.is_failed:
                     self.metrics.finished.labels("abort").inc()
+
+
+async def _aclose_quietly(stream) -> None:
+    with contextlib.suppress(RuntimeError, asyncio.CancelledError):
+        await stream.aclose()
