@@ -18,12 +18,11 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import threading
-import uuid
 from typing import AsyncIterator
 
 from ..errors import RequestError
-from .sampling import SamplingParams, fit_prompt
-from .serving import EngineConfig, StepOutput, stream_outputs
+from .sampling import SamplingParams
+from .serving import EngineConfig, EngineFront, StepOutput, stream_outputs
 
 _READY_TIMEOUT_S = 1800  # loading a large model (or pinning its host copy) can take minutes
 
@@ -110,7 +109,7 @@ def make_engine(config: EngineConfig, separate_process: bool | None = None):
     return EngineProcess(config) if separate_process else AsyncEngine(config)
 
 
-class EngineProcess:
+class EngineProcess(EngineFront):
     """`AsyncEngine`'s interface, with the engine running in a child process (see module docstring)."""
 
     tp = None  # tensor parallelism runs in-process (the torchrun ranks are the processes)
@@ -158,18 +157,10 @@ class EngineProcess:
     def start(self) -> None:
         """The engine loop already runs in the child process."""
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        return fit_prompt(self.model_config, prompt_token_ids, params)
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
         """As `AsyncEngine.generate`: errors before the first output; closing early aborts the request."""
-        if not self._accepting:
-            raise RequestError("the server is shutting down")
-        if self.error is not None:
-            raise RuntimeError(f"the engine stopped: {self.error}")
-        params = self.validate(list(prompt_token_ids), params)
-        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        params, rid = self._prepare(prompt_token_ids, params, request_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()

@@ -91,7 +91,25 @@ class _Live:
     stop_text: str | None = None  # the final text when a stop string ended the request
 
 
-class AsyncEngine:
+class EngineFront:
+    """The request checks every engine front end makes before a request reaches an engine loop (this
+    process's `AsyncEngine`, or `remote.EngineProcess`). Needs `model_config`, `error`, `_accepting`, `_ids`."""
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Reject what cannot run; clip max_tokens to the context window. Returns the params to use."""
+        return fit_prompt(self.model_config, prompt_token_ids, params)
+
+    def _prepare(self, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str | None) -> tuple[SamplingParams, str]:
+        if not self._accepting:
+            raise RequestError("the server is shutting down")
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped: {self.error}")
+        params = self.validate(list(prompt_token_ids), params)
+        return params, request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+
+class AsyncEngine(EngineFront):
     """Continuous-batching engine behind the HTTP server (see module docstring)."""
 
     def __init__(self, config: EngineConfig):
@@ -170,20 +188,11 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._run, name="flexserve-engine", daemon=True)
             self._thread.start()
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Reject what cannot run; clip max_tokens to the context window. Returns the params to use."""
-        return fit_prompt(self.model_config, prompt_token_ids, params)
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
         """Stream a request's output. Errors (bad request, queue full) raise before the first output; closing
         the iterator early aborts the request and frees its KV blocks."""
-        if not self._accepting:
-            raise RequestError("the server is shutting down")
-        if self.error is not None:
-            raise RuntimeError(f"the engine stopped: {self.error}")
-        params = self.validate(list(prompt_token_ids), params)
-        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        params, rid = self._prepare(prompt_token_ids, params, request_id)
         live_queue: asyncio.Queue = asyncio.Queue()
         accepted = self.submit(prompt_token_ids, params, rid, LoopSink(asyncio.get_running_loop()), live_queue)
         async for out in stream_outputs(asyncio.wrap_future(accepted), live_queue, lambda: self.abort(rid)):
