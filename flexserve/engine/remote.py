@@ -103,9 +103,9 @@ def make_engine(config: EngineConfig, separate_process: bool | None = None):
     from ..errors import PolicyError
     from .serving import AsyncEngine
 
-    if separate_process and config.tensor_parallel > 1:
-        raise PolicyError("--engine-process does not combine with --tensor-parallel (the torchrun ranks hold the "
-                          "engine)")
+    if separate_process and (config.tensor_parallel > 1 or config.pipeline_parallel > 1):
+        raise PolicyError("--engine-process does not combine with --tensor-parallel/--pipeline-parallel (the "
+                          "torchrun ranks hold the engine)")
     return EngineProcess(config) if separate_process else AsyncEngine(config)
 
 

@@ -38,7 +38,7 @@ from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .sampling import SamplingParams, fit_prompt, logprob_entry, make_generator, sample, stop_token_ids
 
 if TYPE_CHECKING:
-    from ..parallel.serving import TensorParallelGroup
+    from ..parallel.serving import ServingGroup
 
 GiB = 1 << 30
 
@@ -62,6 +62,7 @@ class EngineConfig:
     scheduler_options: dict = field(default_factory=dict)  # extra SchedulerConfig fields
     cuda_graphs: bool = True  # replay decode-only steps as CUDA graphs (when the weights are resident on a GPU)
     tensor_parallel: int = 1  # ranks of a torchrun group that split every layer (flexserve.parallel.serving)
+    pipeline_parallel: int = 1  # stages of contiguous layers, one rank group each
 
 
 @dataclass
@@ -115,17 +116,18 @@ class AsyncEngine(EngineFront):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_path, source, self.device, self.dtype = open_model(config.model, config.dtype, config.device)
-        self.tp: TensorParallelGroup | None = None
+        self.tp: ServingGroup | None = None  # the torchrun group when tensor or pipeline parallel
         self._reduce = None
         self._workers_released = False
-        if config.tensor_parallel > 1:
-            from ..parallel.serving import TensorParallelGroup
+        if config.tensor_parallel > 1 or config.pipeline_parallel > 1:
+            from ..parallel.serving import ServingGroup
 
-            self.tp = TensorParallelGroup.join(config.tensor_parallel, source.config, self.device)
+            self.tp = ServingGroup.join(config.tensor_parallel, config.pipeline_parallel, source.config,
+                                        self.device)
             self.device = self.tp.device(self.device)
             if isinstance(source, DummySource) and self.device.type == "cuda":
                 source.device = self.device
-            source = self.tp.shard(source)  # this rank's heads and MLP columns of every layer
+            source = self.tp.shard(source)  # this rank's stage of layers, its heads and MLP columns of each
             self._reduce = self.tp.reduce()
         self.model_config = cfg = source.config
         policy = config.policy or Policy()
@@ -147,7 +149,7 @@ class AsyncEngine(EngineFront):
         if self.tp is not None:  # block ids must mean the same on every rank
             num_gpu, num_cpu = self.tp.agree_min(num_gpu, self.device), self.tp.agree_min(num_cpu, self.device)
         self.kv = PagedKV(cfg, self.device, self.dtype, num_gpu, num_cpu, config.block_size)
-        # Graph capture of the all-reduces is not wired up: tensor-parallel ranks run decode eagerly.
+        # Graph capture of the collectives is not wired up: parallel ranks run decode eagerly.
         self.graphs = self._decode_graphs(policy) if config.cuda_graphs and self.tp is None else None
         self.blocks = BlockManager(num_gpu, num_cpu, config.block_size)
         sched_cfg = SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -392,16 +394,26 @@ class AsyncEngine(EngineFront):
     # --- the model -------------------------------------------------------------------------------------------
     def _model_forward(self, batch: PagedBatch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits of the given rows of the flattened batch (every row when None; no LM head for an empty
-        selection). Runs eagerly, or inside a CUDA graph capture (no host synchronisation in here)."""
-        ex, cfg = self.executor, self.model_config
+        selection). Runs eagerly, or inside a CUDA graph capture (no host synchronisation in here). Under
+        pipeline parallelism each rank runs its stage; rank 0 gets the logits."""
+        ex, cfg, grp = self.executor, self.model_config, self.tp
+        staged = grp is not None and grp.layout.pp > 1
         rope = rope_cos_sin(ex.inv_freq, batch.positions, self.dtype) if ex.inv_freq is not None else None
         x = logits = None
         for layer, w in ex.stream_layers():
             if layer.kind == "embed":
-                x = ex.embed_batch(layer, w, batch.ids, batch.positions)
+                if staged and not grp.layout.is_first:
+                    x = grp.recv_hidden((1, batch.slots.numel(), cfg.hidden_size), self.dtype, self.device)
+                else:
+                    x = ex.embed_batch(layer, w, batch.ids, batch.positions)
             elif layer.kind == "head":
-                if rows is None or rows.numel():
-                    logits = lm_head(cfg, w, x[0] if rows is None else x[0, rows])
+                if staged:
+                    grp.pass_on(x, batch.sample_rows)
+                if rows is None or rows.numel():  # rank 0 (the driver) only: workers pass no rows
+                    h = x[0] if rows is None else x[0, rows]
+                    if staged:
+                        h = grp.recv_sampled(rows.numel(), cfg.hidden_size, self.dtype, self.device)
+                    logits = lm_head(cfg, w, h)
             else:
                 x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch),
                                   reduce=self._reduce)
@@ -428,9 +440,9 @@ class AsyncEngine(EngineFront):
         return batch, self._model_forward(batch, rows)
 
     def run_worker(self) -> None:
-        """A tensor-parallel rank other than 0: execute rank 0's plans until it sends None."""
+        """A parallel rank other than 0: execute rank 0's plans until it sends None."""
         if self.tp is None or self.tp.is_driver:
-            raise RuntimeError("run_worker() is for tensor-parallel ranks other than 0")
+            raise RuntimeError("run_worker() is for parallel ranks other than 0")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while (plan := self.tp.broadcast_plan(None)) is not None:

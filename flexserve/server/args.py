@@ -32,6 +32,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
     g.add_argument("--tensor-parallel", "-tp", type=int, default=None,
                    help="split every layer over this many ranks (start with torchrun --nproc-per-node N; rank 0 "
                         "serves HTTP)")
+    g.add_argument("--pipeline-parallel", "-pp", type=int, default=None,
+                   help="split the layers into this many stages, one rank group each (for a model larger than "
+                        "one GPU); tp x pp = the number of torchrun processes")
     g.add_argument("--engine-process", dest="engine_process", action="store_true", default=None,
                    help="run the engine in a child process, so that HTTP streaming and the engine loop do not "
                         "share one interpreter lock (default: off)")

@@ -1,5 +1,6 @@
-"""The serving engine under tensor parallelism (torchrun, 2 gloo ranks on the CPU): every request gets exactly
-the greedy tokens the single-process offline engine gives it, with and without preemption and KV swaps."""
+"""The serving engine under tensor and pipeline parallelism (torchrun, gloo ranks on the CPU): every request
+gets exactly the greedy tokens the single-process offline engine gives it, with and without preemption and KV
+swaps."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,10 @@ LENGTHS = [4 + (i * 5) % 13 for i in range(8)]
 SCRIPT = os.path.join(os.path.dirname(__file__), "tp_engine_script.py")
 
 
-def _run(folder: str, scheduler: str, gpu_blocks: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), SCRIPT, folder, scheduler, str(gpu_blocks),
-           json.dumps([PROMPTS, LENGTHS])]
+def _run(folder: str, scheduler: str, gpu_blocks: int, tp: int = 2, pp: int = 1) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), SCRIPT, folder, scheduler, str(gpu_blocks),
+           json.dumps([PROMPTS, LENGTHS]), f"{tp}x{pp}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -30,15 +31,18 @@ def _run(folder: str, scheduler: str, gpu_blocks: int) -> dict:
     return json.loads(lines[0][len("TP_ENGINE "):])
 
 
-@pytest.mark.parametrize("scheduler, gpu_blocks", [("fcfs", 200), ("skip-join-mlfq", 14)])
-def test_tensor_parallel_serving_matches_offline(tiny_model, scheduler, gpu_blocks):
+@pytest.mark.parametrize("scheduler, gpu_blocks, tp, pp", [("fcfs", 200, 2, 1), ("skip-join-mlfq", 14, 2, 1),
+                                                           ("skip-join-mlfq", 14, 1, 2), ("fcfs", 200, 2, 2)],
+                         ids=["tp2-fcfs", "tp2-swaps", "pp2-swaps", "tp2xpp2"])
+def test_parallel_serving_matches_offline(tiny_model, scheduler, gpu_blocks, tp, pp):
     folder, hf = tiny_model("llama-gqa")
     with LLM(folder, dtype="float32", device="cpu") as llm:
         ref = [llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0]
                .outputs[0].token_ids for p, n in zip(PROMPTS, LENGTHS)]
-    got = _run(folder, scheduler, gpu_blocks)
+    got = _run(folder, scheduler, gpu_blocks, tp, pp)
     assert got["tokens"] == ref
-    assert got["heads"] == hf.config.num_attention_heads // 2  # each rank really holds half the heads
+    assert got["heads"] == hf.config.num_attention_heads // tp  # rank 0 really holds its share of the heads
+    assert got["layers"] == hf.config.num_hidden_layers // pp  # ... and of the layers
     assert got["blocks_used"] == 0
     if gpu_blocks < 20:
         assert got["swaps"] > 0  # the small pool forced KV swaps, replayed on both ranks
