@@ -43,12 +43,18 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-after", type=int, default=30, help="steps to run before profiling")
+    p.add_argument("--scheduler", default="fcfs", help="fcfs | mlfq | skip-join-mlfq")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: --requests")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="a small pool forces preemption and KV swaps (to see the copy stream in the trace)")
     p.add_argument("--trace-out", default=None, help="write a Chrome trace of the profiled steps here")
     args = p.parse_args()
 
-    engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, scheduler="fcfs",
-                                      max_num_seqs=args.requests, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_queue_len=args.requests + 1))
+    engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                      scheduler=args.scheduler, max_num_seqs=args.max_num_seqs or args.requests,
+                                      max_num_batched_tokens=args.max_num_batched_tokens,
+                                      num_gpu_blocks=args.num_gpu_blocks, max_queue_len=args.requests + 1))
     acc: collections.Counter = collections.Counter()
     sched = engine.scheduler
     sched.schedule = _timed(acc, "schedule", sched.schedule)
@@ -72,7 +78,7 @@ def main() -> None:
             torch.cuda.synchronize(engine.device)
         t = time.perf_counter()
         before = engine.counters["generated_tokens"]
-        running_decode = engine.counters["steps"] >= 30 and not prof_state["done"]
+        running_decode = engine.counters["steps"] >= args.profile_after and not prof_state["done"]
         if running_decode and prof_state["prof"] is None:
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if sync else [])
             prof_state["prof"] = torch.profiler.profile(activities=acts)
@@ -110,7 +116,9 @@ def main() -> None:
 
     tokens, seconds = asyncio.run(run())
     decode = [s for n, s in step_times if n == args.requests]
+    stats = engine.stats()
     result = {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "steps": len(step_times),
+              "swaps": stats["num_swaps"], "preemptions": stats["num_preemptions"],
               "full_decode_steps": len(decode),
               "full_decode_step_ms_median": 1e3 * sorted(decode)[len(decode) // 2] if decode else None,
               "phase_ms_per_step": {k: 1e3 * v / max(1, len(step_times)) for k, v in acc.items()}}
