@@ -22,6 +22,9 @@ def add_throughput_arguments(p) -> None:
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth for the bound")
     p.add_argument("--json", action="store_true", help="print one JSON line at the end")
     p.add_argument("--profile", default=None, help="write a torch.profiler trace of 2 decode steps to this file")
+    p.add_argument("--engine", choices=["offload", "paged"], default="offload",
+                   help="offload: the zig-zag offloading executor (default); paged: the serving engine (paged "
+                        "KV cache, CUDA-graph decode), for resident or weights-only-offloaded models")
 
 
 def _sync(device: torch.device) -> None:
@@ -54,6 +57,10 @@ def run_throughput(args) -> int:
     model = args.model or "dummy:opt-125m"
     config = open_source(model).config
     policy = policy_from_args(args, config, args.prompt_len, args.gen_len)
+    if getattr(args, "engine", "offload") == "paged":
+        from .paged_throughput import run_paged_throughput
+
+        return run_paged_throughput(args, policy)
     t0 = time.perf_counter()
     llm = LLM(model, dtype=args.dtype, policy=policy, offload_dir=args.offload_dir, device=args.device,
               progress=True)

@@ -137,6 +137,24 @@ def test_bench_throughput_reports(capsys):
     assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4
 
 
+def test_bench_throughput_on_the_paged_engine(capsys):
+    """The same benchmark through the serving engine: every sequence gets its tokens, figures are reported;
+    weights-only offloading works there too, cache offloading is refused."""
+    rc = main(["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m", "--device", "cpu",
+               "--dtype", "float32", "--prompt-len", "16", "--gen-len", "4", "--percent", "50", "50", "100", "0",
+               "100", "0", "--gpu-batch-size", "3", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    import json
+
+    res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
+    assert res["engine"] == "paged" and res["block"] == 3 and res["generated_tokens"] == 12
+    assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and not res["cuda_graphs"]
+    rc = main(["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m", "--device", "cpu",
+               "--percent", "100", "0", "0", "100", "100", "0"])
+    assert rc == 1 and "paged pools" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bits, tol", [(8, 0.02), (4, 0.25)])
 def test_compressed_weights_stream_and_stay_close(tiny_model, tmp_path, bits, tol):
     """Offloaded weights kept group-wise quantised: only packed bytes move, logits stay close to exact."""
