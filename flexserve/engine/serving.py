@@ -3,9 +3,12 @@
 One background thread owns the model, the KV pools and the scheduler. Every iteration it takes new requests
 and cancellations, asks the scheduler who runs (prefill chunks and decodes together, preemptions, swaps),
 executes the block copies, runs one forward pass over the flattened tokens of every scheduled sequence and
-samples. Results go back to each request's asyncio queue on the event loop that asked. The model runs
-through the offloading executor's layer stream, so a serving model can itself be offloaded (weights on the
-CPU or disk tier under a `Policy`).
+samples. Results go to each request's sink, one hand-over per sink per step: the asyncio event loop that
+asked (`LoopSink`), or a pipe to the server process (`remote.PipeSink`). The model runs through the
+offloading executor's layer stream, so a serving model can itself be offloaded (weights on the CPU or disk
+tier under a `Policy`). On a GPU, attention reads the paged pools with a Triton kernel and decode-only steps
+replay CUDA graphs (`decode_graphs.py`). Under torchrun (`tensor_parallel`, `pipeline_parallel`) this object
+exists on every rank: rank 0 schedules and broadcasts each step's plan, the others `run_worker()`.
 """
 from __future__ import annotations
 
