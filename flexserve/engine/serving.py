@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import queue
 import threading
@@ -122,6 +123,7 @@ class AsyncEngine(EngineFront):
         self.tp: ServingGroup | None = None  # the torchrun group when tensor or pipeline parallel
         self._reduce = None
         self._workers_released = False
+        self._unsent: list[tuple] = []  # (live, token, logprobs, finished, reason) of the last step
         if config.tensor_parallel > 1 or config.pipeline_parallel > 1:
             from ..parallel.serving import ServingGroup
 
@@ -264,6 +266,7 @@ class AsyncEngine(EngineFront):
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    self._flush_outputs()
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
@@ -272,6 +275,8 @@ class AsyncEngine(EngineFront):
             self.error = e
             raise
         finally:
+            with contextlib.suppress(Exception):  # tokens already computed still reach their clients
+                self._flush_outputs()
             self._fail_pending(RuntimeError(f"engine failed: {self.error}") if self.error else
                                RequestError("the engine was shut down before this request finished"))
             if self.error is not None and self.tp is not None:
@@ -319,7 +324,11 @@ class AsyncEngine(EngineFront):
                 self._deliver(live, self._output(live, [], None, True, "abort"))
 
     def step(self) -> None:
-        """One iteration: swaps, one forward pass over every scheduled sequence, sampling, bookkeeping."""
+        """One iteration: swaps, one forward pass over every scheduled sequence, sampling, bookkeeping.
+
+        The previous step's outputs are detokenized and delivered while this step's forward runs on the GPU
+        (`_flush_outputs` between launching the forward and waiting for its tokens). Requests with stop
+        strings are detokenized at once, since the text decides whether they end."""
         t0 = time.monotonic()
         out = self.scheduler.schedule(t0)
         seqs = [SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
@@ -328,25 +337,36 @@ class AsyncEngine(EngineFront):
         if self.tp is not None:
             self.tp.broadcast_plan(plan)
         batch, logits = self._execute(*plan, sample=True)
+        self._flush_outputs()  # host work that overlaps the GPU's
         sampled = self._sample(out.scheduled, batch, logits) if batch is not None else {}
         stopped: dict[str, str] = {}
         new_tokens = {rid: [tok] for rid, (tok, _) in sampled.items()}
         for rid, (tok, _) in sampled.items():
             live = self._live[rid]
-            if tok in live.stop_ids or self._hit_stop_string(live, tok):
+            if tok in live.stop_ids or (live.params.stop and self._hit_stop_string(live, tok)):
                 stopped[rid] = "stop"
         t1 = time.monotonic()
         finished = {r.request_id for r in self.scheduler.on_step_done(t1, t1 - t0, new_tokens, stopped)}
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += len(sampled)
-        outputs = []
         for rid, (tok, lp) in sampled.items():
             live = self._live[rid]
             done = rid in finished
             if done:
                 self._live.pop(rid)
                 self.counters["finished_requests"] += 1
-            outputs.append((live, self._output(live, [tok], lp, done, stopped.get(rid, "length") if done else None)))
+            self._unsent.append((live, tok, lp, done, stopped.get(rid, "length") if done else None))
+
+    def _flush_outputs(self) -> None:
+        """Detokenize and deliver the tokens of the last step (one hand-over per sink)."""
+        if not self._unsent:
+            return
+        outputs = []
+        for live, tok, lp, done, reason in self._unsent:
+            if not live.params.stop:  # with stop strings the text was advanced when the token came
+                self._hit_stop_string(live, tok)
+            outputs.append((live, self._output(live, [tok], lp, done, reason)))
+        self._unsent = []
         self._deliver_many(outputs)
 
     def _hit_stop_string(self, live: _Live, tok: int) -> bool:
