@@ -10,7 +10,6 @@ block x (G - 1) / decode time, the decode time starting when the last sequence g
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import psutil
@@ -20,6 +19,7 @@ import torch
 def run_paged_throughput(args, policy) -> int:
     from ..engine.sampling import SamplingParams
     from ..engine.serving import AsyncEngine, EngineConfig
+    from .throughput import print_result
 
     block = (policy.gpu_batch_size * policy.num_gpu_batches) if policy is not None else 32
     t0 = time.perf_counter()
@@ -74,9 +74,5 @@ def run_paged_throughput(args, policy) -> int:
         "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
         "peak_cpu_rss_gb": psutil.Process().memory_info().rss / 1e9,
     }
-    for k in ("prefill_tok_s", "decode_tok_s", "total_tok_s"):
-        print(f"{k:>20}: {result[k]:,.2f}")
-    print(f"{'peak GPU / CPU (GB)':>20}: {result['peak_gpu_gb'] or 0:.2f} / {result['peak_cpu_rss_gb']:.2f}")
-    if args.json:
-        print("FLEXSERVE_RESULT " + json.dumps(result))
+    print_result(result, args.json)
     return 0 if tokens == block * args.gen_len else 1

@@ -47,6 +47,19 @@ def transfer_bound(llm, h2d_gbps: float, disk_gbps: float | None) -> dict:
     return {"offloaded_cpu_bytes": cpu, "offloaded_disk_bytes": disk, "bound_step_s": step}
 
 
+def print_result(result: dict, as_json: bool) -> None:
+    """The figures one per line (and one `FLEXSERVE_RESULT {json}` line), for either engine's run."""
+    for k in ("prefill_tok_s", "decode_tok_s", "total_tok_s", "bound_decode_tok_s"):
+        if k in result:
+            v = result[k]
+            print(f"{k:>20}: {v:,.2f}" if v is not None else f"{k:>20}: -")
+    print(f"{'peak GPU / CPU (GB)':>20}: {result['peak_gpu_gb'] or 0:.2f} / {result['peak_cpu_rss_gb']:.2f}")
+    if result.get("fraction_of_bound") is not None:
+        print(f"{'fraction of bound':>20}: {result['fraction_of_bound']:.1%}")
+    if as_json:
+        print("FLEXSERVE_RESULT " + json.dumps(result))
+
+
 def run_throughput(args) -> int:
     from tqdm import tqdm
 
@@ -135,14 +148,7 @@ def run_throughput(args) -> int:
         "disk_io": "buffered (page cache not bypassed)" if bound["offloaded_disk_bytes"] else None,
         "fraction_of_bound": decode_tps / bound_tps if bound_tps else None, **bound,
     }
-    for k in ("prefill_tok_s", "decode_tok_s", "total_tok_s", "bound_decode_tok_s"):
-        v = result[k]
-        print(f"{k:>20}: {v:,.2f}" if v is not None else f"{k:>20}: -")
-    print(f"{'peak GPU / CPU (GB)':>20}: {result['peak_gpu_gb'] or 0:.2f} / {result['peak_cpu_rss_gb']:.2f}")
-    if result["fraction_of_bound"] is not None:
-        print(f"{'fraction of bound':>20}: {result['fraction_of_bound']:.1%}")
-    if args.json:
-        print("FLEXSERVE_RESULT " + json.dumps(result))
+    print_result(result, args.json)
     ex.release_block(state)
     llm.close()
     return 0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import torch
 
-from ..errors import PolicyError, RequestError
+from ..errors import RequestError
 from ..kernels.paged_attention import kernel_supports
 from ..models.layers import decoder_layer, lm_head, rope_cos_sin
 from ..offload.budget import check_fits
@@ -136,13 +136,8 @@ class AsyncEngine(EngineFront):
             self._reduce = self.tp.reduce()
         self.model_config = cfg = source.config
         policy = config.policy or Policy()
-        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
-                or policy.compress_cache:
-            raise PolicyError("serving keeps the KV cache in its own paged pools (moved to host memory by the "
-                              "scheduler) and activations on the GPU: only the weight percentages "
-                              "(--percent W_GPU W_CPU 100 0 100 0) and --compress-weight apply")
-        if policy.uses_disk and not config.offload_dir:
-            raise PolicyError("the policy puts weights on disk: give an offload dir")
+        policy.require_weights_only("serving keeps the KV cache in its own paged pools (moved to host memory by "
+                                    "the scheduler) and activations on the GPU", config.offload_dir)
         check_fits(cfg, policy, torch.empty((), dtype=self.dtype).element_size(), 1, self.device)
         self.executor = OffloadExecutor(source, policy, self.device, self.dtype, config.offload_dir)
         self.tokenizer = Tokenizer(self.model_path, cfg.vocab_size)
@@ -433,9 +428,10 @@ class AsyncEngine(EngineFront):
                 if staged:
                     grp.pass_on(x, batch.sample_rows)
                 if rows is None or rows.numel():  # rank 0 (the driver) only: workers pass no rows
-                    h = x[0] if rows is None else x[0, rows]
-                    if staged:
+                    if staged:  # the last stage has the final hidden states of these rows
                         h = grp.recv_sampled(rows.numel(), cfg.hidden_size, self.dtype, self.device)
+                    else:
+                        h = x[0] if rows is None else x[0, rows]
                     logits = lm_head(cfg, w, h)
             else:
                 x = decoder_layer(cfg, w, x, rope, paged_attend(self.kv.layer_slots(layer.index), batch),

@@ -97,6 +97,17 @@ class Policy:
                  "act_gpu_percent", "act_cpu_percent")
         return cls(**dict(zip(names, (float(p) for p in percent))), **kw)
 
+    def require_weights_only(self, why: str, offload_dir: str | None) -> None:
+        """For runners that keep the KV cache and activations themselves (the serving engine's paged pools,
+        pipeline stages): refuse any placement other than the weights', and a disk share without a folder.
+        `why` says where the cache lives instead, for the message."""
+        if (self.cache_gpu_percent, self.act_gpu_percent) != (100, 100) or self.cpu_cache_compute \
+                or self.compress_cache:
+            raise PolicyError(f"{why}: only the weight percentages (--percent W_GPU W_CPU 100 0 100 0) and "
+                              f"--compress-weight apply")
+        if self.uses_disk and not offload_dir:
+            raise PolicyError("the policy puts weights on disk: give an offload dir")
+
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..engine.block import left_pad
-from ..errors import PolicyError, RequestError
+from ..errors import RequestError
 from ..models.attention import AttnMeta, dense_attention
 from ..models.layers import attention_in, attention_out, lm_head, rope_cos_sin
 from ..offload.executor import OffloadExecutor
@@ -94,12 +94,8 @@ class PipelineRunner:
         self.cfg = stage.config  # the shard's shape: what the layer math sees
         self.device, self.dtype = device, dtype
         policy = policy or Policy()
-        if (policy.cache_gpu_percent, policy.act_gpu_percent) != (100, 100) or policy.cpu_cache_compute \
-                or policy.compress_cache:
-            raise PolicyError("pipeline stages keep their KV cache and activations on their device: only the "
-                              "weight percentages (--percent W_GPU W_CPU 100 0 100 0) and --compress-weight apply")
-        if policy.uses_disk and not offload_dir:
-            raise PolicyError("the policy puts weights on disk: give an offload dir")
+        policy.require_weights_only("pipeline stages keep their KV cache and activations on their device",
+                                    offload_dir)
         # Each stage places its own layers under the policy and streams the offloaded ones layer by layer,
         # exactly as a single-GPU offloaded model does (resident when the policy is all-GPU).
         self.executor = OffloadExecutor(stage, policy, device, dtype, offload_dir)

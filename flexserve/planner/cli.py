@@ -75,14 +75,9 @@ def run_plan(args: argparse.Namespace) -> int:
     tp, pp = getattr(args, "tensor_parallel", 1), getattr(args, "pipeline_parallel", 1)
     config = full
     if tp > 1 or pp > 1:  # plan one rank's share: 1/tp of every layer, 1/pp of the layers
-        import math
+        from .parallel import rank_config
 
-        from ..parallel.tensor import check_tensor_parallel, shard_config
-
-        check_tensor_parallel(full, tp)
-        if pp > full.num_layers:
-            raise PolicyError(f"pipeline parallel {pp} is more stages than the model's {full.num_layers} layers")
-        config = shard_config(full, tp).replace(num_layers=math.ceil(full.num_layers / pp))
+        config = rank_config(full, tp, pp)
     hw = resolve_hardware(args.hardware) or default_hardware(progress=not args.json)
     plan = search(config, hw, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
                   gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),

@@ -16,7 +16,8 @@ from ..config import ModelConfig
 from ..errors import PolicyError
 from ..offload.policy import Policy
 from ..parallel.cost import comm_time
-from ..parallel.tensor import check_tensor_parallel, shard_config
+from ..parallel.groups import check_degrees
+from ..parallel.tensor import shard_config
 from .cost_model import Estimate, estimate
 from .hardware import Hardware
 
@@ -43,26 +44,29 @@ class ParallelEstimate:
         return self.comm_decode_s / self.decode_s_per_step if self.decode_s_per_step else 0.0
 
 
+def rank_config(config: ModelConfig, tp: int, pp: int) -> ModelConfig:
+    """One rank's share of a tp x pp grid (1/tp of every layer, 1/pp of the layers), after the same checks a
+    launch makes (`check_degrees`)."""
+    check_degrees(config, tp, pp, tp * pp)
+    return shard_config(config, tp).replace(num_layers=math.ceil(config.num_layers / pp))
+
+
 def estimate_parallel(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: int, gen_len: int,
                       tp: int = 1, pp: int = 1, micro_batches: int | None = None, dtype_bytes: int = 2,
                       dtype: str | None = None, link_bw: float | None = None) -> ParallelEstimate:
     """Throughput of `policy` (each rank's placement, `hardware` describing one rank's GPU and its share of the
     host) on a tp x pp grid. `link_bw` overrides the profile's `gpu_link_bw`."""
-    if tp < 1 or pp < 1:
-        raise PolicyError(f"parallel degrees must be >= 1, got tp={tp}, pp={pp}")
-    if pp > config.num_layers:
-        raise PolicyError(f"pipeline parallel {pp} is more stages than the model's {config.num_layers} layers")
-    check_tensor_parallel(config, tp)
+    stage = estimate(rank_config(config, tp, pp), policy, hardware, prompt_len, gen_len, dtype_bytes, dtype)
     bw = link_bw or hardware.gpu_link_bw
-    if (tp > 1 or pp > 1) and bw <= 0:
+    grid = tp > 1 or pp > 1
+    if grid and bw <= 0:
         raise PolicyError(f"hardware profile {hardware.name!r} has no gpu_link_bw: give the GPU link bandwidth")
-    shard = shard_config(config, tp).replace(num_layers=math.ceil(config.num_layers / pp))
-    stage = estimate(shard, policy, hardware, prompt_len, gen_len, dtype_bytes, dtype)
     m = micro_batches or pp
     block = stage.block_size
-    lat = hardware.gpu_link_latency_s
-    comm_prefill = comm_time(config, tp, pp, block, prompt_len, bw or 1.0, dtype_bytes, lat) if bw else 0.0
-    comm_decode = comm_time(config, tp, pp, block, 1, bw or 1.0, dtype_bytes, lat) if bw else 0.0
+
+    def comm(seq: int) -> float:
+        return comm_time(config, tp, pp, block, seq, bw, dtype_bytes, hardware.gpu_link_latency_s) if grid else 0.0
+    comm_prefill, comm_decode = comm(prompt_len), comm(1)
     bubble = max(m, pp) / m
     prefill = stage.prefill_s * bubble + comm_prefill
     step = stage.decode_s_per_step * bubble + comm_decode
