@@ -36,6 +36,7 @@ class DecodeGraphs:
                  block_size: int, scratch_block: int, device: torch.device, capture: bool = True):
         self.forward = forward  # PagedBatch -> logits of every row [rows, vocab]
         self.block_size = block_size
+        self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         self.max_blocks = max_blocks
         self.buckets = buckets_for(max_batch)
@@ -87,7 +88,7 @@ class DecodeGraphs:
             self.ids[:, rows:bucket].zero_()
             self.positions[:, rows:bucket].zero_()
             self.slots[rows:bucket].fill_(self.scratch_slot)
-            self.tables[rows:bucket, 0].fill_(self.scratch_slot // self.block_size)
+            self.tables[rows:bucket, 0].fill_(self.scratch_block)
             self.ctx_lens[rows:bucket].fill_(1)
 
     def _capture(self, bucket: int) -> tuple[object, torch.Tensor]:

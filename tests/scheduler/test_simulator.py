@@ -109,3 +109,13 @@ def test_host_time_per_sequence_slows_the_simulated_engine():
     fast = simulate(trace, "fcfs", cost=base).report
     slow = simulate(trace, "fcfs", cost=host).report
     assert slow.jct.mean > fast.jct.mean
+
+
+def test_bench_serve_overhead_flags_reach_the_cost_model():
+    import argparse
+
+    from flexserve.benchmarks.serve import sim_cost
+
+    cost = sim_cost(argparse.Namespace(sim_step_overhead_ms=2.5, sim_seq_overhead_us=350.0))
+    assert cost.step_overhead_s == pytest.approx(2.5e-3) and cost.s_per_seq == pytest.approx(350e-6)
+    assert sim_cost(argparse.Namespace(sim_step_overhead_ms=None, sim_seq_overhead_us=None)) == LinearCostModel()
