@@ -11,4 +11,8 @@ if [ -d .whl ] && [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$WHEELS" ]; then
 fi
 [ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() { echo "=== $*"; timeout ${T:-400} "$@" 2>&1 | grep -v "it/s\]\|s/it\]\|placing weights" | tail -${TAIL:-12}; }
+run() {
+  local t0=$SECONDS; echo "=== $*"
+  timeout ${T:-400} "$@" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|placing weights\|requests:" | tail -${TAIL:-12}
+  echo "--- $((SECONDS - t0)) s"
+}
