@@ -128,8 +128,43 @@ def main() -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=25))
         if args.trace_out:
             prof.export_chrome_trace(args.trace_out)
+            result["copy_overlap"] = copy_overlap(args.trace_out)
     print("PROFILE_RESULT " + json.dumps(result))
 
+
+def copy_overlap(trace_path: str) -> dict:
+    """How much of the host<->device copy time (KV swaps) ran while a kernel ran on another stream.
+
+    Reads the Chrome trace: copies are `gpu_memcpy` events, compute is `kernel` events; the fraction is the
+    copies' time covered by the union of kernel intervals of other streams, so 1.0 means fully hidden; per
+    copying stream, since the compute stream's own small metadata uploads cannot overlap by construction.
+    """
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels, copies = [], []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("args", {}).get("stream"))
+        if e.get("cat") == "kernel":
+            kernels.append(span)
+        elif e.get("cat") == "gpu_memcpy" and "Pinned" in e.get("name", ""):
+            copies.append(span)
+    per_stream: dict = {}
+    for lo, hi, stream in copies:
+        row = per_stream.setdefault(str(stream), {"copies": 0, "copy_ms": 0.0, "overlapped_ms": 0.0})
+        row["copies"] += 1
+        row["copy_ms"] += (hi - lo) / 1e3
+        pieces = sorted((max(lo, a), min(hi, b)) for a, b, s in kernels if s != stream and a < hi and b > lo)
+        end = lo
+        for a, b in pieces:
+            a = max(a, end)
+            if b > a:
+                row["overlapped_ms"] += (b - a) / 1e3
+                end = b
+    for row in per_stream.values():  # the compute stream's own small uploads show up with fraction ~0
+        row["overlapped_fraction"] = row["overlapped_ms"] / row["copy_ms"] if row["copy_ms"] else None
+    return per_stream
 
 if __name__ == "__main__":
     main()
