@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
+from .pinned import pinned_empty
 
 
 class Tier(enum.Enum):
@@ -157,7 +158,7 @@ class Tiers:
         return self._disk
 
     def empty_cpu(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        return pinned_empty(shape, dtype, pin=self.pin)
 
     def allocate(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t") -> Handle:
         """Uninitialised storage on a tier (disk files are created sparse)."""
