@@ -120,6 +120,8 @@ class AsyncEngine(EngineFront):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_path, source, self.device, self.dtype = open_model(config.model, config.dtype, config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # the engine thread selects it by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.tp: ServingGroup | None = None  # the torchrun group when tensor or pipeline parallel
         self._reduce = None
         self._workers_released = False
@@ -255,9 +257,9 @@ class AsyncEngine(EngineFront):
 
     # --- the engine thread -----------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.device.type == "cuda":  # a new thread starts on GPU 0: Triton and graphs use the current one
-            torch.cuda.set_device(self.device)
         try:
+            if self.device.type == "cuda":  # a new thread starts on GPU 0: Triton and graphs use the current one
+                torch.cuda.set_device(self.device)
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():

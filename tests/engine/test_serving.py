@@ -218,3 +218,17 @@ def test_outputs_that_queued_up_are_merged():
     assert len(got) == 1 and got[0].new_token_ids == [10, 11, 12] and got[0].text_delta == "t0t1t2"
     assert got[0].logprobs == [{10: -0.5}, {11: -0.5}, {12: -0.5}] and got[0].num_output_tokens == 3
     assert aborted == [True]  # the stream ended without its finished output
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_engine_thread_failing_before_its_loop_fails_requests_instead_of_hanging(reference):
+    """Everything the engine thread does, its device set-up included, runs under the handler that fails
+    waiting clients: a request must get the error, not wait forever."""
+    folder, _ = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu"))
+    engine.device = type("Dev", (), {"type": "cuda"})()  # set_device of a bogus device raises in the thread
+
+    async def ask():
+        with pytest.raises((RuntimeError, ValueError)):
+            await asyncio.wait_for(_collect(engine, [1, 2, 3], greedy(2)), timeout=30)
+    _run(engine, ask)
