@@ -59,3 +59,17 @@ def test_failed_registration_falls_back_to_the_caching_allocator(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
     t = pinned.pinned_empty((4, 4), torch.float32, min_register_bytes=0)
     assert t.shape == (4, 4) and calls[-1] is True and not fake.registered
+
+
+def test_device_copies_go_in_pieces_that_cover_every_row(monkeypatch):
+    """The chunked host->device weight copy (so small copies on other streams are not held back) moves
+    exactly the requested rows, whatever the chunk size."""
+    from flexserve.memory import tiers as tiers_mod
+    t = tiers_mod.Tiers(torch.device("cpu"))
+    t.is_cuda = True  # the chunked path; the copies themselves are ordinary CPU copies here
+    src = t.store(tiers_mod.Tier.CPU, torch.arange(70 * 6, dtype=torch.float32).view(70, 6))
+    for chunk in (4, 24, 100, 1 << 20):  # < one row, exact rows, uneven, all at once
+        monkeypatch.setattr(tiers_mod, "COPY_CHUNK_BYTES", chunk)
+        dst = torch.full((70, 6), -1.0)
+        t.read_rows(src, dst, 3, 67)
+        assert torch.equal(dst[3:67], src.data[3:67]) and (dst[:3] == -1).all() and (dst[67:] == -1).all()
