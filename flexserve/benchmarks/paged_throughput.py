@@ -50,9 +50,7 @@ def run_paged_throughput(args, policy) -> int:
     async def main():
         engine.start()
         try:
-            # Warm-up at the measured batch size: kernels compile and the decode graph of this bucket is
-            # captured before the clock starts (short prompts, three tokens).
-            await run_all([q[:16] for q in prompts], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+            await engine.warm_up()  # kernels compile and decode graphs are captured before the clock starts
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             return await run_all(prompts, params)

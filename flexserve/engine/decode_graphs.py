@@ -85,11 +85,25 @@ class DecodeGraphs:
         self.tables[:rows, :width].copy_(batch.block_tables)
         self.ctx_lens[:rows].copy_(batch.ctx_lens)
         if bucket > rows:
-            self.ids[:, rows:bucket].zero_()
-            self.positions[:, rows:bucket].zero_()
-            self.slots[rows:bucket].fill_(self.scratch_slot)
-            self.tables[rows:bucket, 0].fill_(self.scratch_block)
-            self.ctx_lens[rows:bucket].fill_(1)
+            self._pad(rows, bucket)
+
+    def _pad(self, lo: int, hi: int) -> None:
+        """Rows [lo, hi) become padding: one token at position 0 whose KV goes to the scratch block."""
+        self.ids[:, lo:hi].zero_()
+        self.positions[:, lo:hi].zero_()
+        self.slots[lo:hi].fill_(self.scratch_slot)
+        self.tables[lo:hi, 0].fill_(self.scratch_block)
+        self.ctx_lens[lo:hi].fill_(1)
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, at start-up, so that no request waits for a kernel compile or a capture
+        (tens of buckets at ~0.1 s each would otherwise land inside the first seconds of serving)."""
+        if not self.capture:
+            return
+        self._pad(0, self.buckets[-1])
+        for bucket in self.buckets:
+            if bucket not in self.graphs:
+                self.graphs[bucket] = self._capture(bucket)
 
     def _capture(self, bucket: int) -> tuple[object, torch.Tensor]:
         static = self._static(bucket)

@@ -113,6 +113,19 @@ class EngineFront:
         params = self.validate(list(prompt_token_ids), params)
         return params, request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
+    async def warm_up(self) -> None:
+        """Serve a few throw-away requests before the first real one: prompts of several lengths at once, so
+        that prefill, chunked and mixed steps compile their kernels (Triton specialises on sizes) and the
+        decode graphs are captured (the engine thread captures all buckets as it starts). Without it the
+        first clients of a GPU server pay seconds of compilation. Their tokens count in the engine's stats."""
+        vocab, limit = self.model_config.vocab_size, self.model_config.max_position
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+        async def one(n: int) -> None:
+            async for _ in self.generate([(7 * i + 3) % vocab for i in range(n)], params):
+                pass
+        await asyncio.gather(*(one(n) for n in (1, 7, 16, 33, 130, 515, 1100) if n + 4 <= limit))
+
 
 class AsyncEngine(EngineFront):
     """Continuous-batching engine behind the HTTP server (see module docstring)."""
@@ -260,6 +273,8 @@ class AsyncEngine(EngineFront):
         try:
             if self.device.type == "cuda":  # a new thread starts on GPU 0: Triton and graphs use the current one
                 torch.cuda.set_device(self.device)
+            if self.graphs is not None:
+                self.graphs.capture_all()
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():

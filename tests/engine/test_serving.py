@@ -232,3 +232,20 @@ def test_engine_thread_failing_before_its_loop_fails_requests_instead_of_hanging
         with pytest.raises((RuntimeError, ValueError)):
             await asyncio.wait_for(_collect(engine, [1, 2, 3], greedy(2)), timeout=30)
     _run(engine, ask)
+
+
+def test_warm_up_serves_and_leaves_nothing_behind(reference):
+    """The start-up warm-up runs its throw-away requests to the end (lengths up to the context window) and
+    leaves the engine idle with every KV block free; a real request afterwards is unaffected."""
+    folder, ref = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=400,
+                                      block_size=8, max_num_seqs=8, prefill_chunk_size=16))
+
+    async def go():
+        await engine.warm_up()
+        stats = engine.stats()
+        assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0
+        assert stats["generated_tokens"] == 4 * 4  # lengths 1, 7, 16, 33 fit its 128-token window, 4 tokens each
+        toks, _, _ = await _collect(engine, PROMPTS[0], greedy(LENGTHS[0]))
+        return toks
+    assert _run(engine, go) == ref[0]
