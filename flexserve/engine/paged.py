@@ -8,7 +8,7 @@ through the block tables is in `paged_batch.py`.
 Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream from pinned staging
 memory, without blocking the host: the compute stream waits on the copy event, and the host-side scatter of
 swapped-out blocks is finished at the start of the next step. Copies the scheduler marks "ahead" are issued
-after the compute stream's wait, so they overlap this step's compute (the engine's `_execute`).
+after this step's forward is queued, so they overlap its compute (the engine's `_execute`).
 """
 from __future__ import annotations
 
@@ -46,19 +46,31 @@ class PagedKV:
         return cfg.num_layers * 2 * block_size * cfg.kv_size * torch.empty((), dtype=dtype).element_size()
 
     # --- swaps -----------------------------------------------------------------------------------------------
-    def swap(self, out_pairs: list[tuple[int, int]], in_pairs: list[tuple[int, int]], wait: bool) -> None:
+    def mark(self):
+        """An event at the current point of the compute stream (None without CUDA), for `swap(after=...)`."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def swap(self, out_pairs: list[tuple[int, int]], in_pairs: list[tuple[int, int]], wait: bool,
+             after=None) -> None:
         """Copy blocks device->host (out_pairs: (gpu, cpu)) then host->device (in_pairs: (cpu, gpu)).
 
-        With `wait`, the copies are complete (host side) or ordered before later compute (device side) when
-        this returns; otherwise they are left in flight until `finish_pending()`.
+        The copies start once the compute stream reaches `after` (a `mark()`), or everything queued on it so
+        far. With `wait`, the copies are complete (host side) or ordered before later compute (device side)
+        when this returns; otherwise they are left in flight until `finish_pending()`.
         """
         if not out_pairs and not in_pairs:
             return
         if not self.is_cuda:
             self._swap_sync(out_pairs, in_pairs)
             return
-        compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)  # blocks written by earlier steps are complete before we read them
+        if after is not None:  # blocks written by earlier steps are complete before we read them
+            self.stream.wait_event(after)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             staged_out = None
             if out_pairs:

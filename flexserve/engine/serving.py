@@ -461,19 +461,24 @@ class AsyncEngine(EngineFront):
         Returns the batch and the logits of its sampled rows (none when `sample` is False).
 
         The copies this step needs are ordered before its compute; the copies ahead of need (blocks this
-        step does not touch) are issued after that ordering, so on a GPU they run on the copy stream while
-        this step computes, and the next step's `finish_pending` waits for them."""
+        step does not touch) are issued once the forward is queued, behind a marker of the work before it, so
+        on a GPU they run on the copy stream while this step computes (issued before the forward they would
+        finish while the host is still building the batch, overlapping nothing), and the next step's
+        `finish_pending` waits for them."""
         self.kv.finish_pending()
         self.kv.swap(swap_out, swap_in, wait=False)
         self.kv.order_before_compute()
-        self.kv.swap(swap_out_ahead, swap_in_ahead, wait=False)
-        if not seqs:
-            return None, None
-        batch = PagedBatch.build(seqs, self.config.block_size, self.device)
-        rows = batch.sample_rows if sample else batch.sample_rows[:0]
-        if self.graphs is not None and self.graphs.applies(batch):
-            return batch, self.graphs.run(batch)[rows]
-        return batch, self._model_forward(batch, rows)
+        before_forward = self.kv.mark()
+        batch, logits = None, None
+        if seqs:
+            batch = PagedBatch.build(seqs, self.config.block_size, self.device)
+            rows = batch.sample_rows if sample else batch.sample_rows[:0]
+            if self.graphs is not None and self.graphs.applies(batch):
+                logits = self.graphs.run(batch)[rows]
+            else:
+                logits = self._model_forward(batch, rows)
+        self.kv.swap(swap_out_ahead, swap_in_ahead, wait=False, after=before_forward)
+        return batch, logits
 
     def run_worker(self) -> None:
         """A parallel rank other than 0: execute rank 0's plans until it sends None."""
