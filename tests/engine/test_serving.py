@@ -53,8 +53,18 @@ def _run(engine, coro_fn):
     ("skip-join-mlfq", 24, 2, "recomputes"),
 ])
 def test_concurrent_requests_match_offline(reference, scheduler, gpu_blocks, cpu_blocks, expect):
+    _check_concurrent(reference, scheduler, gpu_blocks, cpu_blocks, expect, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream needs a GPU")
+def test_swaps_on_the_copy_stream_keep_outputs_exact(reference):
+    """On a GPU, swaps (ahead of need ones overlapping the forward) must not change a single token."""
+    _check_concurrent(reference, "skip-join-mlfq", 24, 400, "swaps", "cuda")
+
+
+def _check_concurrent(reference, scheduler, gpu_blocks, cpu_blocks, expect, device):
     folder, ref = reference
-    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", scheduler=scheduler,
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device=device, scheduler=scheduler,
                                       num_gpu_blocks=gpu_blocks, num_cpu_blocks=cpu_blocks, block_size=8,
                                       max_num_seqs=6, prefill_chunk_size=16, max_num_batched_tokens=64))
 
