@@ -8,7 +8,7 @@ M="--model dummy:llama-3-8b --dtype bfloat16"
 BS="python3 -m flexserve.cli bench serve --json"
 RATE=${RATE:-12}; N=${N:-300}
 for stage in "$@"; do case $stage in
-  kernel) TAIL=15 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_attention.py tests/engine/test_serving.py -k "kernel or captured" ;;
+  kernel) TAIL=15 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_attention.py tests/engine/test_serving.py -k "kernel or captured or copy_stream" ;;
   peer) run python3 bench/peer_transformers_serving.py 256 ;;
   batch) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
       --max-num-seqs 256 --max-num-batched-tokens 8192 --plot $OUT/serve_batch256.png ;;
