@@ -171,7 +171,7 @@ class LLM:
             block = [seqs[i] for i in order[lo:lo + step]]
             seq_len = max(len(s.prompt_ids) for s in block) + max(s.params.max_tokens for s in block)
             check_fits(self.config, policy, self._dtype_bytes(), seq_len, self.device, self.gpu_limit,
-                       self.cpu_limit)
+                       self.cpu_limit, weights_placed=True)
             run_block(self.executor, block, policy.gpu_batch_size, self._stop_check,
                       (lambda n, b=len(block): bar.update(n * b)) if bar is not None else None)
         if bar is not None:

@@ -51,15 +51,23 @@ def available(device: torch.device) -> TierBytes:
 
 
 def check_fits(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int, device: torch.device,
-               gpu_limit: int | None = None, cpu_limit: int | None = None) -> None:
-    """Raise PolicyError when the weights plus the block's cache exceed a tier's free (or capped) memory."""
+               gpu_limit: int | None = None, cpu_limit: int | None = None, weights_placed: bool = False) -> None:
+    """Raise PolicyError when the weights plus the block's cache exceed a tier's free (or capped) memory.
+
+    `weights_placed`: the weights already sit in their tiers (a check before each block), so the memory they
+    hold is no longer "free" but is still this process's to use: it is counted back, or a model whose
+    weights fill most of host memory would be refused for needing them twice."""
     free = available(device)
-    gpu_cap = min(free.gpu, gpu_limit) if gpu_limit else free.gpu
-    cpu_cap = min(free.cpu, cpu_limit) if cpu_limit else free.cpu
     w, c = weight_bytes(cfg, policy, dtype_bytes), cache_bytes(cfg, policy, dtype_bytes, seq_len)
     need_gpu, need_cpu = w.gpu + c.gpu, w.cpu + c.cpu
     if device.type != "cuda":  # one physical memory holds both tiers
         need_gpu = need_cpu = need_gpu + need_cpu
+    placed_gpu, placed_cpu = (w.gpu, w.cpu) if device.type == "cuda" else (w.gpu + w.cpu,) * 2
+    if not weights_placed:
+        placed_gpu = placed_cpu = 0
+    have_gpu, have_cpu = free.gpu + placed_gpu, free.cpu + placed_cpu
+    gpu_cap = min(have_gpu, gpu_limit) if gpu_limit else have_gpu
+    cpu_cap = min(have_cpu, cpu_limit) if cpu_limit else have_cpu
     for tier, need, cap in (("GPU", need_gpu, gpu_cap), ("CPU", need_cpu, cpu_cap)):
         if need > cap:
             raise PolicyError(
