@@ -41,7 +41,7 @@ def transfer_bound(llm, h2d_gbps: float, disk_gbps: float | None) -> dict:
         for h in layer.streamed.values():
             if h.tier is Tier.DISK:
                 disk += h.nbytes
-            else:
+            elif h.tier is Tier.CPU:  # packed weights kept on the GPU never cross PCIe
                 cpu += h.nbytes
     step = cpu / (h2d_gbps * 1e9) + (disk / (disk_gbps * 1e9) if disk and disk_gbps else 0.0)
     return {"offloaded_cpu_bytes": cpu, "offloaded_disk_bytes": disk, "bound_step_s": step}

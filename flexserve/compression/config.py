@@ -11,6 +11,12 @@ SUPPORTED_BITS = (4, 8)
 SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def compression_ratio(num_bits: int, group_size: int, dtype_bytes: int) -> float:
+    """Stored bytes per original byte of group-wise quantisation: packed values plus an fp16 scale and min
+    per group (4-bit, group 64, fp16: (0.5 + 4/64) / 2 = 0.28)."""
+    return (num_bits / 8 + 4 / group_size) / dtype_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class CompressionConfig:
     """Group-wise asymmetric min/max quantisation settings.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..errors import PolicyError
 from .policy import Policy
@@ -32,7 +33,10 @@ class TierBytes:
 
 
 def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierBytes:
+    """Weight bytes per tier; with compress_weight every tier holds the packed form (the planner's count)."""
     total = cfg.num_params() * dtype_bytes
+    if policy.compress_weight:
+        total *= compression_ratio(policy.comp_num_bits, policy.comp_group_size, dtype_bytes)
     return TierBytes(int(total * policy.w_gpu_percent / 100), int(total * policy.w_cpu_percent / 100),
                      int(total * policy.w_disk_percent / 100))
 

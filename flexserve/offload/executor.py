@@ -165,9 +165,11 @@ class OffloadExecutor:
         with self.load_lane.context():
             for name, h in layer.streamed.items():
                 if isinstance(h, CompressedHandle):  # move the packed bytes, then unpack on the GPU
-                    packed, staging = stage[name]
-                    for k, part in h.parts.items():
-                        self.tiers.read_rows(part, getattr(packed, k), 0, part.shape[0], staging.get(k))
+                    packed = h.on_device(self.device)
+                    if packed is None:
+                        packed, staging = stage[name]
+                        for k, part in h.parts.items():
+                            self.tiers.read_rows(part, getattr(packed, k), 0, part.shape[0], staging.get(k))
                     decompress(packed, out=gpu[name])
                 else:
                     self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))

@@ -21,9 +21,10 @@ EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
 
 @dataclass
 class CompressedHandle:
-    """An offloaded weight kept group-wise quantised: its packed data, scales and minima each on a tier.
+    """A weight kept group-wise quantised: its packed data, scales and minima each on a tier (the GPU's too).
 
-    Only these bytes cross PCIe; the executor rebuilds the full tensor on the GPU after the copy."""
+    Only these bytes cross PCIe; the executor rebuilds the full tensor on the GPU after the copy (or straight
+    from the packed GPU copy)."""
 
     parts: dict[str, Handle]  # "data", "scale", "min"
     shape: tuple[int, ...]
@@ -40,6 +41,14 @@ class CompressedHandle:
 
     def empty_on(self, device: torch.device) -> CompressedTensor:
         return CompressedTensor.empty(self.shape, self.dtype, self.config, device=device)
+
+    def on_device(self, device: torch.device) -> CompressedTensor | None:
+        """The packed tensor itself when every part already lives on `device` (nothing to copy), else None."""
+        if any(h.data is None or h.data.device != device for h in self.parts.values()):
+            return None
+        return CompressedTensor(data=self.parts["data"].data, scale=self.parts["scale"].data,
+                                min=self.parts["min"].data, shape=torch.Size(self.shape), dtype=self.dtype,
+                                config=self.config)
 
 
 @dataclass
@@ -81,13 +90,15 @@ def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, 
         t = tensors[name].to(dtype)
         tier = tier_by_fraction(mid, policy.w_gpu_percent, policy.w_cpu_percent)
         label = f"{layer.kind}{layer.index}.{name}"
-        if tier is Tier.GPU:
-            layer.resident[name] = t.to(tiers.device)
-        elif policy.compress_weight and t.dim() == 2 and name not in EMBED_KEYS:
+        if policy.compress_weight and t.dim() == 2 and name not in EMBED_KEYS:
+            # Every tier keeps the packed form, the GPU's too (FlexGen's meaning of compress_weight, and the
+            # planner's byte counts): a GPU-tier weight is unpacked into the layer's slot when it runs.
             cfg = CompressionConfig(num_bits=policy.comp_num_bits, group_size=policy.comp_group_size)
             c = compress(t.to(tiers.device), cfg)  # quantise where the tensor is (fast on a GPU)
             parts = {k: tiers.store(tier, getattr(c, k), name=f"{label}.{k}") for k in ("data", "scale", "min")}
             layer.offloaded[name] = CompressedHandle(parts, tuple(t.shape), dtype, cfg)
+        elif tier is Tier.GPU:
+            layer.resident[name] = t.to(tiers.device)
         else:
             layer.offloaded[name] = tiers.store(tier, t, name=label)
 

@@ -34,7 +34,7 @@ class Policy:
     pin_weight: bool = True
     cpu_cache_compute: bool = False
     attn_sparsity: float = 1.0
-    compress_weight: bool = False
+    compress_weight: bool = False  # every decoder/head matrix stored 4/8-bit on its tier, unpacked on the GPU per use
     compress_cache: bool = False
     comp_group_size: int = 64
     comp_num_bits: int = 4

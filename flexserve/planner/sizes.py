@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..offload.policy import Policy
 
 EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")  # the executor's embed pseudo-layer
-
-
-def compression_ratio(num_bits: int, group_size: int, dtype_bytes: int) -> float:
-    """Stored bytes per original byte of group-wise quantisation: packed values plus an fp16 scale and min
-    per group (4-bit, group 64, fp16: (0.5 + 4/64) / 2 = 0.28)."""
-    return (num_bits / 8 + 4 / group_size) / dtype_bytes
 
 
 def dtype_name(dtype_bytes: int) -> str:

@@ -260,3 +260,30 @@ def test_cpu_attention_over_a_bfloat16_host_cache(tiny_model, tmp_path):
     assert 0 < err < 0.05
     with pytest.raises(PolicyError, match="cpu_attention_dtype"):
         Policy(cpu_attention_dtype="int8")
+
+
+def test_compressed_weights_are_packed_on_every_tier_and_placement_does_not_change_outputs(tiny_model, tmp_path):
+    """With compress_weight the GPU tier keeps the packed form too (the memory the planner and the budget
+    check count); quantisation is the same wherever a weight lives, so every placement gives the same
+    tokens, bit for bit."""
+    from flexserve.offload.placement import CompressedHandle
+
+    folder, _ = tiny_model("llama-gqa")
+    outs = {}
+    expected_tiers = {(100, 0, 100, 0, 100, 0): {"gpu"}, (30, 40, 100, 0, 100, 0): {"gpu", "cpu", "disk"},
+                      (0, 100, 100, 0, 100, 0): {"cpu"}}
+    for percent, expected in expected_tiers.items():
+        policy = Policy.from_percent(percent, compress_weight=True, comp_group_size=32, gpu_batch_size=2,
+                                     num_gpu_batches=2)
+        with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+            layers = llm.executor.layers
+            unpacked = [n for layer in layers if layer.kind == "decoder" for n, t in layer.resident.items()
+                        if t.dim() == 2]
+            assert not unpacked  # no decoder matrix is kept unpacked, on any tier (norms are vectors)
+            tiers = {h.tier.value for layer in layers for h in layer.streamed.values()
+                     if isinstance(h, CompressedHandle)}
+            assert tiers == expected
+            outs[percent] = [o.outputs[0].token_ids
+                             for o in llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
+    first = next(iter(outs.values()))
+    assert all(v == first for v in outs.values())
