@@ -11,7 +11,7 @@ for stage in "$@"; do case $stage in
   kernel) TAIL=15 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_attention.py tests/engine/test_serving.py -k "kernel or captured or copy_stream" ;;
   peer) run python3 bench/peer_transformers_serving.py 256 ;;
   batch) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
-      --max-num-seqs 256 --max-num-batched-tokens 8192 --plot $OUT/serve_batch256.png ;;
+      --max-num-seqs 256 --max-num-batched-tokens 8192 --no-engine-process --plot $OUT/serve_batch256.png ;;
   batch-ep) run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs \
       --max-num-seqs 256 --max-num-batched-tokens 8192 --engine-process ;;
   batch-gather) FLEXSERVE_PAGED_ATTENTION=gather run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-gpu-blocks 16000 \

@@ -37,9 +37,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
                         "one GPU); tp x pp = the number of torchrun processes")
     g.add_argument("--engine-process", dest="engine_process", action="store_true", default=None,
                    help="run the engine in a child process, so that HTTP streaming and the engine loop do not "
-                        "share one interpreter lock (default: off)")
+                        "share one interpreter lock (default: on with a GPU, off on a CPU)")
     g.add_argument("--no-engine-process", dest="engine_process", action="store_false",
-                   help="run the engine in the server's own process (the default)")
+                   help="run the engine in the server's own process (the default on a CPU)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and A/B runs)")
 

@@ -81,3 +81,29 @@ def test_disconnect_aborts_in_the_engine_process():
         assert stats["generated_tokens"] < 2000
     finally:
         server.stop()
+
+
+def test_warm_up_through_the_engine_process(tiny_model):
+    """The start-up warm-up a GPU server runs goes through the child-process engine like any request."""
+    import asyncio
+
+    folder, _ = tiny_model("llama-gqa")
+    engine = make_engine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=64,
+                                      block_size=8), separate_process=True)
+
+    async def go():
+        engine.start()
+        try:
+            await engine.warm_up()
+            for _ in range(100):  # the child pushes its stats every 50 ms
+                if engine.stats().get("finished_requests") == 4:
+                    break
+                await asyncio.sleep(0.05)
+            return engine.stats()
+        finally:
+            await engine.shutdown()
+    try:
+        stats = asyncio.run(go())
+    finally:
+        engine.release_memory()
+    assert stats["finished_requests"] == 4 and stats["kv_blocks_used"] == 0  # 1, 7, 16, 33 tokens fit 128
