@@ -60,6 +60,10 @@ class Hardware:
     # of one collective. 0 = unknown (a parallel estimate then needs it given explicitly).
     gpu_link_bw: float = 0.0
     gpu_link_latency_s: float = 0.0
+    # Fraction of CPU-attention time during which the weight stream to the GPU keeps flowing: 1 = fully
+    # overlapped (the ideal schedule), 0 = the two add up. A property of the executor on this machine, fitted
+    # from a measured run (the h100 profile's value and how it was fitted: bench/RESULTS.md section 2).
+    cpu_attention_overlap: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -68,8 +72,12 @@ class Hardware:
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be a finite number, got {v!r}")
-            if f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
-                          "gpu_link_latency_s"):
+            if f.name == "cpu_attention_overlap":
+                if not 0 <= v <= 1:
+                    raise PolicyError(f"hardware profile {self.name!r}: cpu_attention_overlap must be in [0, 1], "
+                                      f"got {v}")
+            elif f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
+                            "gpu_link_latency_s"):
                 if v < 0:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be >= 0, got {v}")
             elif v <= 0:
@@ -124,9 +132,10 @@ def _h100() -> Hardware:
         disk_read_bw=0.91e9, disk_write_bw=1.2e9,
         gpu_flops_fp16=785e12, gpu_flops_bf16=777e12, gpu_flops_fp32=51e12,
         gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=230e-6, cpu_attention_bw=37e9,
-        gpu_link_bw=329e9, gpu_link_latency_s=15e-6,
+        gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.4,
         notes="REFERENCE.md figures (H100 80GB HBM3, PCIe Gen5, 16 cores); disk measured with O_DIRECT; "
-              "layer overhead and fp16 CPU-attention rate fitted to flexserve's own H100 runs (bench/RESULTS.md); "
+              "layer overhead, fp16 CPU-attention rate and its overlap with the weight stream fitted to "
+              "flexserve's own H100 runs (bench/RESULTS.md); "
               "GPU link: NCCL all-reduce bus bandwidth on the 2x H100 machine (device KINDS.md), typical latency",
     )
 

@@ -163,3 +163,22 @@ def test_estimate_cost_model_is_consistent_with_build():
     model = build(OPT30, p, T4, 256, 16)
     e = estimate(OPT30, p, T4, 256, 16)
     assert model.total_time(point(*p.percent)) == pytest.approx(e.total_s)
+
+
+def test_cpu_attention_overlap_slows_only_cpu_attention_policies():
+    """The fitted overlap of CPU attention with the weight stream: 1 is the ideal schedule, lower values make
+    CPU-attention policies slower (never faster) and leave every other policy alone."""
+    import dataclasses
+
+    from flexserve.errors import PolicyError
+    from flexserve.planner.hardware import profile
+
+    hw = profile("h100")
+    ideal, serial = dataclasses.replace(hw, cpu_attention_overlap=1.0), dataclasses.replace(hw, cpu_attention_overlap=0.0)
+    cpu_attn = Policy.from_percent((20, 80, 0, 100, 0, 100), gpu_batch_size=16, num_gpu_batches=3, cpu_cache_compute=True)
+    gpu_attn = Policy.from_percent((20, 80, 100, 0, 100, 0), gpu_batch_size=16, num_gpu_batches=3)
+    speeds = [estimate(OPT30, cpu_attn, h, 512, 32).decode_tok_s for h in (ideal, hw, serial)]
+    assert speeds[0] > speeds[1] > speeds[2]
+    assert estimate(OPT30, gpu_attn, ideal, 512, 32).decode_tok_s == estimate(OPT30, gpu_attn, serial, 512, 32).decode_tok_s
+    with pytest.raises(PolicyError, match="cpu_attention_overlap"):
+        dataclasses.replace(hw, cpu_attention_overlap=1.5)
