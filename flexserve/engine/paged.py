@@ -31,7 +31,7 @@ class PagedKV:
         shape = (cfg.num_layers, 2, num_gpu_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.gpu = torch.zeros(shape, dtype=dtype, device=device)
         cpu_shape = (cfg.num_layers, 2, num_cpu_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.cpu = pinned_empty(cpu_shape, dtype, pin=device.type == "cuda").zero_()
+        self.cpu = pinned_empty(cpu_shape, dtype, pin=device.type == "cuda", zeroed=True, device=device)
         self.is_cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._pending: list[tuple[object, torch.Tensor | None, torch.Tensor | None]] = []

@@ -46,7 +46,13 @@ class PipeSink:
 
 def _engine_main(config: EngineConfig, conn) -> None:
     """The child process: build the engine, report, then serve commands until shutdown."""
+    import signal
+
     from .serving import AsyncEngine
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent drains the server and then shuts this
+    # engine down over the pipe, so the child must not die of the same SIGINT mid-step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     try:
         engine = AsyncEngine(config)

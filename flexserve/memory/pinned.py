@@ -3,50 +3,72 @@
 Why not `torch.empty(..., pin_memory=True)` for those: PyTorch's caching host allocator rounds every request
 up to a power of two (a 168 MB fused QKV weight takes 256 MB) and pins with one `cudaHostAlloc` that faults
 and locks every page on one thread. For a 70B model streamed from host memory that is ~164 GB pinned for
-141 GB of weights, and minutes of start-up. Here a large buffer is ordinary host memory whose pages are
-first touched by all intra-op threads (`zero_`), then registered with `cudaHostRegister`, exactly sized; the
-registration is dropped when the buffer is garbage-collected. Small buffers, and any failure to register,
-use the caching allocator as before; without CUDA nothing is pinned.
+141 GB of weights, and minutes of start-up. Here a large buffer is an anonymous memory map (page-aligned,
+whole pages, never shared with another allocation) whose pages are first touched by all intra-op threads
+(`zero_`), then registered with `cudaHostRegister`, exactly sized. The map is the memory's owner: every
+tensor or view of it keeps it alive, and the registration is dropped only when the last one is gone. Small
+buffers, and any failure to register, use the caching allocator as before; without CUDA nothing is pinned.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
+import warnings
 import weakref
 
 import torch
 
 REGISTER_MIN_BYTES = 64 << 20  # below this the caching allocator's rounding costs little
-_PAGE = 4096
 
 
-def _register(ptr: int, size: int) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0)) == 0
+def _register(ptr: int, size: int, device: torch.device | None) -> bool:
+    # cudaHostRegister works through the calling thread's current device: name ours, so that a process
+    # serving on cuda:1 does not open a context on cuda:0 for it.
+    ctx = torch.cuda.device(device) if device is not None and device.index is not None else contextlib.nullcontext()
+    with ctx:
+        ok = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 0)) == 0
+    if not ok:
+        _clear_cuda_error()
+    return ok
+
+
+def _clear_cuda_error() -> None:
+    """A failed runtime call leaves its error for the thread's next `cudaGetLastError`, which PyTorch reads
+    after its next kernel launch and would report there; read it now (best effort: the runtime library is the
+    one torch loaded)."""
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).cudaGetLastError()
+            return
 
 
 def _unregister(ptr: int) -> None:
-    try:
+    with contextlib.suppress(Exception):
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:  # interpreter shutdown: the process is going away anyway
-        pass
 
 
-def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = True,
-                 min_register_bytes: int = REGISTER_MIN_BYTES) -> torch.Tensor:
-    """An uninitialised host tensor, page-locked when `pin` (and CUDA is available)."""
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = True, zeroed: bool = False,
+                 device: torch.device | None = None, min_register_bytes: int = REGISTER_MIN_BYTES) -> torch.Tensor:
+    """A host tensor, page-locked when `pin` (and CUDA is available) for copies to `device`; zero-filled when
+    `zeroed` (large buffers always are: their pages are touched before registering)."""
     numel = 1
     for s in shape:
         numel *= s
     size = numel * torch.empty((), dtype=dtype).element_size()
+    make = torch.zeros if zeroed else torch.empty
     if not pin or not torch.cuda.is_available():
-        return torch.empty(shape, dtype=dtype)
-    if size < min_register_bytes:
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    raw = torch.empty(size + _PAGE, dtype=torch.uint8)
-    offset = (-raw.data_ptr()) % _PAGE  # register whole pages only
-    body = raw[offset:offset + size]
-    body.zero_()  # fault the pages in on every intra-op thread; registering then only locks them
-    if not _register(body.data_ptr(), size):
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    weakref.finalize(raw, _unregister, body.data_ptr())
-    out = body.view(dtype).view(shape)
-    out._pinned_owner = raw  # the registration lives as long as some tensor on the Python side refers to it
-    return out
+        return make(shape, dtype=dtype)
+    if size < min_register_bytes or size == 0:
+        return make(shape, dtype=dtype, pin_memory=True)
+    owner = mmap.mmap(-1, size)
+    with warnings.catch_warnings():  # frombuffer warns that the buffer is writable: it is meant to be
+        warnings.simplefilter("ignore")
+        raw = torch.frombuffer(owner, dtype=torch.uint8)
+    raw.zero_()  # fault the pages in on every intra-op thread; registering then only locks them
+    if not _register(raw.data_ptr(), size, device):
+        del raw
+        owner.close()
+        return make(shape, dtype=dtype, pin_memory=True)
+    weakref.finalize(owner, _unregister, raw.data_ptr()).atexit = False
+    return raw.view(dtype).view(shape)

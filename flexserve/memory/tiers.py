@@ -165,7 +165,7 @@ class Tiers:
         return self._disk
 
     def empty_cpu(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return pinned_empty(shape, dtype, pin=self.pin)
+        return pinned_empty(shape, dtype, pin=self.pin, device=self.device)
 
     def allocate(self, tier: Tier, shape: tuple[int, ...], dtype: torch.dtype, name: str = "t") -> Handle:
         """Uninitialised storage on a tier (disk files are created sparse)."""

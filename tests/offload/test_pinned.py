@@ -27,20 +27,26 @@ class FakeCudart:
 
 def test_without_cuda_nothing_is_pinned():
     t = pinned.pinned_empty((3, 5), torch.float16)
-    assert t.shape == (3, 5) and t.dtype == torch.float16 and not hasattr(t, "_pinned_owner")
+    assert t.shape == (3, 5) and t.dtype == torch.float16
+    assert (pinned.pinned_empty((4, 4), torch.float32, zeroed=True) == 0).all()
 
 
-def test_large_buffer_is_registered_exactly_and_released(monkeypatch):
+def test_large_buffer_is_registered_exactly_and_released_after_its_last_view(monkeypatch):
     fake = FakeCudart()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
     t = pinned.pinned_empty((7, 1000, 3), torch.bfloat16, min_register_bytes=0)
-    assert t.shape == (7, 1000, 3) and t.dtype == torch.bfloat16
+    assert t.shape == (7, 1000, 3) and t.dtype == torch.bfloat16 and (t == 0).all()
     (ptr, size), = fake.registered.items()
     assert ptr == t.data_ptr() and ptr % 4096 == 0 and size == 7 * 1000 * 3 * 2
     t.copy_(torch.arange(21000, dtype=torch.bfloat16).view(7, 1000, 3))  # the memory is usable
     assert float(t[6, 999, 2]) == float(torch.tensor(20999, dtype=torch.bfloat16))
+    view = t[2:].view(torch.uint8)
     del t
+    gc.collect()
+    assert fake.unregistered == []  # a view still uses the memory: it stays registered
+    assert view.numel() == 5 * 1000 * 3 * 2
+    del view
     gc.collect()
     assert fake.unregistered == [ptr]
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 
 def _free_port() -> int:
@@ -16,13 +17,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ctrl_c_drains_in_flight_requests_and_exits_0():
+@pytest.mark.parametrize("engine_flag", ["--no-engine-process", "--engine-process"])
+def test_ctrl_c_drains_in_flight_requests_and_exits_0(engine_flag):
+    """Ctrl-C as a terminal sends it: to the whole process group, the engine's child process included."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "flexserve.cli", "serve", "--port", str(port), "--device", "cpu",
-                             "--num-gpu-blocks", "64", "--max-num-seqs", "4", "--log-level", "warning"],
+                             "--num-gpu-blocks", "64", "--max-num-seqs", "4", "--log-level", "warning", engine_flag],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -42,7 +45,7 @@ def test_ctrl_c_drains_in_flight_requests_and_exits_0():
                 elif line.startswith("data: "):
                     tokens += sum(len(c["token_ids"]) for c in json.loads(line[6:])["choices"])
                     if tokens == 3:
-                        proc.send_signal(signal.SIGINT)  # Ctrl-C while the stream is mid-way
+                        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C while the stream is mid-way
                         time.sleep(0.5)
                         try:  # no new connections while draining
                             refused = httpx.get(url + "/health", timeout=2).status_code != 200
