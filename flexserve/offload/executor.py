@@ -119,6 +119,8 @@ class OffloadExecutor:
                               "host cache in place, uncompressed")
         self.policy = policy
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N; compare alike
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.cpu_attention_dtype = (getattr(torch, policy.cpu_attention_dtype) if policy.cpu_attention_dtype
                                     else dtype)
@@ -138,6 +140,9 @@ class OffloadExecutor:
         self._staging_busy: dict[str, object] = {}  # weight slot -> event of its last copy out of staging
         self._act_handles: dict[tuple, Handle] = {}
         self.timers: collections.Counter = collections.Counter()  # host seconds by activity (for profiles)
+        for layer in self.layers:  # the GPU slots of streamed weights now, before anyone sizes a KV pool
+            if layer.streamed:
+                self._weight_slot(layer)
 
     # --- weights ---------------------------------------------------------------------------------------------
     def _weight_slot(self, layer: PseudoLayer):

@@ -180,7 +180,7 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             cpu = max(blk * ctx * sz.kv_token * fv / attn_bw, 4.0 * blk * ctx * cfg.q_size * fv / hw.cpu_flops)
             compute["gpu attention"] = (1 - share("cache", "cpu")) * attn
             compute["cpu attention"] = share("cache", "cpu") * cpu
-            if hw.cpu_attention_overlap < 1:  # the part of it the weight stream does not run beside
+            if p.overlap and hw.cpu_attention_overlap < 1:  # the part the weight stream does not run beside
                 load["stalled by cpu attention"] = share("cache", "cpu") * (cpu * (1 - hw.cpu_attention_overlap))
             load["attn out"] = share("cache", "cpu") * (blk * cfg.q_size * b / hw.h2d_pinned_bw)
             store["qkv"] = share("cache", "cpu") * (blk * (cfg.q_size + 2 * cfg.kv_size) * b / hw.d2h_pinned_bw)

@@ -60,10 +60,13 @@ def model_sizes(config: ModelConfig, policy: Policy, dtype_bytes: int = 2) -> Si
     head_params = _params(head)
     unique = config.num_params()
     kv16 = config.kv_bytes_per_token(b) / config.num_layers
+    embed_params = _params(embed)
+    tied = _params({"embed.weight": glob["embed.weight"]}) if config.tie_word_embeddings else 0
+    # Embedding tables are never packed (the executor gathers rows from them), a tied head included.
     return Sizes(
         layer_params=layer_params, layer_w=layer_params * b * wr, layer_w16=layer_params * b,
-        embed_w=_params(embed) * b * wr, head_w=head_params * b * wr, head_w16=head_params * b,
-        head_params=head_params, total_w=unique * b * wr, total_w16=unique * b,
+        embed_w=embed_params * b, head_w=((head_params - tied) * wr + tied) * b, head_w16=head_params * b,
+        head_params=head_params, total_w=(embed_params + (unique - embed_params) * wr) * b, total_w16=unique * b,
         kv_token=kv16 * cr, kv_token16=kv16,
         up_dim=2 * config.intermediate_size if config.gated_mlp else config.intermediate_size,
     )

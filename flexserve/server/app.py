@@ -85,9 +85,9 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
         with contextlib.suppress(Exception):
             await asyncio.get_running_loop().run_in_executor(None, lambda: engine.tokenizer.hf)
         engine.start()
-        if str(getattr(engine, "device", "cpu")).startswith("cuda"):  # compile and capture before serving
-            await engine.warm_up()
         try:
+            if str(getattr(engine, "device", "cpu")).startswith("cuda"):  # compile and capture before serving
+                await engine.warm_up()
             yield
         finally:
             state.is_shutting_down = True

@@ -259,3 +259,16 @@ def test_warm_up_serves_and_leaves_nothing_behind(reference):
         toks, _, _ = await _collect(engine, PROMPTS[0], greedy(LENGTHS[0]))
         return toks
     assert _run(engine, go) == ref[0]
+
+
+def test_warm_up_skips_what_the_pool_or_queue_cannot_take(reference):
+    """A small KV pool and a short queue refuse some warm-up lengths: the warm-up skips them, not the server."""
+    folder, _ = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=3,
+                                      block_size=8, max_num_seqs=2, max_queue_len=2))
+
+    async def go():
+        await engine.warm_up()
+        return engine.stats()
+    stats = _run(engine, go)
+    assert 0 < stats["finished_requests"] < 4 and stats["kv_blocks_used"] == 0

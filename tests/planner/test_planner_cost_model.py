@@ -106,7 +106,11 @@ def test_compression_shrinks_weights_and_their_transfer():
     plain = estimate(OPT30, p, T4, 512, 32)
     comp = estimate(OPT30, p.replace(compress_weight=True), T4, 512, 32)
     ratio = comp.breakdown["decode.load.weights pcie"] / plain.breakdown["decode.load.weights pcie"]
-    assert ratio == pytest.approx((0.5 + 4 / 64) / 2)
+    # Decoder matrices shrink to 0.28 of their bytes; OPT's tied head (the embedding table) stays full width,
+    # as the executor keeps it.
+    head = OPT30.vocab_size * OPT30.hidden_size
+    layers = OPT30.num_layers * OPT30.num_layer_params()
+    assert ratio == pytest.approx((layers * (0.5 + 4 / 64) / 2 + head) / (layers + head), rel=1e-3)
     assert comp.peak_cpu_bytes < plain.peak_cpu_bytes - 0.6 * OPT30.num_params() * 2
     cache = estimate(OPT30, p.replace(compress_cache=True), T4, 512, 32)
     assert cache.peak_cpu_bytes < plain.peak_cpu_bytes
