@@ -14,6 +14,10 @@ from typing import Any
 
 from .errors import ModelLoadError
 
+# The embedding pseudo-layer's tables: placed like any weight, but never packed by weight compression (rows
+# are gathered from them), and a tied LM head reuses `embed.weight` as it is.
+EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
+
 OPT_ARCHS = {"OPTForCausalLM", "OPTModel"}
 LLAMA_ARCHS = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaModel", "MistralModel", "Qwen2Model",
@@ -133,6 +137,15 @@ class ModelConfig:
 
     def num_params(self) -> int:
         return self.num_layers * self.num_layer_params() + sum(_prod(s) for s in self.global_weight_shapes().values())
+
+    def num_embed_params(self) -> int:
+        return sum(_prod(s) for k, s in self.global_weight_shapes().items() if k in EMBED_KEYS)
+
+    def stored_weight_bytes(self, dtype_bytes: int, packed_ratio: float = 1.0) -> float:
+        """Every weight byte as stored: embedding tables at full width, the rest at `packed_ratio` of it
+        (the compression ratio under weight compression, else 1)."""
+        embed = self.num_embed_params()
+        return (embed + (self.num_params() - embed) * packed_ratio) * dtype_bytes
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Bytes of K and V for one token across all layers."""

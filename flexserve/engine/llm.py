@@ -23,8 +23,10 @@ DEFAULT_MAX_BATCH = 64
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The compute device, a GPU always with its index: tensors report `cuda:N`, device comparisons and
+    threads that select the device by index need the same."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -33,6 +35,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise PolicyError("--device cuda was asked for but this machine has no usable CUDA GPU")
     if dev.type not in ("cuda", "cpu"):
         raise PolicyError(f"device {device!r} is not supported (use cuda or cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

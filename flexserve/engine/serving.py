@@ -136,8 +136,6 @@ class AsyncEngine(EngineFront):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_path, source, self.device, self.dtype = open_model(config.model, config.dtype, config.device)
-        if self.device.type == "cuda" and self.device.index is None:  # the engine thread selects it by index
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.tp: ServingGroup | None = None  # the torchrun group when tensor or pipeline parallel
         self._reduce = None
         self._workers_released = False

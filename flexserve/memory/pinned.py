@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import mmap
 import warnings
 import weakref
@@ -52,10 +53,7 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = True, z
                  device: torch.device | None = None, min_register_bytes: int = REGISTER_MIN_BYTES) -> torch.Tensor:
     """A host tensor, page-locked when `pin` (and CUDA is available) for copies to `device`; zero-filled when
     `zeroed` (large buffers always are: their pages are touched before registering)."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    size = numel * torch.empty((), dtype=dtype).element_size()
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     make = torch.zeros if zeroed else torch.empty
     if not pin or not torch.cuda.is_available():
         return make(shape, dtype=dtype)

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import math
-
 import psutil
 import torch
 
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..errors import PolicyError
-from .placement import EMBED_KEYS
 from .policy import Policy
 
 GiB = 1 << 30
@@ -37,12 +34,9 @@ class TierBytes:
 
 def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierBytes:
     """Weight bytes per tier; with compress_weight every tier holds the matrices packed (the planner's count)."""
-    total = cfg.num_params() * dtype_bytes
-    if policy.compress_weight:  # embedding tables stay at full width (placement never packs them)
-        embed = sum(math.prod(shape) for name, shape in cfg.global_weight_shapes().items()
-                    if name in EMBED_KEYS) * dtype_bytes
-        total = embed + (total - embed) * compression_ratio(policy.comp_num_bits, policy.comp_group_size,
-                                                            dtype_bytes)
+    ratio = compression_ratio(policy.comp_num_bits, policy.comp_group_size, dtype_bytes) \
+        if policy.compress_weight else 1.0
+    total = cfg.stored_weight_bytes(dtype_bytes, ratio)
     return TierBytes(int(total * policy.w_gpu_percent / 100), int(total * policy.w_cpu_percent / 100),
                      int(total * policy.w_disk_percent / 100))
 

@@ -118,9 +118,7 @@ class OffloadExecutor:
             raise PolicyError("--compress-cache and --cpu-cache-compute do not combine: CPU attention reads the "
                               "host cache in place, uncompressed")
         self.policy = policy
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N; compare alike
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.device(device)  # an indexed GPU (resolve_device): packed weights compare by it
         self.dtype = dtype
         self.cpu_attention_dtype = (getattr(torch, policy.cpu_attention_dtype) if policy.cpu_attention_dtype
                                     else dtype)

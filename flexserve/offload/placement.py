@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compression import CompressedTensor, CompressionConfig, compress
+from ..config import EMBED_KEYS
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..weights import WeightSource, layer_weights
 from .policy import Policy
 
-EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
 
 
 @dataclass

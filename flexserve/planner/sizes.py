@@ -8,10 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..compression.config import compression_ratio
-from ..config import ModelConfig
+from ..config import EMBED_KEYS, ModelConfig
 from ..offload.policy import Policy
-
-EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")  # the executor's embed pseudo-layer
 
 
 def dtype_name(dtype_bytes: int) -> str:
@@ -52,7 +50,6 @@ def model_sizes(config: ModelConfig, policy: Policy, dtype_bytes: int = 2) -> Si
     wr = compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_weight else 1.0
     cr = compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_cache else 1.0
     glob = config.global_weight_shapes()
-    embed = {k: v for k, v in glob.items() if k in EMBED_KEYS}
     head = {k: v for k, v in glob.items() if k not in EMBED_KEYS}
     if config.tie_word_embeddings:
         head["embed.weight"] = glob["embed.weight"]
@@ -60,13 +57,13 @@ def model_sizes(config: ModelConfig, policy: Policy, dtype_bytes: int = 2) -> Si
     head_params = _params(head)
     unique = config.num_params()
     kv16 = config.kv_bytes_per_token(b) / config.num_layers
-    embed_params = _params(embed)
+    embed_params = config.num_embed_params()
     tied = _params({"embed.weight": glob["embed.weight"]}) if config.tie_word_embeddings else 0
     # Embedding tables are never packed (the executor gathers rows from them), a tied head included.
     return Sizes(
         layer_params=layer_params, layer_w=layer_params * b * wr, layer_w16=layer_params * b,
         embed_w=embed_params * b, head_w=((head_params - tied) * wr + tied) * b, head_w16=head_params * b,
-        head_params=head_params, total_w=(embed_params + (unique - embed_params) * wr) * b, total_w16=unique * b,
+        head_params=head_params, total_w=config.stored_weight_bytes(b, wr), total_w16=unique * b,
         kv_token=kv16 * cr, kv_token16=kv16,
         up_dim=2 * config.intermediate_size if config.gated_mlp else config.intermediate_size,
     )
