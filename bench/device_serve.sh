@@ -17,9 +17,9 @@ for stage in "$@"; do case $stage in
   batch-gather) FLEXSERVE_PAGED_ATTENTION=gather run $BS --launch $M --trace bench/traces/batch256_uniform.csv --num-gpu-blocks 16000 \
       --num-requests 256 --schedulers fcfs --max-num-seqs 256 --max-num-batched-tokens 8192 ;;
   azure) run $BS --launch $M --trace azure --rate $RATE --num-requests $N --schedulers fcfs,mlfq,skip-join-mlfq \
-      --plot $OUT/sched_azure.png ;;
+      --plot $OUT/sched_azure_r$RATE.png ;;
   gamma) run $BS --launch $M --trace gamma --cv 3 --rate $RATE --num-requests $N \
-      --schedulers fcfs,mlfq,skip-join-mlfq --plot $OUT/sched_gamma.png ;;
+      --schedulers fcfs,mlfq,skip-join-mlfq --plot $OUT/sched_gamma_r$RATE.png ;;
   profile) TAIL=45 run python3 bench/profile_serving.py $M --trace-out $OUT/serve_trace.json ;;
   swap-profile) TAIL=45 run python3 bench/profile_serving.py $M --scheduler skip-join-mlfq --max-num-seqs 64 \
       --num-gpu-blocks 2500 --profile-after 60 --trace-out $OUT/swap_trace.json ;;
