@@ -4,8 +4,9 @@
 #   call1: GPU0 OPT-175B on one GPU (4-bit, 40 60), then Llama-3-70B weights on CPU (bf16, or 4-bit if the host
 #          lacks 225 GiB free); GPU1 the real serving engine on the Azure trace at 4 and 8 req/s, 3 schedulers.
 #   call2: OPT-175B pipeline parallel 2 (offloaded and all-GPU); then GPU0 the planner's predicted-vs-measured
-#          sweep plus the OPT-30B policies under a 16 GiB cap, GPU1 the heavy-tailed Gamma serving run.
-#   call3: whatever call1/call2 could not finish (set STAGES).
+#          sweep, GPU1 the heavy-tailed Gamma serving run.
+#   call3: OPT-30B under a 16 GiB GPU cap: --policy auto against the planner's best at other GPU batch sizes and
+#          hand policies (FlexGen's README policy), alone on the machine.
 source bench/device_env.sh >/dev/null
 { lscpu -e=CPU,CORE,SOCKET,NODE | head -40; free -g; } > $OUT/lscpu.txt
 case ${1:-} in
@@ -22,10 +23,12 @@ case ${1:-} in
   call2)
     T=170 bash bench/device_offload.sh 175b-pp2 175b-pp2-gpu > $OUT/c2_175b_pp2.log 2>&1
     (export CUDA_VISIBLE_DEVICES=0
-     T=380 TAIL=40 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --auto opt-30b --gpu-mem 16GiB \
-        --cap-sweep --plot $OUT/planner_vs_measured.png > $OUT/c2_planner.log 2>&1) &
+     T=380 TAIL=40 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 150 \
+        --plot $OUT/planner_vs_measured.png > $OUT/c2_planner.log 2>&1) &
     (export CUDA_VISIBLE_DEVICES=1
-     RATE=${HRATE:-14} N=${HN:-300} T=360 bash bench/device_serve.sh heavy > $OUT/c2_heavy.log 2>&1) &
+     RATE=${HRATE:-12} N=${HN:-600} T=330 bash bench/device_serve.sh heavy > $OUT/c2_heavy.log 2>&1) &
     wait ;;
-  call3) for s in ${STAGES:-}; do T=${T:-300} bash bench/device_offload.sh $s; done > $OUT/c3.log 2>&1 ;;
+  call3)  # alone on the machine: CPU attention is host-memory bound
+    CUDA_VISIBLE_DEVICES=0 T=560 TAIL=40 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 \
+        --timeout 150 --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep > $OUT/c3_cap.log 2>&1 ;;
 esac

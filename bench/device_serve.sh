@@ -2,7 +2,7 @@
 # Issues 6 and 7 on the GPU machine: the serving engine (Llama-3-8B shape, dummy bf16 weights) through HTTP,
 # against transformers' continuous batching in the same run, and FCFS vs MLFQ vs skip-join MLFQ on the Azure
 # and Gamma traces with the simulator's prediction beside each. Usage: bash bench/device_serve.sh STAGE...
-# (stages: kernel, peer, batch, batch-ep, batch-gather, profile, swap-profile, azure, gamma, sim)
+# (stages: kernel, peer, batch, batch-ep, batch-gather, profile, swap-profile, azure, gamma, heavy, sim)
 source bench/device_env.sh
 M="--model dummy:llama-3-8b --dtype bfloat16"
 BS="python3 -m flexserve.cli bench serve --json"
@@ -20,6 +20,10 @@ for stage in "$@"; do case $stage in
       --plot $OUT/sched_azure_r$RATE.png ;;
   gamma) run $BS --launch $M --trace gamma --cv 3 --rate $RATE --num-requests $N \
       --schedulers fcfs,mlfq,skip-join-mlfq --plot $OUT/sched_gamma_r$RATE.png ;;
+  heavy) H="--trace gamma --cv 3 --rate $RATE --num-requests $N --prompt-len 256 --output-dist pareto --output-len 16 \
+      --max-num-seqs 8 --schedulers fcfs,skip-join-mlfq"  # heavy-tailed outputs, scarce seats: FastServe's case
+    run $BS --launch $M $H --plot $OUT/sched_heavy_r$RATE.png
+    run $BS --simulate $H --sim-seq-overhead-us 350 ;;
   profile) TAIL=45 run python3 bench/profile_serving.py $M --trace-out $OUT/serve_trace.json ;;
   swap-profile) TAIL=45 run python3 bench/profile_serving.py $M --scheduler skip-join-mlfq --max-num-seqs 64 \
       --num-gpu-blocks 2500 --profile-after 60 --trace-out $OUT/swap_trace.json ;;

@@ -3,10 +3,12 @@
 For every policy in the list it runs `flexserve bench throughput` (a subprocess each, so peak memory and CUDA
 state do not leak between runs), asks `flexserve.planner.estimate` for the same policy on the same hardware
 profile, and reports the relative error; `--auto` adds the planner's own choice under the given memory caps
-(e.g. a T4-like 16 GiB GPU) next to the measured best of the list. Writes a markdown table, one JSON line
+(e.g. a T4-like 16 GiB GPU), and `--cap-sweep` the planner's best at other GPU batch sizes and hand policies
+(FlexGen's README policy) under the same caps, with the auto choice's fraction of the best of them. Writes a markdown table, one JSON line
 and a predicted-vs-measured scatter plot.
 
     python bench/planner_validation.py --hardware h100 --gen-len 8 --plot bench/plots/planner_vs_measured.png
+    python bench/planner_validation.py --hardware h100 --gen-len 8 --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep
     python bench/planner_validation.py --device cpu --quick      # tiny shapes, to check the script itself
 """
 from __future__ import annotations
@@ -51,15 +53,81 @@ def measure(model: str, percent, bs: int, nb: int, extra: list[str], args) -> di
     return json.loads(line[len("FLEXSERVE_RESULT "):])
 
 
-def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args) -> float:
-    from flexserve.config import preset
+def policy_of(percent, bs: int, nb: int, extra: list[str]):
     from flexserve.offload.policy import Policy
+
+    return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb,
+                               cpu_cache_compute="--cpu-cache-compute" in extra)
+
+
+def case_of(policy) -> tuple:
+    """(percent, gpu batch size, num gpu batches, extra flags) of a planner policy, for `measure`."""
+    extra = [flag for flag, on in (("--cpu-cache-compute", policy.cpu_cache_compute),
+                                   ("--compress-weight", policy.compress_weight),
+                                   ("--compress-cache", policy.compress_cache)) if on]
+    return tuple(int(round(p)) for p in policy.percent), policy.gpu_batch_size, policy.num_gpu_batches, extra
+
+
+def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args):
+    from flexserve.config import preset
     from flexserve.planner import estimate
 
-    policy = Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb,
-                                 cpu_cache_compute="--cpu-cache-compute" in extra)
     dtype_bytes = 4 if args.dtype == "float32" else 2
-    return estimate(preset(model), policy, hw, args.prompt_len, args.gen_len, dtype_bytes=dtype_bytes).decode_tok_s
+    return estimate(preset(model), policy_of(percent, bs, nb, extra), hw, args.prompt_len, args.gen_len,
+                    dtype_bytes=dtype_bytes)
+
+
+# Hand policies measured beside the planner's under a cap: FlexGen's README policy for OPT-30B on a 16 GB GPU,
+# and the planner's choice of session 2 (before the CPU-attention overlap was fitted).
+CAP_HAND_POLICIES = {
+    "opt-30b": [("FlexGen README policy", (20, 80, 0, 100, 0, 100), 16, 3, ["--cpu-cache-compute"]),
+                ("planner choice, session 2", (2, 98, 17, 83, 100, 0), 32, 2, ["--cpu-cache-compute"])],
+}
+
+
+def capped_cases(model: str, hw, args, sweep: bool) -> list[tuple]:
+    """`--policy auto` under the caps, and with `--cap-sweep` the planner's best at other GPU batch sizes
+    plus the hand policies: the measured sweep that the auto choice must come within 10% of."""
+    from flexserve.config import preset
+    from flexserve.errors import PolicyError
+    from flexserve.planner import search
+
+    def best(sizes=None):
+        kw = {"gpu_batch_sizes": sizes} if sizes else {}
+        return search(preset(model), hw, args.prompt_len, args.gen_len, gpu_mem=args.gpu_mem,
+                      cpu_mem=args.cpu_mem, **kw).policy
+
+    auto = best()
+    cases = [("auto", *case_of(auto))]
+    for size in (CAP_BATCH_SIZES if sweep else ()):
+        try:
+            case = case_of(best([size]))
+        except PolicyError:
+            continue
+        if case not in [c[1:] for c in cases]:
+            cases.append((f"planner best at gpu batch {size}", *case))
+    for label, *case in (CAP_HAND_POLICIES.get(model, []) if sweep else []):
+        if tuple(case) not in [c[1:] for c in cases]:
+            cases.append((label, *case))
+    return cases
+
+
+CAP_BATCH_SIZES = (8, 16, 32, 64)
+
+
+def run_case(model: str, percent, bs: int, nb: int, extra: list[str], hw, args, group: str) -> dict:
+    got = measure(model, percent, bs, nb, extra, args)
+    est = predict(model, percent, bs, nb, extra, hw, args)
+    meas = got.get("decode_tok_s")
+    row = dict(group=group, model=model, percent=list(percent), block=f"{bs}x{nb}", extra=" ".join(extra),
+               predicted=est.decode_tok_s, measured=meas, error=(est.decode_tok_s - meas) / meas if meas else None,
+               predicted_total=est.total_tok_s, measured_total=got.get("total_tok_s"),
+               peak_gpu_gb=got.get("peak_gpu_gb"), failure=got.get("error"))
+    print(f"{group:34s} {model:12s} {' '.join(map(str, percent)):22s} {bs}x{nb} {' '.join(extra):20s} predicted "
+          f"{est.decode_tok_s:10.1f}  measured {meas if meas is not None else float('nan'):10.1f}  "
+          f"total {row['measured_total'] or float('nan'):8.1f}  peak GPU {row['peak_gpu_gb'] or 0:.1f} GB",
+          flush=True)
+    return row
 
 
 def main() -> None:
@@ -77,6 +145,9 @@ def main() -> None:
     ap.add_argument("--cpu-mem", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--no-sweep", action="store_true", help="skip the policy list; only --auto")
+    ap.add_argument("--cap-sweep", action="store_true",
+                    help="with --auto: also measure the planner's best at other GPU batch sizes and the hand "
+                         "policies under the same caps, and compare the auto choice with the best of them")
     args = ap.parse_args()
     from flexserve.planner import resolve_hardware
 
@@ -84,37 +155,29 @@ def main() -> None:
     cases = [] if args.no_sweep else CPU_CASES if args.quick else GPU_CASES
     if args.quick:
         args.dtype, args.prompt_len, args.gen_len = "float32", 32, 4
-    rows = []
-    for model, percent, bs, nb, extra in cases:
-        got = measure(model, percent, bs, nb, extra, args)
-        pred = predict(model, percent, bs, nb, extra, hw, args)
-        meas = got.get("decode_tok_s")
-        rows.append(dict(model=model, percent=list(percent), block=f"{bs}x{nb}", extra=" ".join(extra),
-                         predicted=pred, measured=meas, error=(pred - meas) / meas if meas else None,
-                         failure=got.get("error")))
-        print(f"{model:12s} {' '.join(map(str, percent)):22s} {bs}x{nb} {' '.join(extra):20s} predicted "
-              f"{pred:10.1f}  measured {meas if meas is not None else float('nan'):10.1f}", flush=True)
+    rows = [run_case(model, percent, bs, nb, extra, hw, args, "sweep") for model, percent, bs, nb, extra in cases]
     if args.auto:
-        from flexserve.config import preset
-        from flexserve.planner import auto_policy
-
-        pol = auto_policy(preset(args.auto), args.prompt_len, args.gen_len, hardware=hw, gpu_mem=args.gpu_mem,
-                          cpu_mem=args.cpu_mem)
-        extra = ["--cpu-cache-compute"] if pol.cpu_cache_compute else []
-        got = measure(args.auto, pol.percent, pol.gpu_batch_size, pol.num_gpu_batches, extra, args)
-        rows.append(dict(model=args.auto, percent=list(pol.percent), block=f"{pol.gpu_batch_size}x"
-                         f"{pol.num_gpu_batches}", extra="auto " + " ".join(extra), measured=got.get("decode_tok_s"),
-                         predicted=predict(args.auto, pol.percent, pol.gpu_batch_size, pol.num_gpu_batches, extra,
-                                           hw, args), error=None, failure=got.get("error")))
+        for label, percent, bs, nb, extra in capped_cases(args.auto, hw, args, args.cap_sweep):
+            rows.append(run_case(args.auto, percent, bs, nb, extra, hw, args, f"cap {args.gpu_mem}: {label}"))
     errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
     median = errors[len(errors) // 2] if errors else None
-    print("\n| model | --percent | block | flags | predicted decode tok/s | measured | error |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| group | model | --percent | block | flags | predicted decode tok/s | measured | error | "
+          "predicted / measured total tok/s | peak GPU GB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         err = f"{r['error']:+.1%}" if r["error"] is not None else (r["failure"] or "-")
         meas = f"{r['measured']:.1f}" if r["measured"] is not None else "-"
-        print(f"| {r['model']} | {' '.join(map(str, r['percent']))} | {r['block']} | {r['extra']} | "
-              f"{r['predicted']:.1f} | {meas} | {err} |")
+        total = f"{r['predicted_total']:.1f} / {r['measured_total']:.1f}" if r["measured_total"] else "-"
+        peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] else "-"
+        print(f"| {r['group']} | {r['model']} | {' '.join(map(str, r['percent']))} | {r['block']} | {r['extra']} | "
+              f"{r['predicted']:.1f} | {meas} | {err} | {total} | {peak} |")
+    capped = [r for r in rows if r["group"].startswith("cap") and r["measured_total"]]
+    auto_row = next((r for r in capped if r["group"].endswith(": auto")), None)
+    if auto_row and len(capped) > 1:
+        for key, what in (("measured_total", "total"), ("measured", "decode")):
+            top = max(capped, key=lambda r: r[key])
+            print(f"auto vs best of the capped sweep ({what} tok/s): {auto_row[key]:.1f} / {top[key]:.1f} = "
+                  f"{auto_row[key] / top[key]:.1%} (best: {top['group']})")
     print(f"\nmedian absolute error: {median:.1%}" if median is not None else "\nno successful runs")
     print("PLANNER_VALIDATION " + json.dumps({"hardware": hw.name, "rows": rows, "median_abs_error": median}))
     if args.plot and errors:

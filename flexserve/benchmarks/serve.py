@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..scheduler.metrics import LatencyReport, RequestRecord
-from ..scheduler.traces import (AZURE_LIKE_OUTPUT, AZURE_LIKE_PROMPT, TraceRequest, clip_to_context,
+from ..scheduler.traces import (AZURE_LIKE_OUTPUT, AZURE_LIKE_PROMPT, LengthDist, TraceRequest, clip_to_context,
                                 load_azure_conv, load_csv_trace, synthetic_trace)
 from ..server.args import add_engine_arguments
 
@@ -52,7 +52,13 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--max-context", type=int, default=None,
                    help="clip prompts so prompt + output fits (default: the model's window; simulate: 8192)")
     t.add_argument("--prompt-len", type=int, default=None, help="synthetic: median prompt length (default 1020)")
-    t.add_argument("--output-len", type=int, default=None, help="synthetic: median output length (default 129)")
+    t.add_argument("--output-len", type=int, default=None,
+                   help="synthetic: median output length (default 129), or the minimum with --output-dist pareto")
+    t.add_argument("--output-dist", choices=("lognormal", "pareto"), default="lognormal",
+                   help="synthetic: output lengths log-normal (Azure-like, light tail) or Pareto (heavy tail)")
+    t.add_argument("--output-alpha", type=float, default=1.2, help="--output-dist pareto: tail index (smaller: heavier)")
+    t.add_argument("--max-output-len", type=int, default=None, help="synthetic: clip outputs here (default 1000, "
+                   "or 2048 with --output-dist pareto)")
     t.add_argument("--seed", type=int, default=0, help="seed of synthetic traces and of the prompt token ids")
     p.add_argument("--schedulers", default=None,
                    help="comma list for --launch/--simulate (default: skip-join-mlfq; simulate: all three)")
@@ -76,9 +82,13 @@ def load_trace(args, max_context: int | None) -> list[TraceRequest]:
         if args.prompt_len:  # a new median keeps the shape (sigma) and lets the tail grow with it
             prompt = dataclasses.replace(prompt, median=args.prompt_len,
                                          max_len=max(prompt.max_len, 8 * args.prompt_len))
-        if args.output_len:
+        if args.output_dist == "pareto":  # most jobs short, a few very long: where preemption pays most
+            output = LengthDist("pareto", median=args.output_len or 16, alpha=args.output_alpha, max_len=2048)
+        elif args.output_len:
             output = dataclasses.replace(output, median=args.output_len,
                                          max_len=max(output.max_len, 8 * args.output_len))
+        if args.max_output_len:
+            output = dataclasses.replace(output, max_len=args.max_output_len)
         trace = synthetic_trace(n, args.rate or 5.0, cv=1.0 if args.trace == "poisson" else args.cv,
                                 prompt=prompt, output=output, seed=args.seed)
         return clip_to_context(trace, max_context) if max_context else trace
