@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--cap-sweep", action="store_true",
                     help="with --auto: also measure the planner's best at other GPU batch sizes and the hand "
                          "policies under the same caps, and compare the auto choice with the best of them")
+    ap.add_argument("--cap-pick", default=None, help="with --cap-sweep: measure only these indices of the capped "
+                    "list (0 = auto), comma-separated")
     args = ap.parse_args()
     from flexserve.planner import resolve_hardware
 
@@ -157,7 +159,10 @@ def main() -> None:
         args.dtype, args.prompt_len, args.gen_len = "float32", 32, 4
     rows = [run_case(model, percent, bs, nb, extra, hw, args, "sweep") for model, percent, bs, nb, extra in cases]
     if args.auto:
-        for label, percent, bs, nb, extra in capped_cases(args.auto, hw, args, args.cap_sweep):
+        capped = capped_cases(args.auto, hw, args, args.cap_sweep)
+        if args.cap_pick:  # a subset (indices into the list), e.g. to split the sweep over two GPUs
+            capped = [capped[int(i)] for i in args.cap_pick.split(",") if int(i) < len(capped)]
+        for label, percent, bs, nb, extra in capped:
             rows.append(run_case(args.auto, percent, bs, nb, extra, hw, args, f"cap {args.gpu_mem}: {label}"))
     errors = sorted(abs(r["error"]) for r in rows if r["error"] is not None)
     median = errors[len(errors) // 2] if errors else None
