@@ -46,7 +46,10 @@ def measure(model: str, percent, bs: int, nb: int, extra: list[str], args) -> di
         cmd += ["--device", args.device]
     if args.offload_dir:
         cmd += ["--offload-dir", args.offload_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:  # one slow case must not lose the others' figures
+        return {"error": f"timed out after {args.timeout} s"}
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXSERVE_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -74,7 +77,7 @@ def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args):
 
     dtype_bytes = 4 if args.dtype == "float32" else 2
     return estimate(preset(model), policy_of(percent, bs, nb, extra), hw, args.prompt_len, args.gen_len,
-                    dtype_bytes=dtype_bytes)
+                    dtype_bytes=dtype_bytes, placed=True)  # the shares the executor really places
 
 
 # Hand policies measured beside the planner's under a cap: FlexGen's README policy for OPT-30B on a 16 GB GPU,

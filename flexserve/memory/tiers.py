@@ -48,6 +48,30 @@ def tier_by_fraction(mid_percent: float, gpu_percent: float, cpu_percent: float)
     return Tier.DISK
 
 
+def assign_tiers(sizes: dict[str, int], gpu_percent: float, cpu_percent: float) -> dict[str, Tier]:
+    """The tier of each tensor of one pseudo-layer: laid end to end largest first (ties by name), each goes
+    where its midpoint falls. Whole tensors move, so the byte shares only approximate the percentages (see
+    `tier_shares`): `--percent 20 80` keeps a third of an OPT layer on the GPU (its largest matrix), where
+    FlexGen's midpoint rule over its own tensor order keeps a twelfth."""
+    total = max(sum(sizes.values()), 1)
+    acc = 0
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        out[name] = tier_by_fraction((acc + sizes[name] / 2) / total * 100, gpu_percent, cpu_percent)
+        acc += sizes[name]
+    return out
+
+
+def tier_shares(sizes: dict[str, int], gpu_percent: float, cpu_percent: float) -> dict[Tier, float]:
+    """Fraction of the layer's bytes that `assign_tiers` puts on each tier: what the cost model, the memory
+    check and the planner must use (OPT-6.7B's `--percent 50 50` keeps two thirds of each layer on the GPU)."""
+    total = max(sum(sizes.values()), 1)
+    placed = dict.fromkeys(Tier, 0)
+    for name, tier in assign_tiers(sizes, gpu_percent, cpu_percent).items():
+        placed[tier] += sizes[name]  # whole numbers: an all-GPU layer is exactly 1.0, not 0.9999999
+    return {tier: n / total for tier, n in placed.items()}
+
+
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:

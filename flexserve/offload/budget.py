@@ -5,6 +5,7 @@ loading a 60 GB model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psutil
@@ -13,6 +14,7 @@ import torch
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..errors import PolicyError
+from ..memory.tiers import Tier, tier_shares
 from .policy import Policy
 
 GiB = 1 << 30
@@ -37,8 +39,10 @@ def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierByte
     ratio = compression_ratio(policy.comp_num_bits, policy.comp_group_size, dtype_bytes) \
         if policy.compress_weight else 1.0
     total = cfg.stored_weight_bytes(dtype_bytes, ratio)
-    return TierBytes(int(total * policy.w_gpu_percent / 100), int(total * policy.w_cpu_percent / 100),
-                     int(total * policy.w_disk_percent / 100))
+    # whole tensors move: the shares of a decoder layer (the bulk of the bytes) under the placement rule
+    share = tier_shares({k: math.prod(v) for k, v in cfg.layer_weight_shapes().items()}, policy.w_gpu_percent,
+                        policy.w_cpu_percent)
+    return TierBytes(int(total * share[Tier.GPU]), int(total * share[Tier.CPU]), int(total * share[Tier.DISK]))
 
 
 def cache_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int) -> TierBytes:

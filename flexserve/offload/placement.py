@@ -2,8 +2,9 @@
 
 The model is a sequence of pseudo-layers, [embed, decoder 0 .. N-1, head], as in FlexGen. Within each
 pseudo-layer the tensors are laid end to end by size and each goes to the tier where its midpoint falls
-(`tier_by_fraction`), so `w_gpu_percent=20` keeps about the first fifth of every layer's bytes on the GPU: the
-spread is the same for every layer, which keeps the per-layer transfer time flat across the schedule.
+(`assign_tiers`), so `w_gpu_percent=20` keeps about the first fifth of every layer's bytes on the GPU, as
+closely as whole tensors allow (`tier_shares` gives the exact shares): the spread is the same for every
+layer, which keeps the per-layer transfer time flat across the schedule.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from ..compression import CompressedTensor, CompressionConfig, compress
 from ..config import EMBED_KEYS
-from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
+from ..memory.tiers import Handle, Tier, Tiers, assign_tiers
 from ..weights import WeightSource, layer_weights
 from .policy import Policy
 
@@ -77,18 +78,13 @@ class PseudoLayer:
 
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
            shared: dict[str, tuple[str, object]] | None = None) -> None:
-    sizes = {k: v.numel() for k, v in tensors.items()}
-    total = max(sum(sizes.values()), 1)
-    acc = 0
-    for name in sorted(tensors, key=lambda n: (-sizes[n], n)):  # largest first, deterministic
-        mid = (acc + sizes[name] / 2) / total * 100
-        acc += sizes[name]
+    tiers_of = assign_tiers({k: v.numel() for k, v in tensors.items()}, policy.w_gpu_percent, policy.w_cpu_percent)
+    for name, tier in tiers_of.items():
         if shared is not None and name in shared:
             kind, obj = shared[name]
             (layer.resident if kind == "resident" else layer.offloaded)[name] = obj
             continue
         t = tensors[name].to(dtype)
-        tier = tier_by_fraction(mid, policy.w_gpu_percent, policy.w_cpu_percent)
         label = f"{layer.kind}{layer.index}.{name}"
         if policy.compress_weight and t.dim() == 2 and name not in EMBED_KEYS:
             # Every tier keeps the packed form, the GPU's too (FlexGen's meaning of compress_weight, and the

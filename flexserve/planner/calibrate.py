@@ -212,9 +212,12 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
         values["cpu_attention_bw"] = _cpu_attention_bw(torch.float16 if dev.type == "cuda" else torch.float32,
                                                        _Timer(torch.device("cpu"), timer.min_time), quick)
 
+    def dequant() -> None:
+        values["dequant_bw"] = _dequant_bw(dev, timer, quick)
+
     steps = (("memory sizes", sizes), ("host<->device copies", copies), ("disk write/read", disk),
              ("matmul FLOP/s per dtype", matmuls), ("memory bandwidth", memory), ("CPU FLOP/s", cpu_flops),
-             ("per-layer overhead", overhead), ("CPU attention", cpu_attention))
+             ("per-layer overhead", overhead), ("CPU attention", cpu_attention), ("4-bit weight rebuild", dequant))
     with _progress(progress) as bar:
         task = bar.add_task("calibrating", total=len(steps)) if bar is not None else None
         for label, step in steps:
@@ -243,6 +246,18 @@ def _cpu_attention_bw(dtype: torch.dtype, timer: "_Timer", quick: bool) -> float
     v = torch.randn(b, h, length, d, dtype=dtype)
     seconds = timer(lambda: F.scaled_dot_product_attention(q, k, v))
     return 2 * k.numel() * k.element_size() / seconds
+
+
+def _dequant_bw(dev: torch.device, timer: "_Timer", quick: bool) -> float:
+    """Half-precision bytes per second rebuilt from 4-bit group-quantised weights by the executor's own
+    kernel (`--compress-weight`), on a weight matrix of a mid-size model."""
+    from ..compression import CompressionConfig, compress, decompress
+
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    rows, cols = (1024, 4096) if quick else (4096, 16384)
+    packed = compress(torch.randn(rows, cols, device=dev, dtype=dtype), CompressionConfig(num_bits=4, group_size=64))
+    out = torch.empty(rows, cols, device=dev, dtype=dtype)
+    return out.numel() * out.element_size() / timer(lambda: decompress(packed, out))
 
 
 def _progress(enabled: bool):

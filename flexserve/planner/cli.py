@@ -13,6 +13,7 @@ import sys
 
 from ..config import ModelConfig, load_hf_config, preset
 from ..errors import ModelLoadError, PolicyError
+from .cost_model import estimate, placed_point
 from .hardware import Hardware, format_size, parse_size, resolve_hardware, save_hardware
 from .search import Plan, default_hardware, describe_policy, search
 
@@ -108,6 +109,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def plan_to_dict(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> dict:
     e, hw, p = plan.estimate, plan.hardware, plan.policy
+    placed = placed_estimate(plan, config, args)
     return {
         "model": config.name, "hardware": hw.name, "dtype": args.dtype,
         "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -119,7 +121,25 @@ def plan_to_dict(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> d
         "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
         "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
         "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
+        "placed": {"shares": list(placed_point(config, p)), "decode_tok_s": placed.decode_tok_s,
+                   "total_tok_s": placed.total_tok_s, "peak_bytes": placed.peak_bytes,
+                   "overflows": placed.overflows(hw)},
     }
+
+
+def placed_estimate(plan: Plan, config: ModelConfig, args: argparse.Namespace):
+    """The plan's policy as the executor will really place it (whole tensors per tier)."""
+    return estimate(config, plan.policy, plan.hardware, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
+                    args.dtype, placed=True)
+
+
+def _placed_line(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> str:
+    x = placed_point(config, plan.policy)
+    e = placed_estimate(plan, config, args)
+    over = e.overflows(plan.hardware)
+    return (f"weights {x[0]:.0%} GPU / {x[1]:.0%} CPU / {1 - x[0] - x[1]:.0%} disk (whole tensors): decode "
+            f"{e.decode_tok_s:,.2f} tok/s, total {e.total_tok_s:,.2f} tok/s; "
+            + ("fits" if not over else "does NOT fit: " + "; ".join(over) + " (lower that tier's size and plan again)"))
 
 
 def format_plan(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> str:
@@ -138,6 +158,7 @@ def format_plan(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> st
                       f"total {e.total_tok_s:,.2f} tok/s ({format_seconds(e.prefill_s)} prefill, "
                       f"{format_seconds(e.decode_s_per_step)} per decode step)"),
         ("memory", mem),
+        ("as placed", _placed_line(plan, config, args)),
         ("bottleneck", f"{e.decode_bottleneck} (decode), {e.prefill_bottleneck} (prefill); overall {e.bottleneck}"),
         ("search", f"{plan.num_candidates} block shapes, {plan.num_solved} LP/MILP solves, {plan.search_s:.2f} s"),
     ]

@@ -16,13 +16,15 @@ affine in the six placement fractions (see `linear.py`), which is what lets `sea
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..offload.policy import Policy
 from .hardware import Hardware, format_size
-from .linear import Linear, Switch, TierMemory, point, total
+from .linear import Linear, Switch, TierMemory, total
 from .sizes import Sizes, dtype_name, model_sizes
 
 RESOURCES = ("load", "store", "compute")
@@ -135,7 +137,12 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
     share = Linear.share
     w_off = share("w", "cpu") / (hw.h2d_pinned_bw if p.pin_weight else hw.h2d_pageable_bw) \
         + share("w", "disk") / hw.h2d_pinned_bw
-    dequant = (sz.layer_w + sz.layer_w16) / hw.gpu_mem_bw if p.compress_weight else 0.0
+    def dequant_s(stored: float, full: float) -> float:  # rebuild a packed weight in the compute dtype
+        if not p.compress_weight:
+            return 0.0
+        return full / hw.dequant_bw if hw.dequant_bw else (stored + full) / hw.gpu_mem_bw
+
+    dequant = dequant_s(sz.layer_w, sz.layer_w16)
 
     def weight_load(num_bytes: float, gathered_on_cpu: bool = False) -> dict[str, Linear]:
         # an embedding table on the CPU is read row by row (B*S rows, negligible), never moved whole
@@ -194,7 +201,7 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
                             {"load": load, "store": store, "compute": compute}, nb * hw.layer_overhead_s, mem_bound))
     # --- embed and head pseudo-layers (weights placed by the same percentages, as in the executor) -------------
     head_lin, head_mem_bound = linear_time(1, sz.head_params, sz.head_w16)
-    head_dequant = (sz.head_w + sz.head_w16) / hw.gpu_mem_bw if p.compress_weight else 0.0
+    head_dequant = dequant_s(sz.head_w, sz.head_w16)
     for phase, steps in (("prefill", 1), ("decode", gen_len - 1)):
         stages.append(Stage(f"{phase}.embed", 1, steps,
                             {"load": weight_load(sz.embed_w, gathered_on_cpu=True), "store": {}, "compute": {}},
@@ -247,10 +254,32 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
 
 
 def estimate(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: int, gen_len: int,
-             dtype_bytes: int = 2, dtype: str | None = None) -> Estimate:
-    """Predicted prefill/decode/total time and throughput, peak memory per tier and the bottleneck of `policy`."""
-    return evaluate(build(config, policy, hardware, prompt_len, gen_len, dtype_bytes, dtype),
-                    point(*policy.percent))
+             dtype_bytes: int = 2, dtype: str | None = None, placed: bool = False) -> Estimate:
+    """Predicted prefill/decode/total time and throughput, peak memory per tier and the bottleneck of `policy`.
+
+    `placed=True` evaluates the shares the executor really gives each tier (`placed_point`: whole tensors);
+    the default evaluates the percentages as continuous shares, the quantity the search optimises."""
+    x = placed_point(config, policy) if placed else tuple(v / 100.0 for v in policy.percent)
+    return evaluate(build(config, policy, hardware, prompt_len, gen_len, dtype_bytes, dtype), x)
+
+
+def placed_point(config: ModelConfig, policy: Policy) -> tuple[float, ...]:
+    """The placement the executor really makes of `policy`, as fractions: whole tensors move (a decoder
+    layer's weights by the midpoint rule), the cache by (layer, GPU batch) and activations by GPU batch, so
+    `--percent 50 50` on OPT-6.7B streams a third of each layer, not half. The search optimises over
+    continuous shares; this is what a given policy will do (`flexserve plan` prints both)."""
+    from ..memory.tiers import Tier, tier_by_fraction, tier_shares
+
+    def counted(n: int, gpu: float, cpu: float) -> tuple[float, float]:
+        tiers = [tier_by_fraction((k + 0.5) / n * 100, gpu, cpu) for k in range(n)]
+        return tiers.count(Tier.GPU) / n, tiers.count(Tier.CPU) / n
+
+    p = policy
+    w = tier_shares({k: math.prod(v) for k, v in config.layer_weight_shapes().items()}, p.w_gpu_percent,
+                    p.w_cpu_percent)
+    return (w[Tier.GPU], w[Tier.CPU],
+            *counted(config.num_layers * p.num_gpu_batches, p.cache_gpu_percent, p.cache_cpu_percent),
+            *counted(p.num_gpu_batches, p.act_gpu_percent, p.act_cpu_percent))
 
 
 def evaluate(model: CostModel, x) -> Estimate:

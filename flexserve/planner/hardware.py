@@ -64,6 +64,10 @@ class Hardware:
     # overlapped (the ideal schedule), 0 = the two add up. A property of the executor on this machine, fitted
     # from a measured run (the h100 profile's value and how it was fitted: bench/RESULTS.md section 2).
     cpu_attention_overlap: float = 1.0
+    # Bytes per second of half-precision weights the compute device rebuilds from 4-bit group-quantised ones
+    # (`--compress-weight`): unpacking, scaling and writing the full tensor. 0 = bound by `gpu_mem_bw` on the
+    # bytes read and written, which the eager PyTorch kernels fall far short of (bench/RESULTS.md section 2).
+    dequant_bw: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -77,7 +81,7 @@ class Hardware:
                     raise PolicyError(f"hardware profile {self.name!r}: cpu_attention_overlap must be in [0, 1], "
                                       f"got {v}")
             elif f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
-                            "gpu_link_latency_s"):
+                            "gpu_link_latency_s", "dequant_bw"):
                 if v < 0:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be >= 0, got {v}")
             elif v <= 0:
@@ -132,10 +136,11 @@ def _h100() -> Hardware:
         disk_read_bw=0.91e9, disk_write_bw=1.2e9,
         gpu_flops_fp16=785e12, gpu_flops_bf16=777e12, gpu_flops_fp32=51e12,
         gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=230e-6, cpu_attention_bw=37e9,
-        gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.4,
+        gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.4, dequant_bw=0.2e12,
         notes="REFERENCE.md figures (H100 80GB HBM3, PCIe Gen5, 16 cores); disk measured with O_DIRECT; "
               "layer overhead, fp16 CPU-attention rate and its overlap with the weight stream fitted to "
-              "flexserve's own H100 runs (bench/RESULTS.md); "
+              "flexserve's own H100 runs, the 4-bit weight rebuild rate to its OPT-175B runs "
+              "(bench/RESULTS.md); "
               "GPU link: NCCL all-reduce bus bandwidth on the 2x H100 machine (device KINDS.md), typical latency",
     )
 

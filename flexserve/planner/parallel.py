@@ -56,20 +56,27 @@ def estimate_parallel(config: ModelConfig, policy: Policy, hardware: Hardware, p
                       dtype: str | None = None, link_bw: float | None = None) -> ParallelEstimate:
     """Throughput of `policy` (each rank's placement, `hardware` describing one rank's GPU and its share of the
     host) on a tp x pp grid. `link_bw` overrides the profile's `gpu_link_bw`."""
-    stage = estimate(rank_config(config, tp, pp), policy, hardware, prompt_len, gen_len, dtype_bytes, dtype)
+    m = micro_batches or pp
+    block = policy.block_size
+    # A stage runs its layers once per micro-batch, each time for block/m rows: weights are streamed and
+    # rebuilt m times per step, so a weight-bound stage gains nothing from the split (only the bubbles go).
+    mb_policy = policy.replace(gpu_batch_size=max(1, math.ceil(policy.gpu_batch_size / m))) if pp > 1 else policy
+    stage = estimate(rank_config(config, tp, pp), mb_policy, hardware, prompt_len, gen_len, dtype_bytes, dtype,
+                     placed=True)
     bw = link_bw or hardware.gpu_link_bw
     grid = tp > 1 or pp > 1
     if grid and bw <= 0:
         raise PolicyError(f"hardware profile {hardware.name!r} has no gpu_link_bw: give the GPU link bandwidth")
-    m = micro_batches or pp
-    block = stage.block_size
 
     def comm(seq: int) -> float:
         return comm_time(config, tp, pp, block, seq, bw, dtype_bytes, hardware.gpu_link_latency_s) if grid else 0.0
     comm_prefill, comm_decode = comm(prompt_len), comm(1)
-    bubble = max(m, pp) / m
-    prefill = stage.prefill_s * bubble + comm_prefill
-    step = stage.decode_s_per_step * bubble + comm_decode
+    if pp > 1:  # per token step each stage is busy m micro-batch slots, or idles until pp have passed
+        prefill = (m + pp - 1) * stage.prefill_s + comm_prefill
+        step = max(m, pp) * stage.decode_s_per_step + comm_decode
+    else:
+        prefill = stage.prefill_s + comm_prefill
+        step = stage.decode_s_per_step + comm_decode
     total = prefill + (gen_len - 1) * step
     return ParallelEstimate(tp=tp, pp=pp, micro_batches=m, stage=stage, comm_prefill_s=comm_prefill,
                             comm_decode_s=comm_decode, prefill_s=prefill, decode_s_per_step=step,

@@ -38,8 +38,23 @@ def test_pipeline_bubble_without_enough_micro_batches():
     cfg = preset("opt-30b")
     full = estimate_parallel(cfg, POLICY, H100, 512, 32, pp=2, micro_batches=2)
     starved = estimate_parallel(cfg, POLICY, H100, 512, 32, pp=2, micro_batches=1)
-    assert starved.decode_s_per_step == pytest.approx(2 * full.stage.decode_s_per_step + full.comm_decode_s)
+    # one micro-batch: each stage idles while the other works (two slots per step, one busy)
+    assert starved.decode_s_per_step == pytest.approx(2 * starved.stage.decode_s_per_step + starved.comm_decode_s)
+    # two: each stage runs its layers twice per step, for half the rows each time
+    assert full.stage.block_size == starved.stage.block_size // 2
+    assert full.decode_s_per_step == pytest.approx(2 * full.stage.decode_s_per_step + full.comm_decode_s)
     assert full.decode_tok_s > starved.decode_tok_s
+
+
+def test_pipeline_stages_rebuild_weights_once_per_micro_batch():
+    """Weight-bound stages (4-bit OPT-175B, all on the GPUs): splitting the batch into micro-batches costs a
+    rebuild of every weight per micro-batch, so two stages decode no faster than one GPU would if it could
+    hold the model (the session-4 H200 runs: 6.6 tok/s on two GPUs)."""
+    cfg = preset("opt-175b")
+    pol = Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=8, compress_weight=True)
+    pp2 = estimate_parallel(cfg, pol, H100, 512, 8, pp=2)
+    one = estimate_parallel(cfg, pol, H100.with_memory(gpu_mem="1TB"), 512, 8)
+    assert pp2.decode_tok_s == pytest.approx(one.decode_tok_s, rel=0.1)
 
 
 def test_bad_grids_are_refused():
