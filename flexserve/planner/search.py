@@ -10,6 +10,7 @@ towards faster tiers (GPU before CPU before disk), so equal-time placements come
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..offload.policy import Policy
-from .cost_model import TIERS, CostModel, Estimate, build, evaluate
+from .cost_model import TIERS, CostModel, Estimate, build, estimate, evaluate
 from .hardware import Hardware, format_size
 from .linear import NUM_VARS, Linear, minimum, point
 from .sizes import model_sizes
@@ -205,6 +206,27 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
                 solved, elapsed)
 
 
+def fitting_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+                   gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
+                   disk: float | str | None = None, rounds: int = 6, **kw) -> Plan:
+    """`search`, whose policy must also fit as the executor places it (whole tensors per tier, which can put
+    more on a tier than its percentage): while the placed policy overflows a tier, search again with that
+    tier's size lowered by the overflow. The plan keeps the sizes the caller gave."""
+    hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
+    limits = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
+    caps = dict(limits)
+    for _ in range(rounds):
+        plan = search(config, hw, prompt_len, gen_len, dtype_bytes, caps["gpu"], caps["cpu"], caps["disk"], **kw)
+        placed = estimate(config, plan.policy, hw, prompt_len, gen_len, dtype_bytes, kw.get("dtype"), placed=True)
+        over = {t: placed.peak_bytes[t] - limits[t] for t in TIERS if placed.peak_bytes[t] > limits[t] * (1 + 1e-9)}
+        if not over:
+            return dataclasses.replace(plan, hardware=hw)
+        for tier, excess in over.items():
+            caps[tier] -= excess * 1.01 + 1
+    raise PolicyError(f"no policy fits as placed after {rounds} rounds: whole tensors overflow "
+                      + ", ".join(f"{t} by {format_size(e)}" for t, e in over.items()))
+
+
 def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
                 gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
                 disk: float | str | None = None, dtype_bytes: int = 2) -> Policy:
@@ -215,7 +237,7 @@ def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Ha
     from .hardware import resolve_hardware
 
     hw = resolve_hardware(hardware) or default_hardware()
-    return search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
+    return fitting_search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
 
 
 def default_hardware(progress: bool = False) -> Hardware:
