@@ -27,6 +27,9 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-cache-compute", action="store_true", help="attention on the CPU where the cache is")
     g.add_argument("--cpu-attention-dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="dtype of the host cache that CPU attention reads (default: the model's)")
+    g.add_argument("--weight-placement", choices=["flexgen", "largest-first"], default=None,
+                   help="how whole tensors meet the weight percentages: FlexGen's rule (default) or flexserve's "
+                        "earlier largest-first rule (to reproduce runs made with it)")
     g.add_argument("--no-overlap", action="store_true", help="run loads, stores and compute in sequence")
     g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
     g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache compression")
@@ -50,13 +53,14 @@ def policy_from_args(args, config=None, prompt_len: int = 512, gen_len: int = 32
                            disk=args.disk)
     placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
                        args.compress_weight or None, args.compress_cache or None,
-                       args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype)
+                       args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype,
+                       args.weight_placement)
     if all(f is None for f in placement_flags):
         return None
     kw = dict(gpu_batch_size=args.gpu_batch_size or 1, num_gpu_batches=args.num_gpu_batches,
               overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
               compress_weight=args.compress_weight, compress_cache=args.compress_cache,
-              cpu_attention_dtype=args.cpu_attention_dtype)
+              cpu_attention_dtype=args.cpu_attention_dtype, weight_placement=args.weight_placement or "flexgen")
     return Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), **kw)
 
 

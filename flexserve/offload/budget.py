@@ -41,7 +41,7 @@ def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierByte
     total = cfg.stored_weight_bytes(dtype_bytes, ratio)
     # whole tensors move: the shares of a decoder layer (the bulk of the bytes) under the placement rule
     share = tier_shares({k: math.prod(v) for k, v in cfg.layer_weight_shapes().items()}, policy.w_gpu_percent,
-                        policy.w_cpu_percent)
+                        policy.w_cpu_percent, policy.weight_placement)
     return TierBytes(int(total * share[Tier.GPU]), int(total * share[Tier.CPU]), int(total * share[Tier.DISK]))
 
 

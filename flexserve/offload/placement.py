@@ -1,10 +1,10 @@
 """Weight placement: every tensor of every pseudo-layer goes to the GPU, CPU or disk tier by the policy.
 
 The model is a sequence of pseudo-layers, [embed, decoder 0 .. N-1, head], as in FlexGen. Within each
-pseudo-layer the tensors are laid end to end by size and each goes to the tier where its midpoint falls
-(`assign_tiers`), so `w_gpu_percent=20` keeps about the first fifth of every layer's bytes on the GPU, as
-closely as whole tensors allow (`tier_shares` gives the exact shares): the spread is the same for every
-layer, which keeps the per-layer transfer time flat across the schedule.
+pseudo-layer whole tensors go to tiers by FlexGen's midpoint rule (`assign_tiers`), so `w_gpu_percent=20`
+keeps about a fifth of every layer's bytes on the GPU, as closely as whole tensors allow (`tier_shares`
+gives the exact shares): the spread is the same for every layer, which keeps the per-layer transfer time
+flat across the schedule.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class PseudoLayer:
 
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
            shared: dict[str, tuple[str, object]] | None = None) -> None:
-    tiers_of = assign_tiers({k: v.numel() for k, v in tensors.items()}, policy.w_gpu_percent, policy.w_cpu_percent)
+    tiers_of = assign_tiers({k: v.numel() for k, v in tensors.items()}, policy.w_gpu_percent, policy.w_cpu_percent,
+                            policy.weight_placement)
     for name, tier in tiers_of.items():
         if shared is not None and name in shared:
             kind, obj = shared[name]

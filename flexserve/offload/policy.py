@@ -41,6 +41,9 @@ class Policy:
     # Not a FlexGen field: the dtype of a host KV cache that CPU attention reads (None: the model's dtype).
     # x86 CPUs have no fast fp16 math: a bfloat16 host cache reads ~3x faster there, at bf16 precision.
     cpu_attention_dtype: str | None = None
+    # How whole tensors meet the weight percentages: "flexgen" (FlexGen's rule, so the same flags place the
+    # same bytes as FlexGen) or "largest-first" (flexserve's rule before session 4). See memory.tiers.
+    weight_placement: str = "flexgen"
 
     def __post_init__(self) -> None:
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
@@ -57,6 +60,8 @@ class Policy:
             raise PolicyError(f"comp_num_bits must be 4 or 8, got {self.comp_num_bits}")
         if self.comp_group_size < 2 or self.comp_group_size % 2:
             raise PolicyError(f"comp_group_size must be an even number >= 2, got {self.comp_group_size}")
+        if self.weight_placement not in ("flexgen", "largest-first"):
+            raise PolicyError(f"weight_placement must be 'flexgen' or 'largest-first', got {self.weight_placement!r}")
         if self.cpu_attention_dtype not in (None, "bfloat16", "float32", "float16"):
             raise PolicyError(f"cpu_attention_dtype must be bfloat16, float32 or float16, got "
                               f"{self.cpu_attention_dtype!r}")
@@ -123,6 +128,8 @@ class Policy:
             flags += " --compress-cache"
         if self.cpu_attention_dtype:
             flags += f" --cpu-attention-dtype {self.cpu_attention_dtype}"
+        if self.weight_placement != "flexgen":
+            flags += f" --weight-placement {self.weight_placement}"
         return flags
 
 

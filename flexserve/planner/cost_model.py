@@ -266,7 +266,7 @@ def estimate(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len
 def placed_point(config: ModelConfig, policy: Policy) -> tuple[float, ...]:
     """The placement the executor really makes of `policy`, as fractions: whole tensors move (a decoder
     layer's weights by the midpoint rule), the cache by (layer, GPU batch) and activations by GPU batch, so
-    `--percent 50 50` on OPT-6.7B streams a third of each layer, not half. The search optimises over
+    `--percent 20 80` on OPT-30B keeps a twelfth of each layer on the GPU, not a fifth. The search optimises over
     continuous shares; this is what a given policy will do (`flexserve plan` prints both)."""
     from ..memory.tiers import Tier, tier_by_fraction, tier_shares
 
@@ -276,7 +276,7 @@ def placed_point(config: ModelConfig, policy: Policy) -> tuple[float, ...]:
 
     p = policy
     w = tier_shares({k: math.prod(v) for k, v in config.layer_weight_shapes().items()}, p.w_gpu_percent,
-                    p.w_cpu_percent)
+                    p.w_cpu_percent, p.weight_placement)
     return (w[Tier.GPU], w[Tier.CPU],
             *counted(config.num_layers * p.num_gpu_batches, p.cache_gpu_percent, p.cache_cpu_percent),
             *counted(p.num_gpu_batches, p.act_gpu_percent, p.act_cpu_percent))
