@@ -138,7 +138,8 @@ def run_throughput(args) -> int:
     decode_tps = block * (args.gen_len - 1) / decode_s if args.gen_len > 1 else 0.0
     bound_tps = block / bound["bound_step_s"] if bound["bound_step_s"] > 0 else None
     result = {
-        "model": model, "policy": pol.percent_flags(), "dtype": str(ex.dtype).replace("torch.", ""),
+        "model": model, "policy": pol.percent_flags(), "weight_placement": pol.weight_placement,
+        "dtype": str(ex.dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "prompt_len": args.prompt_len, "gen_len": args.gen_len, "block": block, "load_s": round(load_s, 2),
         "prefill_tok_s": block * args.prompt_len / prefill_s, "decode_tok_s": decode_tps,

@@ -134,7 +134,7 @@ def test_bench_throughput_reports(capsys):
 
     res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
     assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and 0 < res["fraction_of_bound"]
-    assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4
+    assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4 and res["weight_placement"] == "flexgen"
 
 
 def test_bench_throughput_on_the_paged_engine(capsys):
