@@ -15,7 +15,7 @@ from ..config import ModelConfig, load_hf_config, preset
 from ..errors import ModelLoadError, PolicyError
 from .cost_model import estimate, placed_point
 from .hardware import Hardware, format_size, parse_size, resolve_hardware, save_hardware
-from .search import Plan, default_hardware, describe_policy, fitting_search
+from .search import Plan, default_hardware, describe_policy, search
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -80,7 +80,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
         config = rank_config(full, tp, pp)
     hw = resolve_hardware(args.hardware) or default_hardware(progress=not args.json)
-    plan = fitting_search(config, hw, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
+    plan = search(config, hw, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
                   gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),
                   disk=_size_arg(args.disk, "--disk"), allow_compression=args.compress, dtype=args.dtype)
     par = None

@@ -11,7 +11,9 @@ towards faster tiers (GPU before CPU before disk), so equal-time placements come
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -21,8 +23,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..config import ModelConfig
 from ..errors import PolicyError
+from ..memory.tiers import Tier, tier_shares
 from ..offload.policy import Policy
-from .cost_model import TIERS, CostModel, Estimate, build, estimate, evaluate
+from .cost_model import TIERS, CostModel, Estimate, build, evaluate, placed_point
 from .hardware import Hardware, format_size
 from .linear import NUM_VARS, Linear, minimum, point
 from .sizes import model_sizes
@@ -44,6 +47,7 @@ class Plan:
     num_candidates: int = 0
     num_solved: int = 0
     search_s: float = 0.0
+    lp_estimate: Estimate | None = None  # at the solver's own point (cache and activations as continuous shares)
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,18 @@ def _time_lower_bound(model: CostModel) -> float:
 class _Milp:
     """The MILP of one cost model: z = [6 integer percentages, one time per stage, one binary per switch]."""
 
-    def __init__(self, model: CostModel, limits: dict[str, float]):
+    def __init__(self, model: CostModel, limits: dict[str, float], options: Sequence[WeightOption] = ()):
         self.model = model
+        self.options = tuple(options)
         stages = [s for s in model.stages if s.count > 0]
         switches = [(t, sw) for t in TIERS for sw in model.memory[t].switches]
-        nt, ny = len(stages), len(switches)
-        self.n = NUM_VARS + nt + ny
+        nt, ny, nk = len(stages), len(switches), len(self.options)
+        self.n = NUM_VARS + nt + ny + nk
+        self._first_option = NUM_VARS + nt + ny
         rows, lo, hi = [], [], []
 
-        def add(row: np.ndarray, upper: float) -> None:
-            rows.append(row), lo.append(-np.inf), hi.append(upper)
+        def add(row: np.ndarray, upper: float, lower: float = -np.inf) -> None:
+            rows.append(row), lo.append(lower), hi.append(upper)
 
         for i, s in enumerate(stages):
             for term in s.bound_terms(model.policy.overlap):
@@ -114,20 +120,32 @@ class _Milp:
             row[:NUM_VARS] = np.array(sw.when.coef) / 100.0
             row[NUM_VARS + nt + j] = -1.0
             add(row, -sw.when.const)
+        if nk:  # the weights take one of the placements whole tensors allow: w = sum_k y_k * share_k
+            for var in (0, 1):
+                row = np.zeros(self.n)
+                row[var] = 1.0
+                row[self._first_option:] = [-100.0 * opt[var] for opt in self.options]
+                add(row, 0.0, 0.0)
+            row = np.zeros(self.n)
+            row[self._first_option:] = 1.0
+            add(row, 1.0, 1.0)
         self.a, self.lo, self.hi = np.array(rows), np.array(lo), np.array(hi)
         self.time_cost = np.zeros(self.n)
         self.time_cost[NUM_VARS:NUM_VARS + nt] = [s.count for s in stages]
         self.const_time = sum(s.count * s.overhead_s for s in stages)
-        self.integrality = np.array([1] * NUM_VARS + [0] * nt + [1] * ny)
-        upper = np.array([100.0] * NUM_VARS + [np.inf] * nt + [1.0] * ny)
+        weights_integral = 0 if nk else 1  # with options the weight shares follow the binaries
+        self.integrality = np.array([weights_integral] * 2 + [1] * (NUM_VARS - 2) + [0] * nt + [1] * ny + [1] * nk)
+        upper = np.array([100.0] * NUM_VARS + [np.inf] * nt + [1.0] * ny + [1.0] * nk)
         self.bounds = Bounds(np.zeros(self.n), upper)
 
     def solve(self, tie_break_within: float | None = None,
-              relaxed: bool = False) -> tuple[float, tuple[float, ...]] | None:
-        """Minimum total time and its placement (fractions), or None when nothing fits.
+              relaxed: bool = False) -> tuple[float, tuple[float, ...], tuple[float, ...]] | None:
+        """Minimum total time, its placement (fractions) and the policy's six percentages, or None when nothing
+        fits. With weight options the weight shares are the chosen option's exact shares and the percentages
+        the ones that make the executor place it.
 
-        `relaxed` drops integrality (a lower bound on the time, five times cheaper); `tie_break_within` returns
-        the fastest-tier placement among those no slower than that time.
+        `relaxed` drops integrality (a lower bound on the time, five times cheaper; no percentages);
+        `tie_break_within` returns the fastest-tier placement among those no slower than that time.
         """
         a, lo, hi, cost = self.a, self.lo, self.hi, self.time_cost
         if tie_break_within is not None:
@@ -142,16 +160,21 @@ class _Milp:
         if res.x is None or not res.success:
             return None
         if relaxed:
-            return float(res.fun) + self.const_time, tuple(res.x[:NUM_VARS] / 100.0)
-        x = point(*np.round(res.x[:NUM_VARS]).clip(0, 100))
-        return self.model.total_time(x), x
+            return float(res.fun) + self.const_time, tuple(res.x[:NUM_VARS] / 100.0), ()
+        pct = [float(v) for v in np.round(res.x[:NUM_VARS]).clip(0, 100)]
+        x = point(*pct)
+        if self.options:
+            share_gpu, share_cpu, pct[0], pct[1] = self.options[int(np.argmax(res.x[self._first_option:]))]
+            x = (share_gpu, share_cpu, *x[2:])
+        return self.model.total_time(x), x, tuple(pct)
 
 
-def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-           gpu_mem: float | str | None = None, cpu_mem: float | str | None = None, disk: float | str | None = None,
-           allow_compression: bool = False, cpu_cache_compute: bool | None = None, overlap: bool = True,
-           gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, num_gpu_batches: Sequence[int] = NUM_GPU_BATCHES,
-           dtype: str | None = None) -> Plan:
+def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+                 gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
+                 disk: float | str | None = None, allow_compression: bool = False,
+                 cpu_cache_compute: bool | None = None, overlap: bool = True,
+                 gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, num_gpu_batches: Sequence[int] = NUM_GPU_BATCHES,
+                 dtype: str | None = None, weight_placement: str = "flexgen") -> Plan:
     """The policy of highest total throughput (generated tokens/s over prefill + decode) that fits the memory.
 
     `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes (bytes or "16GiB"); `cpu_cache_compute=None` tries
@@ -165,7 +188,8 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
     models = []
     for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
                            overlap):
-        model = build(config, pol, hw, prompt_len, gen_len, dtype_bytes, dtype)
+        model = build(config, pol.replace(weight_placement=weight_placement), hw, prompt_len, gen_len, dtype_bytes,
+                      dtype)
         if any(model.memory[t].minimum() > limits[t] for t in TIERS):
             continue  # even the cheapest placement overflows a tier (usually the GPU's fixed working set)
         work = pol.block_size * gen_len
@@ -176,10 +200,11 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
                                m[1].policy.compress_cache))
     best: tuple[float, _Milp, float] | None = None  # (throughput, milp, total time)
     solved = 0
+    options = weight_options(config, weight_placement)
     for bound, model in models:
         if best is not None and bound <= best[0] * (1 + 1e-9):
             break  # sorted by bound: no later shape can win either
-        problem = _Milp(model, limits)
+        problem = _Milp(model, limits, options)
         relaxed = problem.solve(relaxed=True)  # a tighter bound that knows the memory limits
         solved += 1
         if relaxed is None:
@@ -196,33 +221,67 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
                                               len(models)))
     _, problem, t_best = best
     tied = problem.solve(tie_break_within=t_best * (1 + 1e-7))
-    x = tied[1] if tied is not None else problem.solve()[1]
+    _, x, pct = tied if tied is not None else problem.solve()
     policy = problem.model.policy.replace(**dict(zip(
         ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-         "act_cpu_percent"), (round(v * 100) for v in x))))
-    est = evaluate(problem.model, x)
+         "act_cpu_percent"), (round(v) for v in pct))))
+    placed = evaluate(problem.model, placed_point(config, policy))
     elapsed = time.perf_counter() - start
-    return Plan(policy, est, _explain(config, policy, est, hw, len(models), solved, elapsed), hw, len(models),
-                solved, elapsed)
+    return Plan(policy, placed, _explain(config, policy, placed, hw, len(models), solved, elapsed), hw, len(models),
+                solved, elapsed, evaluate(problem.model, x))
 
 
-def fitting_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-                   gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
-                   disk: float | str | None = None, rounds: int = 6, **kw) -> Plan:
-    """`search`, whose policy must also fit as the executor places it (whole tensors per tier, which can put
-    more on a tier than its percentage): while the placed policy overflows a tier, search again with that
-    tier's size lowered by the overflow. The plan keeps the sizes the caller gave."""
+WeightOption = tuple  # (GPU share, CPU share, w_gpu_percent, w_cpu_percent): a placement whole tensors allow
+
+
+def weight_options(config: ModelConfig, rule: str = "flexgen") -> tuple[WeightOption, ...]:
+    """Every split of a decoder layer's weights over the tiers that `rule` can make from whole tensors, each
+    with the percentages (closest to its shares) that produce it."""
+    sizes = tuple(sorted((name, math.prod(shape)) for name, shape in config.layer_weight_shapes().items()))
+    return _weight_options(sizes, rule)
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_options(sizes: tuple[tuple[str, int], ...], rule: str) -> tuple[WeightOption, ...]:
+    layer = dict(sizes)
+    found: dict[tuple[float, float], tuple[float, int, int]] = {}
+    for g in range(101):
+        for c in range(101 - g):
+            shares = tier_shares(layer, g, c, rule)
+            key = (shares[Tier.GPU], shares[Tier.CPU])
+            miss = abs(g - 100 * key[0]) + abs(c - 100 * key[1])
+            if key not in found or miss < found[key][0]:
+                found[key] = (miss, g, c)
+    return tuple((sg, sc, g, c) for (sg, sc), (_, g, c) in sorted(found.items()))
+
+
+def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+           gpu_mem: float | str | None = None, cpu_mem: float | str | None = None, disk: float | str | None = None,
+           rounds: int = 6, **kw) -> Plan:
+    """The policy of highest total throughput (generated tokens/s over prefill + decode) that fits the memory
+    as the executor places it.
+
+    `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes (bytes or "16GiB"); `cpu_cache_compute=None` tries
+    both; compression is tried only when allowed, as it changes the numbers the model computes. The MILP
+    chooses the weights among the splits whole tensors allow (`weight_options`); the cache and activations,
+    placed by (layer, GPU batch) and by GPU batch, can still overflow a tier by a little once rounded: then
+    the search runs again with that tier's size lowered by the overflow, a few rounds at most. The plan's
+    `estimate` is the policy as placed, `lp_estimate` the MILP's own point. Raises `PolicyError` with the
+    reason when nothing fits.
+    """
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
     limits = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
     caps = dict(limits)
+    over: dict[str, float] = {}
     for _ in range(rounds):
-        plan = search(config, hw, prompt_len, gen_len, dtype_bytes, caps["gpu"], caps["cpu"], caps["disk"], **kw)
-        placed = estimate(config, plan.policy, hw, prompt_len, gen_len, dtype_bytes, kw.get("dtype"), placed=True)
-        over = {t: placed.peak_bytes[t] - limits[t] for t in TIERS if placed.peak_bytes[t] > limits[t] * (1 + 1e-9)}
+        plan = _search_once(config, hw, prompt_len, gen_len, dtype_bytes, caps["gpu"], caps["cpu"], caps["disk"],
+                            **kw)
+        peaks = plan.estimate.peak_bytes
+        over = {t: peaks[t] - limits[t] for t in TIERS if peaks[t] > limits[t] * (1 + 1e-9)}
         if not over:
             return dataclasses.replace(plan, hardware=hw)
-        for tier, excess in over.items():
-            caps[tier] -= excess * 1.01 + 1
+        for tier, excess in over.items():  # room for the rounding to land on either side next time
+            caps[tier] -= max(2 * excess, 0.002 * limits[tier])
     raise PolicyError(f"no policy fits as placed after {rounds} rounds: whole tensors overflow "
                       + ", ".join(f"{t} by {format_size(e)}" for t, e in over.items()))
 
@@ -237,7 +296,7 @@ def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Ha
     from .hardware import resolve_hardware
 
     hw = resolve_hardware(hardware) or default_hardware()
-    return fitting_search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
+    return search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
 
 
 def default_hardware(progress: bool = False) -> Hardware:
@@ -263,7 +322,7 @@ def default_hardware(progress: bool = False) -> Hardware:
 def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
                 step: int = 10, gpu_batch_sizes: Sequence[int] = (1, 4, 16, 64),
                 num_gpu_batches: Sequence[int] = (1, 2, 4), cpu_cache_compute: bool | None = None,
-                allow_compression: bool = False, overlap: bool = True) -> Plan:
+                allow_compression: bool = False, overlap: bool = True, weight_placement: str = "flexgen") -> Plan:
     """Exhaustive search over percentages in steps of `step` with the same cost model (vectorised with numpy).
 
     Slow and coarse; it exists to check that the MILP never does worse.
@@ -273,14 +332,17 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
     start = time.perf_counter()
     limits = {"gpu": hardware.gpu_mem, "cpu": hardware.cpu_mem, "disk": hardware.disk}
     pairs = np.array([(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)], dtype=float) / 100.0
-    n = len(pairs)
-    grid = np.hstack([np.repeat(pairs, n * n, axis=0), np.tile(np.repeat(pairs, n, axis=0), (n, 1)),
-                      np.tile(pairs, (n * n, 1))])  # every (weights, cache, activations) combination
+    options = weight_options(config, weight_placement)  # weights: only the splits whole tensors allow
+    w_pairs = np.array([(sg, sc) for sg, sc, _, _ in options])
+    n, nw = len(pairs), len(w_pairs)
+    grid = np.hstack([np.repeat(w_pairs, n * n, axis=0), np.tile(np.repeat(pairs, n, axis=0), (nw, 1)),
+                      np.tile(pairs, (nw * n, 1))])  # every (weights, cache, activations) combination
     best: tuple[float, CostModel, np.ndarray] | None = None
     count = 0
     for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
                            overlap):
-        model = build(config, pol, hardware, prompt_len, gen_len, dtype_bytes)
+        model = build(config, pol.replace(weight_placement=weight_placement), hardware, prompt_len, gen_len,
+                      dtype_bytes)
         count += 1
         ok = np.ones(len(grid), dtype=bool)
         for t in TIERS:
@@ -296,11 +358,13 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
         raise PolicyError("no grid point fits the memory")
     _, model, x = best
     pct = [round(v * 100) for v in x]
+    pct[0], pct[1] = next((gp, cp) for sg, sc, gp, cp in options if (sg, sc) == (x[0], x[1]))
     policy = model.policy.replace(**dict(zip(
         ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
          "act_cpu_percent"), pct)))
-    est = evaluate(model, tuple(x))
-    return Plan(policy, est, f"grid search, step {step}%", hardware, count, count, time.perf_counter() - start)
+    est = evaluate(model, tuple(x))  # the grid point itself, to compare with the MILP's `lp_estimate`
+    return Plan(policy, est, f"grid search, step {step}%", hardware, count, count, time.perf_counter() - start,
+                est)
 
 
 def _many(lins: list[Linear], grid: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from flexserve.memory.tiers import Tier, Tiers, tier_shares
 from flexserve.offload.budget import weight_bytes
 from flexserve.offload.placement import _place, PseudoLayer
 from flexserve.offload.policy import Policy
-from flexserve.planner import estimate, fitting_search, profile, search
+from flexserve.planner import estimate, profile, search
 from flexserve.planner.cost_model import placed_point
 
 H100 = profile("h100")
@@ -88,22 +88,38 @@ def test_memory_check_counts_the_bytes_as_placed():
     assert lf.gpu == pytest.approx((lf.gpu + lf.cpu) / 3, rel=0.01)  # one MLP matrix
 
 
-def test_fitting_search_returns_a_policy_that_fits_as_placed():
+def test_search_returns_a_policy_that_fits_and_performs_as_placed():
     cfg, caps = preset("opt-30b"), dict(gpu_mem="16GiB")
-    plain = search(cfg, H100, 512, 32, **caps)
     hw = H100.with_memory(**caps)
-    # the continuous optimum's block needs more host memory once whole tensors are placed
-    assert estimate(cfg, plain.policy, hw, 512, 32, placed=True).overflows(hw)
-    fit = fitting_search(cfg, H100, 512, 32, **caps)
-    assert estimate(cfg, fit.policy, hw, 512, 32, placed=True).overflows(hw) == []
-    assert fit.hardware.cpu_mem == hw.cpu_mem  # reported against the sizes the user gave
+    plan = search(cfg, H100, 512, 32, **caps)
+    placed = estimate(cfg, plan.policy, hw, 512, 32, placed=True)
+    assert placed.overflows(hw) == []
+    assert placed.total_tok_s == pytest.approx(plan.estimate.total_tok_s, rel=1e-9)  # the plan is as placed
+    # its weight split is one whole tensors allow, and the MILP's own point agrees on it
+    from flexserve.planner import weight_options
+
+    x = placed_point(cfg, plan.policy)
+    assert (x[0], x[1]) in {(sg, sc) for sg, sc, _, _ in weight_options(cfg)}
+    assert plan.lp_estimate.total_tok_s == pytest.approx(plan.estimate.total_tok_s, rel=0.02)
+    assert plan.hardware.cpu_mem == hw.cpu_mem  # reported against the sizes the user gave
+
+
+def test_weight_options_are_few_and_reproduced_by_their_percentages():
+    from flexserve.planner import weight_options
+
+    cfg = preset("opt-30b")
+    opts = weight_options(cfg)
+    assert 3 <= len(opts) <= 40 and (1.0, 0.0, 100, 0) in opts and (0.0, 1.0, 0, 100) in opts
+    for sg, sc, g, c in opts:
+        pol = Policy.from_percent((g, c, 100, 0, 100, 0))
+        assert placed_point(cfg, pol)[:2] == (sg, sc)
 
 
 def test_plan_cli_prints_the_placed_line(capsys):
     assert main(["plan", "--model", "opt-30b", "--hardware", "t4", "--prompt-len", "512", "--gen-len", "32"]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("as placed"))
-    assert "weights 0% GPU / 100% CPU" in line and line.rstrip().endswith("fits")
+    assert "weights 8% GPU / 92% CPU" in line and line.rstrip().endswith("fits")  # OPT's output projection
 
 
 def test_weight_placement_flag_round_trips_and_bad_values_are_refused():
