@@ -60,7 +60,8 @@ def policy_of(percent, bs: int, nb: int, extra: list[str]):
     from flexserve.offload.policy import Policy
 
     return Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb,
-                               cpu_cache_compute="--cpu-cache-compute" in extra)
+                               cpu_cache_compute="--cpu-cache-compute" in extra,
+                               compress_weight="--compress-weight" in extra, compress_cache="--compress-cache" in extra)
 
 
 def case_of(policy) -> tuple:

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .errors import FlexServeError
+from .offload.policy import WEIGHT_PLACEMENTS
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-cache-compute", action="store_true", help="attention on the CPU where the cache is")
     g.add_argument("--cpu-attention-dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="dtype of the host cache that CPU attention reads (default: the model's)")
-    g.add_argument("--weight-placement", choices=["flexgen", "largest-first"], default=None,
+    g.add_argument("--weight-placement", choices=WEIGHT_PLACEMENTS, default=None,
                    help="how whole tensors meet the weight percentages: FlexGen's rule (default) or flexserve's "
                         "earlier largest-first rule (to reproduce runs made with it)")
     g.add_argument("--no-overlap", action="store_true", help="run loads, stores and compute in sequence")

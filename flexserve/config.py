@@ -132,8 +132,12 @@ class ModelConfig:
             shapes["lm_head.weight"] = (self.vocab_size, e)
         return shapes
 
+    def layer_weight_sizes(self) -> dict[str, int]:
+        """Elements of each per-layer weight (what the placement rule lays out)."""
+        return {name: _prod(shape) for name, shape in self.layer_weight_shapes().items()}
+
     def num_layer_params(self) -> int:
-        return sum(_prod(s) for s in self.layer_weight_shapes().values())
+        return sum(self.layer_weight_sizes().values())
 
     def num_params(self) -> int:
         return self.num_layers * self.num_layer_params() + sum(_prod(s) for s in self.global_weight_shapes().values())

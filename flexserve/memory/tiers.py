@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
+from ..offload.policy import WEIGHT_PLACEMENTS
 from .pinned import pinned_empty
 
 
@@ -48,7 +49,11 @@ def tier_by_fraction(mid_percent: float, gpu_percent: float, cpu_percent: float)
     return Tier.DISK
 
 
-WEIGHT_PLACEMENTS = ("flexgen", "largest-first")
+def slot_tier(k: int, n: int, gpu_percent: float, cpu_percent: float) -> Tier:
+    """The tier of slot `k` of `n` equal slots by the midpoint rule: how the cache ((layer, GPU batch) slots)
+    and the activations (GPU-batch slots) are placed, and what the planner counts for them."""
+    return tier_by_fraction((k + 0.5) / n * 100, gpu_percent, cpu_percent)
+
 
 # FlexGen's weight lists (flex_opt.py), in our tensor names: a decoder layer is an attention layer (q, k, v,
 # out, then its norm) and an MLP layer (fc1, fc2, then its norm), each spread by itself; the input embedding

@@ -5,7 +5,6 @@ loading a 60 GB model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import psutil
@@ -14,7 +13,8 @@ import torch
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..errors import PolicyError
-from ..memory.tiers import Tier, tier_shares
+from ..memory.tiers import Tier
+from .placement import layer_weight_shares
 from .policy import Policy
 
 GiB = 1 << 30
@@ -39,9 +39,7 @@ def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierByte
     ratio = compression_ratio(policy.comp_num_bits, policy.comp_group_size, dtype_bytes) \
         if policy.compress_weight else 1.0
     total = cfg.stored_weight_bytes(dtype_bytes, ratio)
-    # whole tensors move: the shares of a decoder layer (the bulk of the bytes) under the placement rule
-    share = tier_shares({k: math.prod(v) for k, v in cfg.layer_weight_shapes().items()}, policy.w_gpu_percent,
-                        policy.w_cpu_percent, policy.weight_placement)
+    share = layer_weight_shares(cfg, policy)  # whole tensors move: the shares the placement really makes
     return TierBytes(int(total * share[Tier.GPU]), int(total * share[Tier.CPU]), int(total * share[Tier.DISK]))
 
 

@@ -27,7 +27,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..memory.streams import Lane, current_record, current_wait
-from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
+from ..memory.tiers import Handle, Tier, Tiers, slot_tier
 from ..models.attention import AttnMeta, dense_attention
 from ..models.layers import (attention_in, attention_out, decoder_layer, embed, lm_head, rope_cos_sin,
                              rope_inv_freq)
@@ -204,9 +204,9 @@ class OffloadExecutor:
     # --- KV cache --------------------------------------------------------------------------------------------
     def cache_tier(self, layer: int, batch: int, num_batches: int) -> Tier:
         """Layer-granular cache placement: the midpoint rule over (layer, batch) positions of the block."""
-        pos = (layer * num_batches + batch + 0.5) / (self.cfg.num_layers * num_batches) * 100
         p = self.policy
-        return tier_by_fraction(pos, p.cache_gpu_percent, p.cache_cpu_percent)
+        return slot_tier(layer * num_batches + batch, self.cfg.num_layers * num_batches, p.cache_gpu_percent,
+                         p.cache_cpu_percent)
 
     def _cache_shape(self, b: int, max_len: int, seq_dim: int) -> tuple[int, ...]:
         h, d = self.cfg.num_kv_heads, self.cfg.head_dim
@@ -488,7 +488,7 @@ class _Activations:
     def __init__(self, ex: OffloadExecutor, num_batches: int):
         p = ex.policy
         self.ex = ex
-        self.tier = [tier_by_fraction((k + 0.5) / num_batches * 100, p.act_gpu_percent, p.act_cpu_percent)
+        self.tier = [slot_tier(k, num_batches, p.act_gpu_percent, p.act_cpu_percent)
                      for k in range(num_batches)]
         self.handles = ex._act_handles  # reused across forwards (a disk handle is a file: never re-create it)
         self.current: dict[int, Handle] = {}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compression import CompressedTensor, CompressionConfig, compress
-from ..config import EMBED_KEYS
-from ..memory.tiers import Handle, Tier, Tiers, assign_tiers
+from ..config import EMBED_KEYS, ModelConfig
+from ..memory.tiers import Handle, Tier, Tiers, assign_tiers, tier_shares
 from ..weights import WeightSource, layer_weights
 from .policy import Policy
 
@@ -74,6 +74,13 @@ class PseudoLayer:
 
     def offloaded_bytes(self) -> int:
         return sum(h.nbytes for h in self.streamed.values())
+
+
+def layer_weight_shares(config: ModelConfig, policy: Policy) -> dict[Tier, float]:
+    """Fraction of a decoder layer's weights that `_place` puts on each tier under `policy` (the bulk of the
+    model's bytes): what the memory check and the planner count."""
+    return tier_shares(config.layer_weight_sizes(), policy.w_gpu_percent, policy.w_cpu_percent,
+                       policy.weight_placement)
 
 
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,

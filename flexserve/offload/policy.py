@@ -12,6 +12,10 @@ from typing import Sequence
 
 from ..errors import PolicyError
 
+# How whole tensors meet the weight percentages (memory.tiers.assign_tiers): FlexGen's rule, or flexserve's
+# rule before session 4, kept to reproduce the runs made with it.
+WEIGHT_PLACEMENTS = ("flexgen", "largest-first")
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -60,8 +64,8 @@ class Policy:
             raise PolicyError(f"comp_num_bits must be 4 or 8, got {self.comp_num_bits}")
         if self.comp_group_size < 2 or self.comp_group_size % 2:
             raise PolicyError(f"comp_group_size must be an even number >= 2, got {self.comp_group_size}")
-        if self.weight_placement not in ("flexgen", "largest-first"):
-            raise PolicyError(f"weight_placement must be 'flexgen' or 'largest-first', got {self.weight_placement!r}")
+        if self.weight_placement not in WEIGHT_PLACEMENTS:
+            raise PolicyError(f"weight_placement must be one of {WEIGHT_PLACEMENTS}, got {self.weight_placement!r}")
         if self.cpu_attention_dtype not in (None, "bfloat16", "float32", "float16"):
             raise PolicyError(f"cpu_attention_dtype must be bfloat16, float32 or float16, got "
                               f"{self.cpu_attention_dtype!r}")

@@ -13,7 +13,7 @@ import sys
 
 from ..config import ModelConfig, load_hf_config, preset
 from ..errors import ModelLoadError, PolicyError
-from .cost_model import estimate, placed_point
+from .cost_model import placed_point
 from .hardware import Hardware, format_size, parse_size, resolve_hardware, save_hardware
 from .search import Plan, default_hardware, describe_policy, search
 
@@ -109,7 +109,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def plan_to_dict(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> dict:
     e, hw, p = plan.estimate, plan.hardware, plan.policy
-    placed = placed_estimate(plan, config, args)
     return {
         "model": config.name, "hardware": hw.name, "dtype": args.dtype,
         "prompt_len": args.prompt_len, "gen_len": args.gen_len,
@@ -121,21 +120,15 @@ def plan_to_dict(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> d
         "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
         "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
         "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
-        "placed": {"shares": list(placed_point(config, p)), "decode_tok_s": placed.decode_tok_s,
-                   "total_tok_s": placed.total_tok_s, "peak_bytes": placed.peak_bytes,
-                   "overflows": placed.overflows(hw)},
+        "placed": {"shares": list(placed_point(config, p)), "decode_tok_s": e.decode_tok_s,
+                   "total_tok_s": e.total_tok_s, "peak_bytes": e.peak_bytes, "overflows": e.overflows(hw)},
     }
 
 
-def placed_estimate(plan: Plan, config: ModelConfig, args: argparse.Namespace):
-    """The plan's policy as the executor will really place it (whole tensors per tier)."""
-    return estimate(config, plan.policy, plan.hardware, args.prompt_len, args.gen_len, DTYPE_BYTES[args.dtype],
-                    args.dtype, placed=True)
-
-
-def _placed_line(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> str:
+def _placed_line(plan: Plan, config: ModelConfig) -> str:
+    """The realised shares of the plan's policy; its estimate is already the policy as placed (`search`)."""
     x = placed_point(config, plan.policy)
-    e = placed_estimate(plan, config, args)
+    e = plan.estimate
     over = e.overflows(plan.hardware)
     return (f"weights {x[0]:.0%} GPU / {x[1]:.0%} CPU / {1 - x[0] - x[1]:.0%} disk (whole tensors): decode "
             f"{e.decode_tok_s:,.2f} tok/s, total {e.total_tok_s:,.2f} tok/s; "
@@ -158,7 +151,7 @@ def format_plan(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> st
                       f"total {e.total_tok_s:,.2f} tok/s ({format_seconds(e.prefill_s)} prefill, "
                       f"{format_seconds(e.decode_s_per_step)} per decode step)"),
         ("memory", mem),
-        ("as placed", _placed_line(plan, config, args)),
+        ("as placed", _placed_line(plan, config)),
         ("bottleneck", f"{e.decode_bottleneck} (decode), {e.prefill_bottleneck} (prefill); overall {e.bottleneck}"),
         ("search", f"{plan.num_candidates} block shapes, {plan.num_solved} LP/MILP solves, {plan.search_s:.2f} s"),
     ]

@@ -16,8 +16,6 @@ affine in the six placement fractions (see `linear.py`), which is what lets `sea
 """
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass, field
 
 from ..config import ModelConfig
@@ -268,15 +266,15 @@ def placed_point(config: ModelConfig, policy: Policy) -> tuple[float, ...]:
     layer's weights by the midpoint rule), the cache by (layer, GPU batch) and activations by GPU batch, so
     `--percent 20 80` on OPT-30B keeps a twelfth of each layer on the GPU, not a fifth. The search optimises over
     continuous shares; this is what a given policy will do (`flexserve plan` prints both)."""
-    from ..memory.tiers import Tier, tier_by_fraction, tier_shares
+    from ..memory.tiers import Tier, slot_tier
+    from ..offload.placement import layer_weight_shares
 
     def counted(n: int, gpu: float, cpu: float) -> tuple[float, float]:
-        tiers = [tier_by_fraction((k + 0.5) / n * 100, gpu, cpu) for k in range(n)]
+        tiers = [slot_tier(k, n, gpu, cpu) for k in range(n)]
         return tiers.count(Tier.GPU) / n, tiers.count(Tier.CPU) / n
 
     p = policy
-    w = tier_shares({k: math.prod(v) for k, v in config.layer_weight_shapes().items()}, p.w_gpu_percent,
-                    p.w_cpu_percent, p.weight_placement)
+    w = layer_weight_shares(config, p)
     return (w[Tier.GPU], w[Tier.CPU],
             *counted(config.num_layers * p.num_gpu_batches, p.cache_gpu_percent, p.cache_cpu_percent),
             *counted(p.num_gpu_batches, p.act_gpu_percent, p.act_cpu_percent))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -237,7 +236,7 @@ WeightOption = tuple  # (GPU share, CPU share, w_gpu_percent, w_cpu_percent): a 
 def weight_options(config: ModelConfig, rule: str = "flexgen") -> tuple[WeightOption, ...]:
     """Every split of a decoder layer's weights over the tiers that `rule` can make from whole tensors, each
     with the percentages (closest to its shares) that produce it."""
-    sizes = tuple(sorted((name, math.prod(shape)) for name, shape in config.layer_weight_shapes().items()))
+    sizes = tuple(sorted(config.layer_weight_sizes().items()))
     return _weight_options(sizes, rule)
 
 

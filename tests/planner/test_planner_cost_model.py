@@ -116,6 +116,27 @@ def test_compression_shrinks_weights_and_their_transfer():
     assert cache.peak_cpu_bytes < plain.peak_cpu_bytes
 
 
+def test_measured_rebuild_rate_prices_compressed_weights():
+    """With `dequant_bw` set (calibrate measures it), a packed decoder layer costs its fp16 bytes at that rate
+    on the GPU per block; without it the HBM-bound read-plus-write."""
+    import dataclasses
+
+    p = pol((100, 0, 100, 0, 100, 0), gbs=8).replace(compress_weight=True)
+    hbm = estimate(OPT30, p, T4, 512, 32)
+    slow = estimate(OPT30, p, dataclasses.replace(T4, dequant_bw=10e9), 512, 32)
+    from flexserve.planner.sizes import model_sizes
+
+    sz = model_sizes(OPT30, p)
+    extra = slow.breakdown["decode.compute.gpu linear"] - hbm.breakdown["decode.compute.gpu linear"]
+    per_layer = sz.layer_w16 / 10e9 - (sz.layer_w + sz.layer_w16) / T4.gpu_mem_bw
+    head = sz.head_w16 / 10e9 - (sz.head_w + sz.head_w16) / T4.gpu_mem_bw  # the LM head pseudo-layer
+    assert sz.layer_w == pytest.approx(sz.layer_w16 * (0.5 + 4 / 64) / 2)
+    assert extra == pytest.approx(OPT30.num_layers * per_layer + head, rel=1e-6)
+    assert slow.decode_tok_s < hbm.decode_tok_s
+    with pytest.raises(PolicyError, match="dequant_bw"):
+        dataclasses.replace(T4, dequant_bw=-1.0)
+
+
 def test_peak_memory_by_hand_for_a_simple_policy():
     cfg = preset("opt-1.3b")
     b, gbs, nb, prompt, gen = 2, 4, 2, 128, 16
