@@ -1,9 +1,10 @@
 #!/bin/bash
-# Session 6's device calls (each under the 600 s per-call limit). Usage: bash bench/device_s6.sh A1|A2|A3|C
+# Session 6's device calls (each under the 600 s per-call limit). Usage: bash bench/device_s6.sh A1|A2|A3|C|D
 #   A1 (one H100 alone: CPU attention is host-memory bound): OPT-30B against FlexGen 0.1.8 at equal weight
 #      placement (FlexGen's rule, now the default), then --policy auto under a 16 GiB cap (gen 8).
 #   A2, A3: the rest of the measured sweep under the cap that the auto choice must come within 10% of.
 #   C: the planner's nine-policy predicted-vs-measured sweep.
+#   D: after the planner's memory fixes, the new auto choice under the cap, and the sweep's two Llama cases.
 source bench/device_env.sh >/dev/null
 CAP="python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 200 --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep"
 case ${1:-} in
@@ -11,6 +12,9 @@ case ${1:-} in
       T=220 TAIL=30 run $CAP --cap-pick 0 > $OUT/a1_cap0.log 2>&1 ;;
   A2) T=590 TAIL=30 run $CAP --cap-pick 1,2,3 > $OUT/a2_cap123.log 2>&1 ;;
   A3) T=590 TAIL=30 run $CAP --cap-pick 4,5 > $OUT/a3_cap45.log 2>&1 ;;
+  D)  T=250 TAIL=30 run $CAP --cap-pick 0 > $OUT/d_auto.log 2>&1  # the auto choice after the memory fixes
+      T=300 TAIL=30 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 150 \
+        --sweep-pick 7,8 > $OUT/d_llama.log 2>&1 ;;
   C)  T=590 TAIL=40 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 200 \
         --plot $OUT/planner_vs_measured.png > $OUT/c_planner.log 2>&1 ;;
 esac

@@ -37,7 +37,25 @@ CASES = [
     ("s4 H200x2", "opt-6.7b", (0, 100, 100, 0, 100, 0), 32, 4, {}, 8, "float16", 1, 1, 427.2),
     ("s4 H200x2", "opt-6.7b", (50, 50, 100, 0, 100, 0), 32, 2, {}, 8, "float16", 1, 1, 793.2),
     ("s4 H200x2", "opt-6.7b", (0, 100, 0, 100, 100, 0), 16, 2, {}, 8, "float16", 1, 1, 76.2),
+    # session 6, one H100 (nvidia-h100-x1), FlexGen's weight placement (the default since session 5)
+    ("s6 x1", "opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, CCC, 32, "float16", 1, 1, 28.46),
+    ("s6 x1", "opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, CCC, 8, "float16", 1, 1, 27.15),
+    ("s6 x1", "opt-30b", (13, 87, 7, 93, 97, 3), 32, 3, CCC, 8, "float16", 1, 1, 51.6),
+    ("s6 x1", "opt-30b", (13, 87, 4, 96, 100, 0), 64, 1, CCC, 8, "float16", 1, 1, 50.9),
+    ("s6 x1", "opt-30b", (2, 98, 17, 83, 100, 0), 32, 2, CCC, 8, "float16", 1, 1, 49.18),
+    ("s6 x1", "opt-30b", (1, 99, 11, 89, 100, 0), 64, 1, CCC, 8, "float16", 1, 1, 52.2),
+    ("s6 x1", "opt-6.7b", (100, 0, 100, 0, 100, 0), 32, 1, {}, 8, "float16", 1, 1, 1039.6),
+    ("s6 x1", "opt-6.7b", (0, 100, 100, 0, 100, 0), 32, 4, {}, 8, "float16", 1, 1, 467.1),
+    ("s6 x1", "opt-6.7b", (50, 50, 100, 0, 100, 0), 32, 2, {}, 8, "float16", 1, 1, 407.8),
+    ("s6 x1", "opt-6.7b", (0, 100, 0, 100, 100, 0), 16, 2, {}, 8, "float16", 1, 1, 70.8),
+    ("s6 x1", "opt-6.7b", (0, 100, 0, 100, 100, 0), 16, 2, CCC, 8, "float16", 1, 1, 90.5),
+    ("s6 x1", "opt-13b", (30, 70, 100, 0, 100, 0), 32, 2, {}, 8, "float16", 1, 1, 214.5),
+    ("s6 x1", "llama-3-8b", (0, 100, 100, 0, 100, 0), 32, 4, {}, 8, "float16", 1, 1, 428.6),
+    ("s6 x1", "llama-3-8b", (50, 50, 100, 0, 100, 0), 32, 2, {}, 8, "float16", 1, 1, 378.3),
 ]
+
+
+S6 = [c for c in CASES if c[0].startswith("s6")]  # last in the list
 
 
 def predict(model, policy, gen_len, dtype, tp, pp, placed: bool) -> float:
@@ -52,9 +70,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     errors = []
     for i, (where, model, percent, bs, nb, opts, gen_len, dtype, tp, pp, measured) in enumerate(CASES, 1):
-        # every run in the list was made before session 4 changed the default weight placement to FlexGen's
-        policy = Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb, weight_placement="largest-first",
-                                     **opts)
+        # runs before session 5 placed weights largest-first; session 5 made FlexGen's rule the default
+        rule = "flexgen" if where.startswith("s6") else "largest-first"
+        policy = Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb, weight_placement=rule, **opts)
         cont = predict(model, policy, gen_len, dtype, tp, pp, placed=False)
         placed = predict(model, policy, gen_len, dtype, tp, pp, placed=True)
         err = (placed - measured) / measured
@@ -63,8 +81,9 @@ def main() -> None:
         par = f" tp{tp}" if tp > 1 else f" pp{pp}" if pp > 1 else ""
         print(f"| {i} | {where} | {model} `{' '.join(map(str, percent))}` {bs}x{nb}{par} {extra} gen {gen_len} | "
               f"{measured:,.1f} | {cont:,.1f} | {placed:,.1f} | {err:+.0%} |")
-    errors.sort()
-    print(f"\nmedian absolute error over {len(errors)} policies: {errors[len(errors) // 2]:.1%}")
+    for label, errs in (("all", errors), ("session 6 (one H100, one session)", errors[-len(S6):])):
+        errs = sorted(errs)
+        print(f"\nmedian absolute error, {label}: {errs[len(errs) // 2]:.1%} over {len(errs)} policies")
 
 
 if __name__ == "__main__":

@@ -154,11 +154,14 @@ def main() -> None:
                          "policies under the same caps, and compare the auto choice with the best of them")
     ap.add_argument("--cap-pick", default=None, help="with --cap-sweep: measure only these indices of the capped "
                     "list (0 = auto), comma-separated")
+    ap.add_argument("--sweep-pick", default=None, help="measure only these indices of the policy list")
     args = ap.parse_args()
     from flexserve.planner import resolve_hardware
 
     hw = resolve_hardware(args.hardware)
     cases = [] if args.no_sweep else CPU_CASES if args.quick else GPU_CASES
+    if args.sweep_pick:  # a subset of the policy list (indices), e.g. the cases a short device call still owes
+        cases = [cases[int(i)] for i in args.sweep_pick.split(",") if int(i) < len(cases)]
     if args.quick:
         args.dtype, args.prompt_len, args.gen_len = "float32", 32, 4
     rows = [run_case(model, percent, bs, nb, extra, hw, args, "sweep") for model, percent, bs, nb, extra in cases]

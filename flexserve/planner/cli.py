@@ -116,7 +116,7 @@ def plan_to_dict(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> d
         "block_size": p.block_size,
         "prefill_tok_s": e.prefill_tok_s, "decode_tok_s": e.decode_tok_s, "total_tok_s": e.total_tok_s,
         "prefill_s": e.prefill_s, "decode_s_per_step": e.decode_s_per_step, "total_s": e.total_s,
-        "peak_bytes": e.peak_bytes, "limits": {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk},
+        "peak_bytes": e.peak_bytes, "limits": hw.limits(),
         "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
         "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
         "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
@@ -139,7 +139,9 @@ def format_plan(plan: Plan, config: ModelConfig, args: argparse.Namespace) -> st
     e, hw, p = plan.estimate, plan.hardware, plan.policy
     nbytes = config.num_params() * DTYPE_BYTES[args.dtype]
     mem = ", ".join(f"{t.upper()} {format_size(e.peak_bytes[t])} of {format_size(lim)}"
-                    for t, lim in (("gpu", hw.gpu_mem), ("cpu", hw.cpu_mem), ("disk", hw.disk)))
+                    for t, lim in hw.limits().items())
+    if hw.host_reserve:
+        mem += f" (CPU: {hw.host_reserve:.0%} of {format_size(hw.cpu_mem)} left to the system)"
     rows = [
         ("model", f"{config.name or args.model} ({config.num_params() / 1e9:.1f}B params, {format_size(nbytes)} "
                   f"of {args.dtype} weights) on the '{hw.name}' profile"),

@@ -60,14 +60,18 @@ class Hardware:
     # of one collective. 0 = unknown (a parallel estimate then needs it given explicitly).
     gpu_link_bw: float = 0.0
     gpu_link_latency_s: float = 0.0
-    # Fraction of CPU-attention time during which the weight stream to the GPU keeps flowing: 1 = fully
-    # overlapped (the ideal schedule), 0 = the two add up. A property of the executor on this machine, fitted
+    # Fraction of CPU-attention time during which the weight stream to the GPU keeps flowing when activations
+    # live off the GPU: 1 = fully overlapped (the ideal schedule), 0 = the two add up. With activations on the
+    # GPU the measured runs overlap fully, and the model assumes so. A property of the executor on this machine, fitted
     # from a measured run (the h100 profile's value and how it was fitted: bench/RESULTS.md section 2).
     cpu_attention_overlap: float = 1.0
     # Bytes per second of half-precision weights the compute device rebuilds from 4-bit group-quantised ones
     # (`--compress-weight`): unpacking, scaling and writing the full tensor. 0 = bound by `gpu_mem_bw` on the
     # bytes read and written, which the eager PyTorch kernels fall far short of (bench/RESULTS.md section 2).
     dequant_bw: float = 0.0
+    # Fraction of `cpu_mem` a plan leaves to the operating system, the page cache and other processes. Without
+    # it the planner filled a 128 GiB host to its last gigabyte and the run was killed (bench/RESULTS.md, 2).
+    host_reserve: float = 0.10
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -76,10 +80,10 @@ class Hardware:
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be a finite number, got {v!r}")
-            if f.name == "cpu_attention_overlap":
-                if not 0 <= v <= 1:
-                    raise PolicyError(f"hardware profile {self.name!r}: cpu_attention_overlap must be in [0, 1], "
-                                      f"got {v}")
+            if f.name in ("cpu_attention_overlap", "host_reserve"):
+                top = 1 if f.name == "cpu_attention_overlap" else 0.99  # a reserve of 100% leaves nothing
+                if not 0 <= v <= top:
+                    raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be in [0, {top}], got {v}")
             elif f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
                             "gpu_link_latency_s", "dequant_bw"):
                 if v < 0:
@@ -100,6 +104,10 @@ class Hardware:
         changes = {k: float(parse_size(v)) for k, v in (("gpu_mem", gpu_mem), ("cpu_mem", cpu_mem), ("disk", disk))
                    if v is not None}
         return dataclasses.replace(self, **changes)
+
+    def limits(self) -> dict[str, float]:
+        """Bytes a plan may use per tier: the sizes, less the host's reserve for everything else."""
+        return {"gpu": self.gpu_mem, "cpu": self.cpu_mem * (1 - self.host_reserve), "disk": self.disk}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

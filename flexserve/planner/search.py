@@ -182,7 +182,7 @@ def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_l
     """
     start = time.perf_counter()
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
-    limits = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
+    limits = hw.limits()
     _check_basic_feasibility(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression)
     models = []
     for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
@@ -269,18 +269,21 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
     reason when nothing fits.
     """
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
-    limits = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
-    caps = dict(limits)
+    limits = hw.limits()
+    sizes = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk}
+    caps = dict(sizes)  # sizes, not limits: each round's search applies the host reserve itself
     over: dict[str, float] = {}
-    for _ in range(rounds):
+    for r in range(rounds):
         plan = _search_once(config, hw, prompt_len, gen_len, dtype_bytes, caps["gpu"], caps["cpu"], caps["disk"],
                             **kw)
         peaks = plan.estimate.peak_bytes
         over = {t: peaks[t] - limits[t] for t in TIERS if peaks[t] > limits[t] * (1 + 1e-9)}
         if not over:
             return dataclasses.replace(plan, hardware=hw)
-        for tier, excess in over.items():  # room for the rounding to land on either side next time
-            caps[tier] -= max(2 * excess, 0.002 * limits[tier])
+        for tier, excess in over.items():  # room for the rounding to land on either side next time, doubling
+            # each round: a share placed per GPU batch moves in whole batches, far beyond the first excess
+            scale = sizes[tier] / limits[tier] if limits[tier] else 1.0  # a limit's bytes in the tier's size
+            caps[tier] -= max(2 * excess, 0.002 * limits[tier]) * scale * 2 ** r
     raise PolicyError(f"no policy fits as placed after {rounds} rounds: whole tensors overflow "
                       + ", ".join(f"{t} by {format_size(e)}" for t, e in over.items()))
 
@@ -329,7 +332,7 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
     if step < 1 or 100 % step:
         raise PolicyError(f"grid step must divide 100, got {step}")
     start = time.perf_counter()
-    limits = {"gpu": hardware.gpu_mem, "cpu": hardware.cpu_mem, "disk": hardware.disk}
+    limits = hardware.limits()
     pairs = np.array([(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)], dtype=float) / 100.0
     options = weight_options(config, weight_placement)  # weights: only the splits whole tensors allow
     w_pairs = np.array([(sg, sc) for sg, sc, _, _ in options])

@@ -1,11 +1,13 @@
 """The cost model: traffic and compute terms per policy field, peak memory per tier, and `compare`."""
+from dataclasses import replace
+
 import pytest
 
 from flexserve.config import preset
 from flexserve.errors import PolicyError
 from flexserve.offload.policy import Policy
-from flexserve.planner import compare, estimate, profile
-from flexserve.planner.cost_model import build
+from flexserve.planner import compare, estimate, profile, search
+from flexserve.planner.cost_model import CPU_PROCESS_BYTES, GPU_RUNTIME_BYTES, build
 from flexserve.planner.linear import Linear, minimum, point
 
 H100 = profile("h100")
@@ -32,7 +34,7 @@ def test_resident_policy_moves_nothing_and_is_bound_by_hbm():
     e = estimate(OPT67, pol((100, 0, 100, 0, 100, 0), gbs=32), H100, 512, 32)
     moved = {k: v for k, v in e.breakdown.items() if (".load." in k or ".store." in k) and v > 0}
     assert moved == {}
-    assert e.peak_cpu_bytes == 0 and e.peak_disk_bytes == 0
+    assert e.peak_cpu_bytes == CPU_PROCESS_BYTES and e.peak_disk_bytes == 0  # only the process itself
     assert e.decode_bottleneck == "gpu memory bandwidth"
     # one decode step reads every weight byte from HBM at least once
     assert e.decode_s_per_step >= OPT67.num_params() * 2 / H100.gpu_mem_bw
@@ -93,9 +95,9 @@ def test_gqa_shrinks_the_cache():
     mha = gqa.replace(num_kv_heads=gqa.num_heads)
     p = pol((0, 100, 0, 100, 100, 0), gbs=16, nb=4)
     a, b = estimate(gqa, p, H100, 512, 32), estimate(mha, p, H100, 512, 32)
-    # activations stay on the GPU, so the CPU holds exactly the weights and the cache
-    cache_gqa = a.peak_cpu_bytes - gqa.num_params() * 2
-    cache_mha = b.peak_cpu_bytes - mha.num_params() * 2
+    # activations stay on the GPU, so the CPU holds exactly the process, the weights and the cache
+    cache_gqa = a.peak_cpu_bytes - gqa.num_params() * 2 - CPU_PROCESS_BYTES
+    cache_mha = b.peak_cpu_bytes - mha.num_params() * 2 - CPU_PROCESS_BYTES
     assert cache_gqa == pytest.approx(64 * (512 + 32) * gqa.kv_bytes_per_token(2))
     assert cache_mha == pytest.approx(8 * cache_gqa)
     assert a.breakdown["decode.load.cache pcie"] == pytest.approx(b.breakdown["decode.load.cache pcie"] / 8)
@@ -144,13 +146,13 @@ def test_peak_memory_by_hand_for_a_simple_policy():
     weights = cfg.num_params() * b
     cache = gbs * nb * (prompt + gen) * cfg.kv_bytes_per_token(b)
     acts = gbs * nb * prompt * cfg.hidden_size * b
-    assert e.peak_cpu_bytes == pytest.approx(0.5 * weights + cache + acts, rel=1e-6)
+    assert e.peak_cpu_bytes == pytest.approx(CPU_PROCESS_BYTES + 0.5 * weights + cache + acts, rel=1e-6)
     assert e.peak_disk_bytes == pytest.approx(0, abs=1)
     layer = cfg.num_layer_params() * b
     # GPU: half the weights, double-buffered half layers, cache slots of one batch, and a working set
     slots = 2 * gbs * (prompt + gen) * cfg.kv_bytes_per_token(b) / cfg.num_layers
     assert e.peak_gpu_bytes > 0.5 * weights + layer + slots
-    assert e.peak_gpu_bytes < 0.5 * weights + 3 * layer + 2e9
+    assert e.peak_gpu_bytes < 0.5 * weights + 3 * layer + GPU_RUNTIME_BYTES + 2e9
 
 
 def test_throughput_definitions():
@@ -207,3 +209,55 @@ def test_cpu_attention_overlap_slows_only_cpu_attention_policies():
     assert estimate(OPT30, gpu_attn, ideal, 512, 32).decode_tok_s == estimate(OPT30, gpu_attn, serial, 512, 32).decode_tok_s
     with pytest.raises(PolicyError, match="cpu_attention_overlap"):
         dataclasses.replace(hw, cpu_attention_overlap=1.5)
+
+
+# Peak GPU bytes measured on one H100 (session 6, bench/RESULTS.md section 2): the plan must not under-promise
+# by more than a little, or a plan made for a 16 GiB card overflows it.
+MEASURED_GPU_PEAKS = [  # (model, --percent, gpu batch, num gpu batches, gen len, measured peak GB)
+    ("opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, 32, 11.03),
+    ("opt-30b", (13, 87, 7, 93, 97, 3), 32, 3, 8, 18.10),
+    ("opt-30b", (13, 87, 4, 96, 100, 0), 64, 1, 8, 18.60),
+    ("opt-30b", (1, 99, 11, 89, 100, 0), 64, 1, 8, 16.80),
+    ("opt-6.7b", (0, 100, 100, 0, 100, 0), 32, 4, 8, 38.60),
+    ("opt-13b", (30, 70, 100, 0, 100, 0), 32, 2, 8, 41.60),
+]
+
+
+@pytest.mark.parametrize("name, percent, gbs, nb, gen, measured", MEASURED_GPU_PEAKS)
+def test_gpu_peak_matches_measured_runs(name, percent, gbs, nb, gen, measured):
+    ccc = percent[2] < 100
+    e = estimate(preset(name), pol(percent, gbs=gbs, nb=nb, cpu_cache_compute=ccc), H100, 512, gen, placed=True)
+    assert measured - 0.2 <= e.peak_gpu_bytes / 1e9 <= measured + 0.3
+
+
+def test_cache_off_the_gpu_adds_the_store_staging_of_one_batch():
+    cfg = OPT30
+    on = build(cfg, pol((0, 100, 100, 0, 100, 0), gbs=32), H100, 512, 8).memory["gpu"]
+    off = build(cfg, pol((0, 100, 0, 100, 100, 0), gbs=32), H100, 512, 8).memory["gpu"]
+    labels = {s.label: s.num_bytes for s in off.switches}
+    assert labels["cache store staging"] == 32 * 512 * 2 * cfg.kv_size * 2
+    assert {s.label for s in on.switches} == set(labels)  # the same switches, off while the cache is on the GPU
+    assert on.parts["runtime"].const == GPU_RUNTIME_BYTES
+
+
+def test_cpu_attention_stalls_the_weight_stream_only_with_activations_off_the_gpu():
+    base = dict(gbs=16, nb=3, cpu_cache_compute=True)
+    act_cpu = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), **base), H100, 512, 32)
+    act_gpu = estimate(OPT30, pol((20, 80, 0, 100, 100, 0), **base), H100, 512, 32)
+    assert act_cpu.breakdown["decode.load.stalled by cpu attention"] > 0.3
+    assert act_gpu.breakdown["decode.load.stalled by cpu attention"] == pytest.approx(0)
+    assert act_gpu.decode_tok_s > 1.3 * act_cpu.decode_tok_s
+
+
+def test_plans_leave_the_host_reserve_free():
+    hw = H100.with_memory(gpu_mem="16GiB", cpu_mem=100e9)  # a host where the CPU tier binds
+    plan = search_plan(OPT30, hw)
+    assert plan.estimate.peak_cpu_bytes <= hw.cpu_mem * (1 - hw.host_reserve)
+    loose = search_plan(OPT30, replace(hw, host_reserve=0.0))
+    assert loose.estimate.peak_cpu_bytes > plan.estimate.peak_cpu_bytes  # the reserve is what held it back
+    with pytest.raises(PolicyError, match="host_reserve must be in"):
+        replace(hw, host_reserve=1.0)
+
+
+def search_plan(cfg, hw):
+    return search(cfg, hw, 512, 8, gpu_batch_sizes=(16, 32, 64), num_gpu_batches=(1, 2, 4))
