@@ -1,9 +1,10 @@
 #!/bin/bash
-# Session 6's device calls (each under the 600 s per-call limit). Usage: bash bench/device_s6.sh A1|A2|A3|C|D
+# Session 6's device calls (each under the 600 s per-call limit). Usage: bash bench/device_s6.sh A1|A2|A3|C|D|E
 #   A1 (one H100 alone: CPU attention is host-memory bound): OPT-30B against FlexGen 0.1.8 at equal weight
 #      placement (FlexGen's rule, now the default), then --policy auto under a 16 GiB cap (gen 8).
 #   A2, A3: the rest of the measured sweep under the cap that the auto choice must come within 10% of.
 #   C: the planner's nine-policy predicted-vs-measured sweep.
+#   E: issue 7's heavy-tailed trace at ~85% load: FCFS, skip-join MLFQ, SRPT, and skip-join with the tail guard.
 #   D: after the planner's memory fixes, the new auto choice under the cap, and the sweep's two Llama cases.
 source bench/device_env.sh >/dev/null
 CAP="python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 200 --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep"
@@ -15,6 +16,11 @@ case ${1:-} in
   D)  T=250 TAIL=30 run $CAP --cap-pick 0 > $OUT/d_auto.log 2>&1  # the auto choice after the memory fixes
       T=300 TAIL=30 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 150 \
         --sweep-pick 7,8 > $OUT/d_llama.log 2>&1 ;;
+  E)  # issue 7 below saturation (~85% of the 8-seat engine's capacity): FCFS, skip-join MLFQ and the clairvoyant
+      # SRPT reference, then skip-join MLFQ with the tail guard, same trace
+      H="python3 -m flexserve.cli bench serve --json --launch --model dummy:llama-3-8b --dtype bfloat16 --trace gamma --cv 3 --rate 8 --num-requests 600 --prompt-len 256 --output-dist pareto --output-len 16 --max-num-seqs 8"
+      T=330 TAIL=8 run $H --schedulers fcfs,skip-join-mlfq,srpt --plot $OUT/sched_heavy_r8.png > $OUT/e_heavy_r8.log 2>&1
+      T=200 TAIL=8 run $H --schedulers skip-join-mlfq --tail-guard-s 4 --tail-guard-seats 4 > $OUT/e_heavy_r8_guard.log 2>&1 ;;
   C)  T=590 TAIL=40 run python3 bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 200 \
         --plot $OUT/planner_vs_measured.png > $OUT/c_planner.log 2>&1 ;;
 esac

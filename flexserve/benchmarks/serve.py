@@ -332,6 +332,9 @@ def run_simulate(args) -> list[dict]:
     engine_defaults = EngineConfig()
     sched = {k: getattr(args, k) if getattr(args, k) is not None else getattr(engine_defaults, k)
              for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size")}
+    from ..server.app import SCHEDULER_FLAGS
+
+    sched.update({k: getattr(args, k) for k in SCHEDULER_FLAGS if getattr(args, k, None) is not None})
     config = SchedulerConfig(**sched, max_queue_len=args.max_queue_len or max(1, len(trace)))
     kv = {k: v for k, v in (("num_gpu_blocks", args.num_gpu_blocks), ("num_cpu_blocks", args.num_cpu_blocks),
                             ("block_size", args.block_size)) if v is not None}

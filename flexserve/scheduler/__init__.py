@@ -8,13 +8,14 @@ from .config import SchedulerConfig
 from .cost import LinearCostModel, prefill_time_from, swap_time_per_block
 from .errors import QueueFullError, RequestTooLargeError
 from .output import ScheduledSeq, SchedulerOutput, SchedulerStats
-from .policies import SCHEDULERS, FCFSScheduler, MLFQScheduler, SkipJoinMLFQScheduler, make_scheduler
+from .policies import (ALL_SCHEDULERS, SCHEDULERS, FCFSScheduler, MLFQScheduler, ShortestRemainingScheduler,
+                       SkipJoinMLFQScheduler, make_scheduler)
 from .request import Request, SequenceStatus
 from .base import Scheduler
 
 __all__ = [
     "BlockManager", "BlockUsage", "NoFreeBlocksError", "SchedulerConfig", "LinearCostModel",
     "prefill_time_from", "swap_time_per_block", "QueueFullError", "RequestTooLargeError", "ScheduledSeq",
-    "SchedulerOutput", "SchedulerStats", "SCHEDULERS", "FCFSScheduler", "MLFQScheduler",
-    "SkipJoinMLFQScheduler", "make_scheduler", "Request", "SequenceStatus", "Scheduler",
+    "SchedulerOutput", "SchedulerStats", "SCHEDULERS", "ALL_SCHEDULERS", "FCFSScheduler", "MLFQScheduler",
+    "ShortestRemainingScheduler", "SkipJoinMLFQScheduler", "make_scheduler", "Request", "SequenceStatus", "Scheduler",
 ]

@@ -49,7 +49,7 @@ class Scheduler:
         self._num_not_started = 0
         self.counters = dict.fromkeys(
             ("swap_outs", "swap_ins", "blocks_swapped_out", "blocks_swapped_in", "recomputes", "preemptions",
-             "demotions", "promotions", "finished", "aborted", "rejected", "iterations"), 0)
+             "demotions", "promotions", "guarded", "finished", "aborted", "rejected", "iterations"), 0)
 
     @property
     def num_levels(self) -> int:

@@ -35,10 +35,17 @@ class SchedulerConfig:
     min_resident_steps: int = 4  # MLFQ: a job that ran or was swapped in this recently is evicted last
     start_margin_frac: float = 0.05  # MLFQ: share of GPU + host blocks kept free when a job starts
     max_promotions_per_check: int = 0  # skip-join: starved jobs promoted per check; 0 = max_num_seqs
+    # MLFQ tail guard: a job this many seconds past its arrival is served ahead of every unguarded job, in
+    # arrival order, and never demoted again (inf = off). Starvation promotion alone puts an old job back at
+    # the top only until its next quantum runs out, so under overload the longest jobs keep losing their seat
+    # to arrivals and the p99 JCT ends up far behind FCFS (bench/RESULTS.md section 3).
+    tail_guard_s: float = math.inf
+    tail_guard_seats: int = 0  # jobs in the tail lane at once; 0 = max_num_seqs
+    tail_guard_check_interval: int = 10  # iterations between tail-guard checks
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size", "max_queue_len",
-                     "num_levels", "starvation_check_interval"):
+                     "num_levels", "starvation_check_interval", "tail_guard_check_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -49,6 +56,8 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.quantum_ratio must be >= 1, got {self.quantum_ratio}")
         if not self.starvation_threshold_s > 0:
             raise ValueError("SchedulerConfig.starvation_threshold_s must be > 0 (math.inf disables it)")
+        if not self.tail_guard_s > 0:
+            raise ValueError("SchedulerConfig.tail_guard_s must be > 0 (math.inf disables it)")
         if not 0.0 <= self.gpu_reserve_frac < 1.0:
             raise ValueError(f"SchedulerConfig.gpu_reserve_frac is a fraction in [0, 1), got {self.gpu_reserve_frac}")
 

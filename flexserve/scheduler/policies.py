@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from .base import Scheduler, _priority
+from .base import Scheduler
 from .block_manager import BlockManager
 from .config import SchedulerConfig
 from .cost import IterationTimeFn, LinearCostModel, prefill_time_from
@@ -54,7 +54,44 @@ class MLFQScheduler(Scheduler):
         self._batch_nonempty = 0
 
     def _key(self, req: Request) -> tuple:
-        return (req.level, 0 if req.request_id in self._ran_last_step else 1, req.enqueue_seq)
+        if req.guarded:  # the tail lane: ahead of every other job, oldest first
+            return (-1, 0, 0, req.arrival_time, req.enqueue_seq)
+        return (req.level, 1, 0 if req.request_id in self._ran_last_step else 1, req.enqueue_seq)
+
+    def _on_iteration(self, now: float) -> None:
+        if self.counters["iterations"] % self.config.tail_guard_check_interval == 0:
+            self.guard_tail(now)
+
+    def guard_tail(self, now: float) -> int:
+        """Fill the tail lane: the oldest jobs past `tail_guard_s` since arrival, at most `tail_guard_seats`
+        at a time, are served ahead of every other job and never demoted, until they finish. What bounds the
+        JCT of the long jobs MLFQ keeps demoting (its p99) while the other seats stay under MLFQ, which is
+        what keeps the short jobs' gain. Returns how many jobs joined the lane."""
+        limit = self.config.tail_guard_s
+        if limit == float("inf"):
+            return 0
+        lane = sum(1 for r in self._requests.values() if r.guarded)
+        room = (self.config.tail_guard_seats or self.config.max_num_seqs) - lane
+        if room <= 0:
+            return 0
+        old = sorted((r for r in self._requests.values() if not r.guarded and now - r.arrival_time >= limit),
+                     key=lambda r: (r.arrival_time, r.enqueue_seq))[:room]
+        for req in old:
+            req.guarded = True
+            req.level = 0  # the queue it waits in, if it never started
+            req.quantum_used_s = 0.0
+            req.quantum_iters = 0
+        if old:
+            self.counters["guarded"] += len(old)
+            self._rebuild_waiting()
+        return len(old)
+
+    def _rebuild_waiting(self) -> None:
+        """Re-file not-started jobs by level after promotions changed their levels."""
+        waiting = sorted((r for queue in self._waiting for r in queue), key=self._key)
+        self._waiting = [deque() for _ in range(self.num_levels)]
+        for req in waiting:
+            self._waiting[req.level].append(req)
 
     def _may_start(self, req: Request, need: int) -> bool:
         """Bound the started set by memory: a job without KV starts only if GPU + host keep a margin free
@@ -132,7 +169,7 @@ class MLFQScheduler(Scheduler):
         self._last_run_iter[req.request_id] = self.counters["iterations"]
         req.quantum_used_s += step_time_s
         req.quantum_iters += 1
-        if req.quantum_used_s >= self.config.quantum_s(req.level):
+        if not req.guarded and req.quantum_used_s >= self.config.quantum_s(req.level):
             req.level += 1
             req.quantum_used_s = 0.0
             req.quantum_iters = 0
@@ -159,6 +196,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         return self.num_levels - 1
 
     def _on_iteration(self, now: float) -> None:
+        super()._on_iteration(now)
         if self.counters["iterations"] % self.config.starvation_check_interval == 0:
             self.promote_starved(now)
 
@@ -183,13 +221,6 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             self.counters["promotions"] += len(starved)
             self._rebuild_waiting()
         return len(starved)
-
-    def _rebuild_waiting(self) -> None:
-        """Re-file not-started jobs by level after promotions changed their levels."""
-        waiting = sorted((r for queue in self._waiting for r in queue), key=_priority)
-        self._waiting = [deque() for _ in range(self.num_levels)]
-        for req in waiting:
-            self._waiting[req.level].append(req)
 
     def _after_schedule(self, out: SchedulerOutput, scheduled_ids: set[str]) -> None:
         bm = self.block_manager
@@ -226,7 +257,33 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             req.status = SequenceStatus.PREEMPTED
 
 
-SCHEDULERS = ("fcfs", "mlfq", "skip-join-mlfq")
+class ShortestRemainingScheduler(MLFQScheduler):
+    """Shortest remaining `max_tokens` first, preemptive at token granularity: the clairvoyant reference.
+
+    Where `max_tokens` is the true output length (the simulator; benchmarks that ignore EOS) this is SRPT, the
+    policy of least mean JCT; no size-blind policy such as MLFQ beats it, so it bounds what a scheduler can
+    gain on a workload. With real requests `max_tokens` is only a cap and this is shortest-cap-first."""
+
+    name = "srpt"
+
+    def _key(self, req: Request) -> tuple:
+        return (0, req.max_tokens - req.num_output_tokens, req.enqueue_seq)
+
+    def add_request(self, req: Request) -> None:
+        super().add_request(req)
+        queue = self._waiting[req.level]  # not-started jobs in key order (the merge in `_candidates` needs it)
+        if len(queue) > 1 and self._key(queue[-1]) < self._key(queue[-2]):
+            self._waiting[req.level] = deque(sorted(queue, key=self._key))
+
+    def _on_iteration(self, now: float) -> None:
+        pass  # no tail guard: the reference is pure SRPT
+
+    def _charge(self, req: Request, step_time_s: float) -> None:
+        pass  # no quanta, no demotion
+
+
+SCHEDULERS = ("fcfs", "mlfq", "skip-join-mlfq")  # compared by default; "srpt" on request
+ALL_SCHEDULERS = (*SCHEDULERS, "srpt")
 
 
 def make_scheduler(name: str, config: SchedulerConfig, block_manager: BlockManager,
@@ -242,4 +299,6 @@ def make_scheduler(name: str, config: SchedulerConfig, block_manager: BlockManag
         if prefill_time_fn is None:
             prefill_time_fn = prefill_time_from(iteration_time_fn or LinearCostModel())
         return SkipJoinMLFQScheduler(config, block_manager, prefill_time_fn)
-    raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+    if name == "srpt":
+        return ShortestRemainingScheduler(config, block_manager)
+    raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(ALL_SCHEDULERS)}")

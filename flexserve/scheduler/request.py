@@ -52,6 +52,7 @@ class Request:
     quantum_used_s: float = 0.0
     quantum_iters: int = 0
     enqueue_seq: int = 0
+    guarded: bool = False  # MLFQ tail guard: old enough to be served first, in arrival order, never demoted
     # Time stamps (scheduler clock, seconds). `last_scheduled_time` starts at arrival so that the wait of a
     # job that never ran counts towards starvation promotion.
     last_scheduled_time: float = math.nan

@@ -141,6 +141,9 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     return app
 
 
+SCHEDULER_FLAGS = ("tail_guard_s", "tail_guard_seats")  # flags that set `SchedulerConfig` fields
+
+
 def engine_config_from_args(args):
     """`EngineConfig` from parsed flags: every flag named like a field sets it; the placement flags set
     `policy`. Flags left at None keep the field's default."""
@@ -148,6 +151,9 @@ def engine_config_from_args(args):
 
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     kw = {n: getattr(args, n) for n in names - {"policy"} if getattr(args, n, None) is not None}
+    options = {n: getattr(args, n) for n in SCHEDULER_FLAGS if getattr(args, n, None) is not None}
+    if options:
+        kw["scheduler_options"] = {**kw.get("scheduler_options", {}), **options}
     if "policy" in names and hasattr(args, "percent"):
         from ..cli import policy_from_args
 

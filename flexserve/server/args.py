@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-SCHEDULER_CHOICES = ("fcfs", "mlfq", "skip-join-mlfq")
+from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True) -> None:
@@ -27,6 +27,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
                         "1 GiB on a CPU)")
     g.add_argument("--num-cpu-blocks", type=int, default=None,
                    help="KV blocks in pinned host memory (default: 4 GiB; 1 GiB on a CPU)")
+    g.add_argument("--tail-guard-s", type=float, default=None,
+                   help="MLFQ: serve a job this many seconds past its arrival ahead of the others, never demoted "
+                        "(bounds the long jobs' JCT; default off)")
+    g.add_argument("--tail-guard-seats", type=int, default=None,
+                   help="MLFQ: jobs served under the tail guard at once (default: every seat)")
     g.add_argument("--max-queue-len", type=int, default=None,
                    help="requests not yet started before new ones get HTTP 429 (default 1024)")
     g.add_argument("--tensor-parallel", "-tp", type=int, default=None,

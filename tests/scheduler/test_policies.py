@@ -373,3 +373,57 @@ def test_no_job_is_swapped_out_and_back_in_on_consecutive_steps(name):
     for (out_t, in_t), (out_next, in_next) in zip(history, history[1:]):
         assert not out_t & in_next, "swapped out, then straight back in"
         assert not in_t & out_next, "swapped in, then straight back out"
+
+
+@pytest.mark.parametrize("name", ["mlfq", "skip-join-mlfq"])
+def test_tail_guard_serves_old_jobs_first_in_arrival_order_and_never_demotes_them(name):
+    sched = make(name, max_num_seqs=1, tail_guard_s=0.1, tail_guard_check_interval=1,
+                 starvation_threshold_s=100.0)
+    sched.add_request(req("long", prompt_len=4, max_tokens=200))
+    now = 0.0
+    for _ in range(3):  # long runs alone and is demoted twice (20 ms steps against 10, 20, 40 ms quanta)
+        step(sched, now)
+        now += 0.02
+    assert sched.get_request("long").level == 2
+    ran = []
+    for i in range(12):  # a fresh short job arrives every step: without the guard they would hold the seat
+        sched.add_request(req(f"s{i}", prompt_len=4, max_tokens=50, arrival=now))
+        ran += [s.request_id for s in step(sched, now).scheduled]
+        now += 0.02
+    long = sched.get_request("long")
+    assert long.guarded and long.level == 0
+    # guarded once 0.1 s old (after the step at 0.08 s): from then on it keeps the seat, arrivals or not,
+    # and the oldest arrivals follow it into the lane in arrival order
+    first = ran.index("long")
+    assert ran[first:] == ["long"] * (12 - first) and first <= 2
+    assert sched.counters["guarded"] >= 1
+
+
+def test_tail_guard_lane_is_bounded_and_off_by_default():
+    sched = make("mlfq", max_num_seqs=4, tail_guard_s=0.05, tail_guard_seats=2, tail_guard_check_interval=1)
+    for i in range(5):
+        sched.add_request(req(f"j{i}", prompt_len=4, max_tokens=100, arrival=0.001 * i))
+    now = 0.0
+    for _ in range(6):
+        step(sched, now)
+        now += 0.02
+    guarded = sorted(r.request_id for r in sched._requests.values() if r.guarded)
+    assert guarded == ["j0", "j1"]  # the two oldest; the lane holds two at a time
+    plain = make("mlfq", max_num_seqs=4)
+    for i in range(5):
+        plain.add_request(req(f"j{i}", prompt_len=4, max_tokens=100))
+    for i in range(6):
+        step(plain, 0.02 * i)
+    assert not any(r.guarded for r in plain._requests.values())
+
+
+def test_srpt_runs_the_job_with_the_fewest_tokens_left_and_preempts_for_a_shorter_arrival():
+    sched = make("srpt", max_num_seqs=1)
+    sched.add_request(req("mid", prompt_len=4, max_tokens=10))
+    sched.add_request(req("long", prompt_len=4, max_tokens=50))
+    ran = [s.request_id for s in step(sched, 0.0).scheduled]
+    sched.add_request(req("short", prompt_len=4, max_tokens=2, arrival=0.02))
+    for i in range(1, 4):
+        ran += [s.request_id for s in step(sched, 0.02 * i).scheduled]
+    assert ran == ["mid", "short", "short", "mid"]
+    assert sched.get_request("short") is None  # finished and retired

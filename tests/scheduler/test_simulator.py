@@ -119,3 +119,28 @@ def test_bench_serve_overhead_flags_reach_the_cost_model():
     cost = sim_cost(argparse.Namespace(sim_step_overhead_ms=2.5, sim_seq_overhead_us=350.0))
     assert cost.step_overhead_s == pytest.approx(2.5e-3) and cost.s_per_seq == pytest.approx(350e-6)
     assert sim_cost(argparse.Namespace(sim_step_overhead_ms=None, sim_seq_overhead_us=None)) == LinearCostModel()
+
+
+def test_srpt_bounds_the_mean_jct_and_the_tail_guard_trades_mean_for_p99():
+    trace = heavy_tailed_trace()[:600]
+    config = SchedulerConfig(max_num_seqs=8, max_queue_len=len(trace))
+    fcfs, skip_join, srpt = compare(trace, ["fcfs", "skip-join-mlfq", "srpt"], config=config)
+    # the clairvoyant reference: no size-blind policy gets a lower mean JCT
+    assert srpt.report.jct.mean <= skip_join.report.jct.mean < fcfs.report.jct.mean
+    guarded = simulate(trace, "skip-join-mlfq", config=SchedulerConfig(max_num_seqs=8, max_queue_len=len(trace),
+                                                                         tail_guard_s=2.0, tail_guard_seats=4))
+    assert guarded.report.num_finished == len(trace)
+    assert guarded.report.jct.p99 < skip_join.report.jct.p99  # the long jobs' JCT comes back towards FCFS's
+    assert skip_join.report.jct.mean <= guarded.report.jct.mean  # paid for with the short jobs' gain
+
+
+def test_scheduler_flags_reach_the_engine_and_the_simulator():
+    from flexserve.cli import build_parser
+    from flexserve.server.app import engine_config_from_args
+
+    args = build_parser().parse_args(["serve", "--model", "dummy:opt-125m", "--tail-guard-s", "4",
+                                      "--tail-guard-seats", "2", "--scheduler", "srpt"])
+    cfg = engine_config_from_args(args)
+    assert cfg.scheduler == "srpt" and cfg.scheduler_options == {"tail_guard_s": 4.0, "tail_guard_seats": 2}
+    with pytest.raises(ValueError, match="tail_guard_s must be > 0"):
+        SchedulerConfig(tail_guard_s=0)
