@@ -342,7 +342,7 @@ class OffloadExecutor:
                 bs.rope = rope_cos_sin(self.inv_freq, pos.to(self.device), self.dtype)
         hidden: list[torch.Tensor] = [None] * len(state.batches)  # type: ignore[list-item]
         logits: list[torch.Tensor] = []
-        act = _Activations(self, len(state.batches))
+        act = _Activations(self, len(state.batches), s)
         for layer, w in self.stream_layers():
             if layer.kind == "embed":
                 for k in range(len(state.batches)):
@@ -483,12 +483,18 @@ class OffloadExecutor:
 
 
 class _Activations:
-    """Hidden states between layers, kept on the tier the policy names (stream-ordered copies, no host sync)."""
+    """Hidden states between layers, kept on the tier the policy names (stream-ordered copies, no host sync).
 
-    def __init__(self, ex: OffloadExecutor, num_batches: int):
+    The policy's activation shares size the prefill's hidden states (prompt length x hidden size per sequence);
+    a decode step's are one token per sequence, 1/prompt_len of that, and stay on the compute device. Sending
+    them away cost more than bytes: their copy back sits in the one host-to-device DMA queue behind the next
+    layer's weights, so CPU attention waited for the whole weight transfer every layer (OPT-30B with FlexGen's
+    policy: 28.5 tok/s with them moving, 41.0 with them resident; bench/RESULTS.md section 1)."""
+
+    def __init__(self, ex: OffloadExecutor, num_batches: int, num_new: int):
         p = ex.policy
         self.ex = ex
-        self.tier = [slot_tier(k, num_batches, p.act_gpu_percent, p.act_cpu_percent)
+        self.tier = [Tier.GPU if num_new == 1 else slot_tier(k, num_batches, p.act_gpu_percent, p.act_cpu_percent)
                      for k in range(num_batches)]
         self.handles = ex._act_handles  # reused across forwards (a disk handle is a file: never re-create it)
         self.current: dict[int, Handle] = {}

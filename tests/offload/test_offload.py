@@ -287,3 +287,19 @@ def test_compressed_weights_are_packed_on_every_tier_and_placement_does_not_chan
                              for o in llm.generate([{"prompt_token_ids": p} for p in MORE_PROMPTS], GREEDY)]
     first = next(iter(outs.values()))
     assert all(v == first for v in outs.values())
+
+
+def test_activations_leave_the_device_at_prefill_only(tiny_model, tmp_path):
+    """The act shares size the prefill's hidden states; a decode step's (one token per sequence) stay put, so
+    their copy back never queues behind the next layer's weights."""
+    import torch
+
+    folder, _ = tiny_model("opt")
+    policy = Policy.from_percent((0, 100, 100, 0, 0, 100), gpu_batch_size=1, num_gpu_batches=2)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        logits, _ = teacher_forced(llm)
+        shapes = [key[2] for key in llm.executor._act_handles]
+    assert shapes and all(s[:2] == (1, len(MORE_PROMPTS[2])) for s in shapes)  # prefill's only, never [1, 1, h]
+    with LLM(folder, dtype="float32", device="cpu") as llm:
+        ref, _ = teacher_forced(llm)
+    torch.testing.assert_close(logits, ref)
