@@ -185,11 +185,8 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             cpu = max(blk * ctx * sz.kv_token * fv / attn_bw, 4.0 * blk * ctx * cfg.q_size * fv / hw.cpu_flops)
             compute["gpu attention"] = (1 - share("cache", "cpu")) * attn
             compute["cpu attention"] = share("cache", "cpu") * cpu
-            if p.overlap and hw.cpu_attention_overlap < 1:  # the part the weight stream does not run beside:
-                # measured only where activations live off the GPU (their per-batch copies queue on the lanes
-                # the weights use); with them on the GPU the OPT-30B runs overlap fully (RESULTS, section 2).
-                # The activations' off-GPU share stands in for the product of two shares (kept affine).
-                load["stalled by cpu attention"] = (1 - share("act", "gpu")) * (cpu * (1 - hw.cpu_attention_overlap))
+            if p.overlap and hw.cpu_attention_overlap < 1:  # the part the weight stream does not run beside
+                load["stalled by cpu attention"] = share("cache", "cpu") * (cpu * (1 - hw.cpu_attention_overlap))
             load["attn out"] = share("cache", "cpu") * (blk * cfg.q_size * b / hw.h2d_pinned_bw)
             store["qkv"] = share("cache", "cpu") * (blk * (cfg.q_size + 2 * cfg.kv_size) * b / hw.d2h_pinned_bw)
             store["cache pcie"] = share("cache", "disk") * (new_cache / hw.d2h_pinned_bw)
@@ -197,7 +194,8 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             compute["gpu attention"] = Linear.constant(attn)
             store["cache pcie"] = off_cache * (new_cache / hw.d2h_pinned_bw)
         store["cache disk"] = share("cache", "disk") * (new_cache / hw.disk_write_bw)
-        compute.update(acts(tokens))
+        if phase == "prefill":  # a decode step's hidden states stay on the compute device (the executor)
+            compute.update(acts(tokens))
         stages.append(Stage(f"{phase}.decoder", cfg.num_layers, cfg.num_layers * steps,
                             {"load": load, "store": store, "compute": compute}, nb * hw.layer_overhead_s, mem_bound))
     # --- embed and head pseudo-layers (weights placed by the same percentages, as in the executor) -------------

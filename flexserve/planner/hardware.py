@@ -60,9 +60,8 @@ class Hardware:
     # of one collective. 0 = unknown (a parallel estimate then needs it given explicitly).
     gpu_link_bw: float = 0.0
     gpu_link_latency_s: float = 0.0
-    # Fraction of CPU-attention time during which the weight stream to the GPU keeps flowing when activations
-    # live off the GPU: 1 = fully overlapped (the ideal schedule), 0 = the two add up. With activations on the
-    # GPU the measured runs overlap fully, and the model assumes so. A property of the executor on this machine, fitted
+    # Fraction of CPU-attention time during which the weight stream to the GPU keeps flowing: 1 = fully
+    # overlapped (the ideal schedule), 0 = the two add up. A property of the executor on this machine, fitted
     # from a measured run (the h100 profile's value and how it was fitted: bench/RESULTS.md section 2).
     cpu_attention_overlap: float = 1.0
     # Bytes per second of half-precision weights the compute device rebuilds from 4-bit group-quantised ones
@@ -144,7 +143,7 @@ def _h100() -> Hardware:
         disk_read_bw=0.91e9, disk_write_bw=1.2e9,
         gpu_flops_fp16=785e12, gpu_flops_bf16=777e12, gpu_flops_fp32=51e12,
         gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=230e-6, cpu_attention_bw=37e9,
-        gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.4, dequant_bw=0.2e12,
+        gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.9, dequant_bw=0.2e12,
         notes="REFERENCE.md figures (H100 80GB HBM3, PCIe Gen5, 16 cores); disk measured with O_DIRECT; "
               "layer overhead, fp16 CPU-attention rate and its overlap with the weight stream fitted to "
               "flexserve's own H100 runs, the 4-bit weight rebuild rate to its OPT-175B runs "

@@ -205,7 +205,7 @@ def test_cpu_attention_overlap_slows_only_cpu_attention_policies():
     cpu_attn = Policy.from_percent((20, 80, 0, 100, 0, 100), gpu_batch_size=16, num_gpu_batches=3, cpu_cache_compute=True)
     gpu_attn = Policy.from_percent((20, 80, 100, 0, 100, 0), gpu_batch_size=16, num_gpu_batches=3)
     speeds = [estimate(OPT30, cpu_attn, h, 512, 32).decode_tok_s for h in (ideal, hw, serial)]
-    assert speeds[0] > speeds[1] > speeds[2]
+    assert speeds[0] >= speeds[1] > speeds[2]
     assert estimate(OPT30, gpu_attn, ideal, 512, 32).decode_tok_s == estimate(OPT30, gpu_attn, serial, 512, 32).decode_tok_s
     with pytest.raises(PolicyError, match="cpu_attention_overlap"):
         dataclasses.replace(hw, cpu_attention_overlap=1.5)
@@ -240,13 +240,13 @@ def test_cache_off_the_gpu_adds_the_store_staging_of_one_batch():
     assert on.parts["runtime"].const == GPU_RUNTIME_BYTES
 
 
-def test_cpu_attention_stalls_the_weight_stream_only_with_activations_off_the_gpu():
+def test_decode_moves_no_activations_wherever_the_policy_puts_them():
     base = dict(gbs=16, nb=3, cpu_cache_compute=True)
     act_cpu = estimate(OPT30, pol((20, 80, 0, 100, 0, 100), **base), H100, 512, 32)
     act_gpu = estimate(OPT30, pol((20, 80, 0, 100, 100, 0), **base), H100, 512, 32)
-    assert act_cpu.breakdown["decode.load.stalled by cpu attention"] > 0.3
-    assert act_gpu.breakdown["decode.load.stalled by cpu attention"] == pytest.approx(0)
-    assert act_gpu.decode_tok_s > 1.3 * act_cpu.decode_tok_s
+    assert act_cpu.breakdown.get("decode.compute.act pcie", 0) == 0  # a decode step's hidden states stay on the GPU
+    assert act_cpu.breakdown["prefill.compute.act pcie"] > 0  # the prefill's move as the policy says
+    assert act_cpu.decode_s_per_step == pytest.approx(act_gpu.decode_s_per_step)
 
 
 def test_plans_leave_the_host_reserve_free():
