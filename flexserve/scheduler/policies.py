@@ -64,9 +64,9 @@ class MLFQScheduler(Scheduler):
 
     def guard_tail(self, now: float) -> int:
         """Fill the tail lane: the oldest jobs past `tail_guard_s` since arrival, at most `tail_guard_seats`
-        at a time, are served ahead of every other job and never demoted, until they finish. What bounds the
-        JCT of the long jobs MLFQ keeps demoting (its p99) while the other seats stay under MLFQ, which is
-        what keeps the short jobs' gain. Returns how many jobs joined the lane."""
+        at a time, are served ahead of every other job and never demoted, until they finish. It bounds the
+        wait of the long jobs MLFQ keeps demoting (its p99) while the other seats stay under MLFQ; measured, it
+        trades mean JCT for p99 rather than winning both (bench/RESULTS.md 4b). Returns how many joined."""
         limit = self.config.tail_guard_s
         if limit == float("inf"):
             return 0
