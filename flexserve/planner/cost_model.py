@@ -234,6 +234,7 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
         "workspace": Linear.constant(
             gbs * prompt_len * (2 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + sz.up_dim) * b
             + gbs * cfg.vocab_size * 4 + (2 * gbs * seq * sz.kv_token16 if p.compress_cache else 0.0)),
+        "runtime": Linear.constant(GPU_RUNTIME_BYTES),  # cuBLAS workspaces, caching-allocator rounding
     }
     cpu_parts = {
         "process": Linear.constant(CPU_PROCESS_BYTES),
@@ -248,10 +249,9 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
         "activations": share("act", "disk") * act_total,
     }
     # The prompt's new K/V of one batch, made contiguous on the device before it crosses to a head-major host
-    # cache; and the CUDA runtime's own share (cuBLAS workspaces, caching-allocator rounding). Both fitted from
-    # measured peaks: without them OPT-30B under a 16 GiB cap peaked 0.9-1.5 GB above the plan (RESULTS, 2).
+    # cache (and the runtime's share, a gpu part): both fitted from measured peaks; without them OPT-30B under
+    # a 16 GiB cap peaked 0.9-1.5 GB above the plan (RESULTS, 2).
     store_staging = gbs * prompt_len * 2 * cfg.kv_size * b
-    gpu_parts["runtime"] = Linear.constant(GPU_RUNTIME_BYTES)
     gpu_switches = (Switch(1 - share("cache", "gpu"), cache_slot, "cache slots"),
                     Switch(1 - share("cache", "gpu"), store_staging, "cache store staging"))
     cpu_switches = [Switch(share("cache", "disk"), cache_slot, "cache disk staging")]

@@ -38,7 +38,7 @@ class SchedulerConfig:
     # MLFQ tail guard: a job this many seconds past its arrival is served ahead of every unguarded job, in
     # arrival order, and never demoted again (inf = off). Starvation promotion alone puts an old job back at
     # the top only until its next quantum runs out, so under overload the longest jobs keep losing their seat
-    # to arrivals and the p99 JCT ends up far behind FCFS (bench/RESULTS.md section 3).
+    # to arrivals and the p99 JCT ends up far behind FCFS (bench/RESULTS.md section 4b: the guard trades mean JCT for it).
     tail_guard_s: float = math.inf
     tail_guard_seats: int = 0  # jobs in the tail lane at once; 0 = max_num_seqs
     tail_guard_check_interval: int = 10  # iterations between tail-guard checks
@@ -58,6 +58,8 @@ class SchedulerConfig:
             raise ValueError("SchedulerConfig.starvation_threshold_s must be > 0 (math.inf disables it)")
         if not self.tail_guard_s > 0:
             raise ValueError("SchedulerConfig.tail_guard_s must be > 0 (math.inf disables it)")
+        if self.tail_guard_seats < 0:
+            raise ValueError(f"SchedulerConfig.tail_guard_seats must be >= 0 (0 = every seat), got {self.tail_guard_seats}")
         if not 0.0 <= self.gpu_reserve_frac < 1.0:
             raise ValueError(f"SchedulerConfig.gpu_reserve_frac is a fraction in [0, 1), got {self.gpu_reserve_frac}")
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from .args import SCHEDULER_FLAGS
 from .completions import serve_request
 from .errors import APIError, from_exception, from_validation_error, install_handlers
 from .metrics import ServerMetrics
@@ -139,9 +140,6 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-SCHEDULER_FLAGS = ("tail_guard_s", "tail_guard_seats")  # flags that set `SchedulerConfig` fields
 
 
 def engine_config_from_args(args):

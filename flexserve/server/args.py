@@ -9,6 +9,8 @@ import argparse
 
 from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free
 
+SCHEDULER_FLAGS = ("tail_guard_s", "tail_guard_seats")  # the flags below that set `SchedulerConfig` fields
+
 
 def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True) -> None:
     """Flags that map to `EngineConfig` fields (shared by `serve` and `bench serve`, which has its own

@@ -144,3 +144,5 @@ def test_scheduler_flags_reach_the_engine_and_the_simulator():
     assert cfg.scheduler == "srpt" and cfg.scheduler_options == {"tail_guard_s": 4.0, "tail_guard_seats": 2}
     with pytest.raises(ValueError, match="tail_guard_s must be > 0"):
         SchedulerConfig(tail_guard_s=0)
+    with pytest.raises(ValueError, match="tail_guard_seats must be >= 0"):
+        SchedulerConfig(tail_guard_s=4.0, tail_guard_seats=-1)
