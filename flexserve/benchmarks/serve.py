@@ -43,6 +43,8 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--url", help="replay against this running server, e.g. http://127.0.0.1:8000")
     mode.add_argument("--launch", action="store_true", help="start an in-process server per scheduler, then replay")
     mode.add_argument("--simulate", action="store_true", help="run the scheduler simulator instead of a model")
+    mode.add_argument("--plot-records", default=None,
+                      help="comma list of --records CSVs: plot their runs on one --plot figure; runs nothing")
     t = p.add_argument_group("trace")
     t.add_argument("--trace", default="azure", help="azure | poisson | gamma | PATH.csv (default azure)")
     t.add_argument("--rate", type=float, default=None,
@@ -71,6 +73,9 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="--url: model id to send (default: the server's)")
     p.add_argument("--json", action="store_true", help="print one `SERVE_RESULT {json}` line per run")
     p.add_argument("--plot", default=None, help="write JCT and TTFT CDF plots (one curve per run) to this PNG")
+    p.add_argument("--records", default=None,
+                   help="write every request's latencies (one CSV row per request and run) to this file; "
+                        "`--plot-records A.csv,B.csv --plot P.png` plots runs made apart on one figure")
     add_engine_arguments(p, with_scheduler=False)
 
 
@@ -385,11 +390,47 @@ def plot_cdfs(runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def write_records(runs: list[dict], path: str) -> None:
+    """Per-request records of every run, with the run's scheduler, as CSV (`read_records` reads them back)."""
+    import csv
+
+    names = [f.name for f in dataclasses.fields(RequestRecord)]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scheduler", *names])
+        for run in runs:
+            for rec in run["records"]:
+                w.writerow([run["row"]["scheduler"], *(getattr(rec, n) for n in names)])
+
+
+def read_records(paths: list[str]) -> list[dict]:
+    """Runs from `write_records` files, in file order, one run per scheduler name per file."""
+    import csv
+
+    types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
+    cast = {"str": str, "int": int, "float": float, "float | None": lambda v: float(v) if v else None}
+    runs: list[dict] = []
+    for path in paths:
+        by_name: dict[str, list[RequestRecord]] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                name = row.pop("scheduler")
+                by_name.setdefault(name, []).append(RequestRecord(**{k: cast[types[k]](v) for k, v in row.items()}))
+        runs += [{"row": {"scheduler": name}, "records": recs} for name, recs in by_name.items()]
+    return runs
+
+
 def _clean(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def run_serve_bench(args) -> int:
+    if args.plot_records:
+        if not args.plot:
+            raise SystemExit("--plot-records needs --plot PATH.png")
+        plot_cdfs(read_records(args.plot_records.split(",")), args.plot)
+        print(f"wrote {args.plot}")
+        return 0
     runs = run_simulate(args) if args.simulate else run_launch(args) if args.launch else run_url(args)
     extra = {"trace": args.trace, "rate": args.rate, "num_requests": args.num_requests}
     rows = [{**run["row"], **extra} for run in runs]
@@ -397,6 +438,9 @@ def run_serve_bench(args) -> int:
     if args.plot:
         plot_cdfs(runs, args.plot)
         print(f"wrote {args.plot}")
+    if args.records:
+        write_records(runs, args.records)
+        print(f"wrote {args.records}")
     if args.json:
         for row in rows:
             print("SERVE_RESULT " + json.dumps({k: _clean(v) for k, v in row.items()}))

@@ -24,7 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     prefill_chunk_size: int = 2048  # tokens of one prompt per step; long prompts take several steps
     max_queue_len: int = 10_000
-    num_levels: int = 8
+    num_levels: int = 4  # tuned from FastServe's 8: see the class docstring
     base_quantum_s: float = 0.01
     quantum_ratio: float = 2.0
     starvation_threshold_s: float = 3.0

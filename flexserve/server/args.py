@@ -9,7 +9,9 @@ import argparse
 
 from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free
 
-SCHEDULER_FLAGS = ("tail_guard_s", "tail_guard_seats")  # the flags below that set `SchedulerConfig` fields
+# The flags below that set `SchedulerConfig` fields of the same name.
+SCHEDULER_FLAGS = ("num_levels", "base_quantum_s", "quantum_ratio", "starvation_threshold_s",
+                   "starvation_check_interval", "tail_guard_s", "tail_guard_seats")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True) -> None:
@@ -29,6 +31,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
                         "1 GiB on a CPU)")
     g.add_argument("--num-cpu-blocks", type=int, default=None,
                    help="KV blocks in pinned host memory (default: 4 GiB; 1 GiB on a CPU)")
+    g.add_argument("--num-levels", type=int, default=None,
+                   help="MLFQ: priority queues; the lowest is served first come, first served (default 4)")
+    g.add_argument("--base-quantum-s", type=float, default=None,
+                   help="MLFQ: iteration time a job may use in the top queue before demotion (default 0.01)")
+    g.add_argument("--quantum-ratio", type=float, default=None,
+                   help="MLFQ: each lower queue's quantum is this many times the one above (default 2)")
+    g.add_argument("--starvation-threshold-s", type=float, default=None,
+                   help="skip-join MLFQ: jobs idle this long go back to the top queue (default 3; inf: never)")
+    g.add_argument("--starvation-check-interval", type=int, default=None,
+                   help="skip-join MLFQ: iterations between starvation checks (default 1000)")
     g.add_argument("--tail-guard-s", type=float, default=None,
                    help="MLFQ: serve a job this many seconds past its arrival ahead of the others, never demoted "
                         "(bounds the long jobs' JCT; default off)")

@@ -34,9 +34,10 @@ def make(name: str, gpu_blocks: int = 64, cpu_blocks: int = 64, block_size: int 
          prefill_time_fn=lambda n: 1e-3 * n, **config):
     """A scheduler over a small pool (4-token blocks, no watermark or reserve unless asked); skip-join's
     prefill estimate is 1 ms per prompt token, so a prompt of n tokens joins the first level with
-    10 ms x 2^i >= n ms."""
+    10 ms x 2^i >= n ms. The scripts were written for FastServe's eight levels (the default is now four), so
+    that is the shape unless a test asks for another."""
     bm = BlockManager(gpu_blocks, cpu_blocks, block_size, watermark=watermark)
-    cfg = SchedulerConfig(**{"gpu_reserve_frac": 0.0, **config})
+    cfg = SchedulerConfig(**{"gpu_reserve_frac": 0.0, "num_levels": 8, **config})
     return make_scheduler(name, cfg, bm, prefill_time_fn=prefill_time_fn)
 
 

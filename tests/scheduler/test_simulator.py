@@ -1,5 +1,7 @@
 """The simulator drives the real schedulers on a cost model; on a heavy-tailed workload skip-join MLFQ must
 beat FCFS on mean job completion time."""
+import dataclasses
+
 import pytest
 
 from flexserve.scheduler import LinearCostModel, SchedulerConfig
@@ -15,13 +17,45 @@ def heavy_tailed_trace():
 
 def test_skip_join_mlfq_cuts_mean_jct_on_a_heavy_tailed_workload():
     trace = heavy_tailed_trace()
-    config = SchedulerConfig(max_num_seqs=8, max_queue_len=len(trace))  # a small batch: seats are scarce
+    # A small batch: seats are scarce. Here the deep queues of FastServe's eight levels are what pays (with four,
+    # the default, every job reaches the first-come-first-served bottom queue too soon to overtake).
+    config = SchedulerConfig(max_num_seqs=8, num_levels=8, max_queue_len=len(trace))
     fcfs, skip_join = compare(trace, ["fcfs", "skip-join-mlfq"], config=config)
     assert fcfs.report.num_finished == skip_join.report.num_finished == len(trace)
     assert skip_join.report.jct.mean < 0.5 * fcfs.report.jct.mean
     assert skip_join.report.ttft.mean < fcfs.report.ttft.mean
     # same work, same machine: throughput within 5%
     assert skip_join.report.throughput_tok_s > 0.95 * fcfs.report.throughput_tok_s
+
+
+def test_skip_join_mlfq_meets_all_three_targets_where_kv_memory_is_scarce():
+    # FastServe's regime: many seats, a KV pool too small for them (192 blocks of 16 tokens), so FCFS's batch is
+    # held down by the long jobs' KV. With the default four levels skip-join MLFQ cuts mean JCT to <= 1/3 of FCFS
+    # at an equal or better p99 and throughput within 5%: the issue-7 targets, on the trace and settings that
+    # bench/RESULTS.md 4b measures on the GPU (`bench/device_s7.sh`).
+    import argparse
+
+    from flexserve.benchmarks.serve import add_serve_bench_arguments, load_trace
+
+    p = argparse.ArgumentParser()
+    add_serve_bench_arguments(p)
+    args = p.parse_args("--simulate --trace gamma --cv 3 --rate 8 --num-requests 3000 --prompt-len 256 "
+                        "--output-dist pareto --output-len 16".split())
+    trace = load_trace(args, 3072)
+    config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, prefill_chunk_size=512,
+                             max_queue_len=len(trace))
+    assert config.num_levels == 4
+    kv = KVCacheConfig(num_gpu_blocks=192, num_cpu_blocks=4096)
+    cost = LinearCostModel(s_per_seq=350e-6)
+    fcfs, skip_join = compare(trace, ["fcfs", "skip-join-mlfq"], config=config, kv=kv, cost=cost)
+    assert fcfs.report.num_finished == skip_join.report.num_finished == len(trace)
+    assert skip_join.stats.num_swap_outs > 0
+    assert skip_join.report.jct.mean <= fcfs.report.jct.mean / 3
+    assert skip_join.report.jct.p99 <= fcfs.report.jct.p99
+    assert skip_join.report.throughput_tok_s >= 0.95 * fcfs.report.throughput_tok_s
+    # FastServe's eight levels get the mean too, but the long jobs pay: p99 worse than FCFS's
+    deep = simulate(trace, "skip-join-mlfq", config=dataclasses.replace(config, num_levels=8), kv=kv, cost=cost)
+    assert deep.report.jct.mean <= fcfs.report.jct.mean / 3 < fcfs.report.jct.p99 < deep.report.jct.p99
 
 
 def test_every_request_generates_exactly_its_recorded_output_and_results_are_deterministic():
@@ -123,11 +157,11 @@ def test_bench_serve_overhead_flags_reach_the_cost_model():
 
 def test_srpt_bounds_the_mean_jct_and_the_tail_guard_trades_mean_for_p99():
     trace = heavy_tailed_trace()[:600]
-    config = SchedulerConfig(max_num_seqs=8, max_queue_len=len(trace))
+    config = SchedulerConfig(max_num_seqs=8, num_levels=8, max_queue_len=len(trace))
     fcfs, skip_join, srpt = compare(trace, ["fcfs", "skip-join-mlfq", "srpt"], config=config)
     # the clairvoyant reference: no size-blind policy gets a lower mean JCT
     assert srpt.report.jct.mean <= skip_join.report.jct.mean < fcfs.report.jct.mean
-    guarded = simulate(trace, "skip-join-mlfq", config=SchedulerConfig(max_num_seqs=8, max_queue_len=len(trace),
+    guarded = simulate(trace, "skip-join-mlfq", config=SchedulerConfig(max_num_seqs=8, num_levels=8, max_queue_len=len(trace),
                                                                          tail_guard_s=2.0, tail_guard_seats=4))
     assert guarded.report.num_finished == len(trace)
     assert guarded.report.jct.p99 < skip_join.report.jct.p99  # the long jobs' JCT comes back towards FCFS's
