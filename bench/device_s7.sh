@@ -4,6 +4,7 @@
 #   seats, limits the batch. The heavy-tailed trace (Gamma arrivals CV 3, Pareto outputs) at 8 req/s, 3,000
 #   requests; one policy per GPU, the two GPUs of a call at the same time, a fresh engine each.
 #   M1: FCFS | skip-join MLFQ (default: four levels).   M2: skip-join MLFQ with FastServe's eight levels | SRPT.
+#   M3: after the block-major host pool (swaps without host copies): the swap tests on the GPU, then M1 again.
 source bench/device_env.sh >/dev/null
 H="python3 -m flexserve.cli bench serve --json --launch --model dummy:llama-3-8b --dtype bfloat16 --trace gamma --cv 3
    --rate 8 --num-requests 3000 --prompt-len 256 --output-dist pareto --output-len 16 --max-context 3072
@@ -15,5 +16,8 @@ pair() {  # pair LABEL0 "FLAGS0" LABEL1 "FLAGS1": one run per GPU, at the same t
 }
 case ${1:-} in
   M1) pair fcfs "--schedulers fcfs" sj4 "--schedulers skip-join-mlfq" ;;
+  M3) T=100 TAIL=6 run python3 -m pytest -q -p no:cacheprovider tests/engine/test_paged_swap.py \
+        tests/engine/test_serving.py -k "swap or copy_stream" > $OUT/m3_gpu_tests.log 2>&1
+      pair fcfs "--schedulers fcfs" sj4 "--schedulers skip-join-mlfq" ;;
   M2) pair sj8 "--schedulers skip-join-mlfq --num-levels 8" srpt "--schedulers srpt" ;;
 esac

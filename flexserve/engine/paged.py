@@ -5,9 +5,9 @@ The pools hold every layer: [L, 2 (K/V), num_blocks, block_size, Hkv, hd]. A tok
 sequence lives in slot `table[p // block_size] * block_size + p % block_size` of its layer's pool; attention
 through the block tables is in `paged_batch.py`.
 
-Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream from pinned staging
-memory, without blocking the host: the compute stream waits on the copy event, and the host-side scatter of
-swapped-out blocks is finished at the start of the next step. Copies the scheduler marks "ahead" are issued
+Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream, without blocking the
+host: the compute stream waits on the copy event. The host pool is block-major, so a swap is a device-side
+gather plus one DMA copy per run of consecutive host blocks. Copies the scheduler marks "ahead" are issued
 after this step's forward is queued, so they overlap its compute (the engine's `_execute`).
 """
 from __future__ import annotations
@@ -30,11 +30,13 @@ class PagedKV:
         self.scratch_block = num_gpu_blocks
         shape = (cfg.num_layers, 2, num_gpu_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.gpu = torch.zeros(shape, dtype=dtype, device=device)
-        cpu_shape = (cfg.num_layers, 2, num_cpu_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Block-major on the host: each block is one contiguous run of memory, so a swap is a few large DMA
+        # copies (consecutive blocks coalesce) instead of a copy per layer per block.
+        cpu_shape = (num_cpu_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.cpu = pinned_empty(cpu_shape, dtype, pin=device.type == "cuda", zeroed=True, device=device)
         self.is_cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
-        self._pending: list[tuple[object, torch.Tensor | None, torch.Tensor | None]] = []
+        self._pending: list[tuple[object, list[torch.Tensor]]] = []  # (copy event, its device buffers)
 
     def layer_slots(self, layer: int) -> torch.Tensor:
         """[2, num_slots, Hkv, hd] view of one layer's device pool."""
@@ -59,8 +61,11 @@ class PagedKV:
         """Copy blocks device->host (out_pairs: (gpu, cpu)) then host->device (in_pairs: (cpu, gpu)).
 
         The copies start once the compute stream reaches `after` (a `mark()`), or everything queued on it so
-        far. With `wait`, the copies are complete (host side) or ordered before later compute (device side)
-        when this returns; otherwise they are left in flight until `finish_pending()`.
+        far. With `wait`, the copies are complete when this returns; otherwise they are ordered before the
+        compute that `order_before_compute()` / `finish_pending()` releases. The host does no copying: the
+        device gathers the blocks into one block-major buffer and DMA moves each run of consecutive host
+        blocks in one piece, straight into (or out of) the pinned pool (a host-side gather of a long job's
+        200 MB of KV took tens of milliseconds of the engine loop per swap, bench/RESULTS.md 4b).
         """
         if not out_pairs and not in_pairs:
             return
@@ -71,45 +76,69 @@ class PagedKV:
             self.stream.wait_event(after)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        keep = []  # device buffers the copies read or write, alive until the copies are done
         with torch.cuda.stream(self.stream):
-            staged_out = None
             if out_pairs:
-                g = torch.tensor([p[0] for p in out_pairs], device=self.device)
-                staged_out = torch.empty((*self.gpu.shape[:2], len(out_pairs), *self.gpu.shape[3:]),
-                                         dtype=self.gpu.dtype, pin_memory=True)
-                staged_out.copy_(self.gpu.index_select(2, g), non_blocking=True)
+                out_pairs = sorted(out_pairs, key=lambda p: p[1])
+                staged = _block_major(self.gpu.index_select(2, self._ids(out_pairs, 0)))
+                for i, j, c in _runs([p[1] for p in out_pairs]):
+                    self.cpu[c:c + j - i].copy_(staged[i:j], non_blocking=True)
+                keep.append(staged)
             if in_pairs:
-                c = torch.tensor([p[0] for p in in_pairs])
-                staged_in = torch.empty((*self.cpu.shape[:2], len(in_pairs), *self.cpu.shape[3:]),
-                                        dtype=self.cpu.dtype, pin_memory=True)
-                torch.index_select(self.cpu, 2, c, out=staged_in)
-                g = torch.tensor([p[1] for p in in_pairs], device=self.device)
-                self.gpu.index_copy_(2, g, staged_in.to(self.device, non_blocking=True))
+                in_pairs = sorted(in_pairs, key=lambda p: p[0])
+                staged = torch.empty((len(in_pairs), *self.cpu.shape[1:]), dtype=self.gpu.dtype, device=self.device)
+                for i, j, c in _runs([p[0] for p in in_pairs]):
+                    staged[i:j].copy_(self.cpu[c:c + j - i], non_blocking=True)
+                self.gpu.index_copy_(2, self._ids(in_pairs, 1), _layer_major(staged))
+                keep.append(staged)
             event = torch.cuda.Event()
             event.record(self.stream)
-        cpu_idx = torch.tensor([p[1] for p in out_pairs]) if out_pairs else None
-        self._pending.append((event, staged_out, cpu_idx))
+        self._pending.append((event, keep))
         if wait:
-            self.finish_pending()
+            self.finish_pending(sync=True)
+
+    def _ids(self, pairs: list[tuple[int, int]], which: int) -> torch.Tensor:
+        return torch.tensor([p[which] for p in pairs], device=self.device)
 
     def order_before_compute(self) -> None:
         """Make the compute stream wait for the copies in flight (no host wait)."""
-        for event, _, _ in self._pending:
+        for event, _ in self._pending:
             torch.cuda.current_stream(self.device).wait_event(event)
 
-    def finish_pending(self) -> None:
-        """Complete every swap in flight: host-side scatter of swapped-out blocks; compute waits for swap-ins."""
-        for event, staged_out, cpu_idx in self._pending:
+    def finish_pending(self, sync: bool = False) -> None:
+        """Order every swap in flight before later compute; with `sync`, also wait for them on the host. The
+        host never touches the pinned pool itself (every copy in or out of it runs on the copy stream, in
+        order), so the engine loop does not wait: a host block reused by a later swap is ordered after this
+        one on that stream. The device buffers may be freed now: they belong to the copy stream's pool."""
+        for event, _ in self._pending:
             torch.cuda.current_stream(self.device).wait_event(event)
-            if staged_out is not None:
+            if sync:
                 event.synchronize()
-                self.cpu.index_copy_(2, cpu_idx, staged_out)
         self._pending.clear()
 
     def _swap_sync(self, out_pairs, in_pairs) -> None:
         if out_pairs:
-            g = torch.tensor([p[0] for p in out_pairs])
-            self.cpu.index_copy_(2, torch.tensor([p[1] for p in out_pairs]), self.gpu.index_select(2, g))
+            gathered = self.gpu.index_select(2, torch.tensor([p[0] for p in out_pairs]))
+            self.cpu.index_copy_(0, torch.tensor([p[1] for p in out_pairs]), _block_major(gathered))
         if in_pairs:
-            c = torch.tensor([p[0] for p in in_pairs])
-            self.gpu.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), self.cpu.index_select(2, c))
+            blocks = self.cpu.index_select(0, torch.tensor([p[0] for p in in_pairs]))
+            self.gpu.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), _layer_major(blocks))
+
+
+def _block_major(blocks: torch.Tensor) -> torch.Tensor:
+    """[L, 2, n, ...] (the device pool's layout) -> contiguous [n, L, 2, ...] (the host pool's)."""
+    return blocks.permute(2, 0, 1, *range(3, blocks.dim())).contiguous()
+
+
+def _layer_major(blocks: torch.Tensor) -> torch.Tensor:
+    """[n, L, 2, ...] -> a [L, 2, n, ...] view."""
+    return blocks.permute(1, 2, 0, *range(3, blocks.dim()))
+
+
+def _runs(ids: list[int]):
+    """(start, end, first id) of each run of consecutive ids in a sorted list: one DMA copy per run."""
+    i = 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or ids[j] != ids[j - 1] + 1:
+            yield i, j, ids[i]
+            i = j
