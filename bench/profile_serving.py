@@ -24,6 +24,20 @@ from flexserve.engine import paged_batch, serving  # noqa: E402
 from flexserve.engine.serving import AsyncEngine, EngineConfig  # noqa: E402
 
 
+def _count_swaps(schedule, counts: collections.Counter, profiling):
+    """Count the blocks each step swaps, by kind: demand swaps (the step's compute waits for them) and swaps
+    ahead of need (they may overlap compute), over the whole run and over the profiled steps."""
+    def wrapper(*a, **k):
+        out = schedule(*a, **k)
+        for kind in ("swap_out", "swap_in", "swap_out_ahead", "swap_in_ahead"):
+            n = len(getattr(out, kind))
+            counts[kind] += n
+            if profiling():
+                counts["profiled_" + kind] += n
+        return out
+    return wrapper
+
+
 def _timed(acc: collections.Counter, label: str, fn):
     def wrapper(*a, **k):
         t = time.perf_counter()
@@ -56,8 +70,11 @@ def main() -> None:
                                       max_num_batched_tokens=args.max_num_batched_tokens,
                                       num_gpu_blocks=args.num_gpu_blocks, max_queue_len=args.requests + 1))
     acc: collections.Counter = collections.Counter()
+    prof_state = {"prof": None, "done": False}
     sched = engine.scheduler
-    sched.schedule = _timed(acc, "schedule", sched.schedule)
+    sched.schedule = _timed(acc, "schedule", _count_swaps(sched.schedule, swap_blocks := collections.Counter(),
+                                                           lambda: prof_state["prof"] is not None
+                                                           and not prof_state["done"]))
     sched.on_step_done = _timed(acc, "on_step_done", sched.on_step_done)
     engine._execute = _timed(acc, "forward", engine._execute)
     engine._deliver_many = _timed(acc, "deliver", engine._deliver_many)
@@ -70,7 +87,6 @@ def main() -> None:
 
     step_times: list[tuple[int, float]] = []  # (tokens sampled, seconds)
     orig_step = engine.step
-    prof_state = {"prof": None, "done": False}
 
     def step():
         sync = engine.device.type == "cuda"
@@ -121,7 +137,8 @@ def main() -> None:
               "swaps": stats["num_swaps"], "preemptions": stats["num_preemptions"],
               "full_decode_steps": len(decode),
               "full_decode_step_ms_median": 1e3 * sorted(decode)[len(decode) // 2] if decode else None,
-              "phase_ms_per_step": {k: 1e3 * v / max(1, len(step_times)) for k, v in acc.items()}}
+              "phase_ms_per_step": {k: 1e3 * v / max(1, len(step_times)) for k, v in acc.items()},
+              "swap_blocks": dict(swap_blocks)}
     prof = prof_state["prof"]
     if prof is not None:
         key = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"

@@ -404,17 +404,21 @@ def write_records(runs: list[dict], path: str) -> None:
 
 
 def read_records(paths: list[str]) -> list[dict]:
-    """Runs from `write_records` files, in file order, one run per scheduler name per file."""
+    """Runs from `write_records` files (plain or .gz), in file order, one run per scheduler name per file;
+    `PATH=LABEL` names a file's runs LABEL instead (two runs of one policy with different flags)."""
     import csv
+    import gzip
 
     types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
     cast = {"str": str, "int": int, "float": float, "float | None": lambda v: float(v) if v else None}
     runs: list[dict] = []
-    for path in paths:
+    for entry in paths:
+        path, _, label = entry.partition("=")
         by_name: dict[str, list[RequestRecord]] = {}
-        with open(path, newline="") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="") as f:
             for row in csv.DictReader(f):
-                name = row.pop("scheduler")
+                name = label or row.pop("scheduler")
+                row.pop("scheduler", None)
                 by_name.setdefault(name, []).append(RequestRecord(**{k: cast[types[k]](v) for k, v in row.items()}))
         runs += [{"row": {"scheduler": name}, "records": recs} for name, recs in by_name.items()]
     return runs

@@ -173,9 +173,15 @@ def test_scheduler_flags_reach_the_engine_and_the_simulator():
     from flexserve.server.app import engine_config_from_args
 
     args = build_parser().parse_args(["serve", "--model", "dummy:opt-125m", "--tail-guard-s", "4",
-                                      "--tail-guard-seats", "2", "--scheduler", "srpt"])
+                                      "--tail-guard-seats", "2", "--scheduler", "srpt", "--num-levels", "6",
+                                      "--base-quantum-s", "0.02", "--quantum-ratio", "3",
+                                      "--starvation-threshold-s", "inf", "--starvation-check-interval", "50"])
     cfg = engine_config_from_args(args)
-    assert cfg.scheduler == "srpt" and cfg.scheduler_options == {"tail_guard_s": 4.0, "tail_guard_seats": 2}
+    assert cfg.scheduler == "srpt" and cfg.scheduler_options == {
+        "tail_guard_s": 4.0, "tail_guard_seats": 2, "num_levels": 6, "base_quantum_s": 0.02, "quantum_ratio": 3.0,
+        "starvation_threshold_s": float("inf"), "starvation_check_interval": 50}
+    sched = SchedulerConfig(**cfg.scheduler_options)
+    assert sched.quantum_s(1) == pytest.approx(0.06) and sched.quantum_s(5) == float("inf")
     with pytest.raises(ValueError, match="tail_guard_s must be > 0"):
         SchedulerConfig(tail_guard_s=0)
     with pytest.raises(ValueError, match="tail_guard_seats must be >= 0"):

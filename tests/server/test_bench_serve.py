@@ -22,6 +22,27 @@ def test_bench_serve_simulate(capsys, tmp_path):
     assert "jct_p99_s" in out.splitlines()[0] and plot.stat().st_size > 10_000
 
 
+def test_records_round_trip_and_plot_runs_made_apart(capsys, tmp_path):
+    import gzip
+
+    from flexserve.benchmarks.serve import read_records
+
+    a, b, plot = tmp_path / "a.csv", tmp_path / "b.csv.gz", tmp_path / "cdf.png"
+    common = ["bench", "serve", "--simulate", "--trace", "gamma", "--rate", "10", "--num-requests", "60", "--json"]
+    assert main([*common, "--schedulers", "fcfs,srpt", "--records", str(a)]) == 0
+    assert main([*common, "--schedulers", "skip-join-mlfq", "--num-levels", "8", "--records", str(tmp_path / "b.csv")]) == 0
+    rows = _results(capsys.readouterr().out)
+    b.write_bytes(gzip.compress((tmp_path / "b.csv").read_bytes()))
+    runs = read_records([str(a), f"{b}=skip-join, 8 levels"])
+    assert [r["row"]["scheduler"] for r in runs] == ["fcfs", "srpt", "skip-join, 8 levels"]
+    for run, row in zip(runs, rows):  # the records give back the summary the run printed
+        assert len(run["records"]) == row["finished"] == 60
+        jct = sorted(r.jct_s for r in run["records"])
+        assert abs(sum(jct) / len(jct) - row["jct_mean_s"]) < 1e-9
+    assert main(["bench", "serve", "--plot-records", f"{a},{b}=sj8", "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 10_000
+
+
 def test_bench_serve_csv_trace(capsys, tmp_path):
     csv = tmp_path / "trace.csv"
     csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" +
