@@ -15,6 +15,10 @@ class ModelLoadError(FlexServeError):
     """The model path is missing, the file is corrupt or truncated, or the architecture is unknown."""
 
 
+class ConfigError(FlexServeError, ValueError):
+    """An engine or scheduler setting out of range (a flag such as `--num-levels 0`)."""
+
+
 class PolicyError(FlexServeError):
     """An offloading policy that is out of range or cannot fit the stated memory."""
 

@@ -122,3 +122,14 @@ def test_cli_process_reports_errors_without_a_traceback(tmp_path):
                            "hi"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"flexserve: error: model path {str(tmp_path / 'nope')!r} does not exist"]
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--num-levels", "0"], "num_levels must be >= 1"),
+    (["--quantum-ratio", "0.5"], "quantum_ratio must be >= 1"),
+    (["--starvation-threshold-s", "0"], "starvation_threshold_s must be > 0"),
+    (["--num-gpu-blocks", "0"], "num_gpu_blocks >= 1"),
+])
+def test_out_of_range_engine_flags_are_one_clear_error(capsys, flags, msg):
+    rc, out, err = run_cli(capsys, "bench", "serve", "--simulate", "--num-requests", "5", *flags)
+    assert rc == 1 and msg in err and "Traceback" not in err and not out

@@ -76,7 +76,7 @@ class PagedKV:
             self.stream.wait_event(after)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        keep = []  # device buffers the copies read or write, alive until the copies are done
+        keep = []  # device buffers the copies use, held until finish_pending (the copy stream orders reuse)
         with torch.cuda.stream(self.stream):
             if out_pairs:
                 out_pairs = sorted(out_pairs, key=lambda p: p[1])

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 
 class NoFreeBlocksError(RuntimeError):
     """An allocation or swap was asked for without checking `can_*` first: a scheduler bug."""
@@ -54,9 +56,9 @@ class BlockManager:
 
     def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, watermark: float = 0.01):
         if num_gpu_blocks < 1 or num_cpu_blocks < 0 or block_size < 1:
-            raise ValueError("need num_gpu_blocks >= 1, num_cpu_blocks >= 0 and block_size >= 1")
+            raise ConfigError("need num_gpu_blocks >= 1, num_cpu_blocks >= 0 and block_size >= 1")
         if not 0.0 <= watermark < 1.0:
-            raise ValueError(f"watermark is a fraction in [0, 1), got {watermark}")
+            raise ConfigError(f"watermark is a fraction in [0, 1), got {watermark}")
         self.num_gpu_blocks = num_gpu_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
