@@ -20,7 +20,7 @@ case ${1:-} in
         --sweep-pick 7,8 > $OUT/d_llama.log 2>&1 ;;
   E)  # issue 7 below saturation (~85% of the 8-seat engine's capacity): FCFS, skip-join MLFQ and the clairvoyant
       # SRPT reference, then skip-join MLFQ with the tail guard, same trace
-      H="python3 -m flexserve.cli bench serve --json --launch --model dummy:llama-3-8b --dtype bfloat16 --trace gamma --cv 3 --rate 8 --num-requests 600 --prompt-len 256 --output-dist pareto --output-len 16 --max-num-seqs 8"
+      H="python3 -m flexserve.cli bench serve --json --launch --model dummy:llama-3-8b --dtype bfloat16 --trace gamma --cv 3 --rate 8 --num-requests 600 --prompt-len 256 --output-dist pareto --output-len 16 --max-num-seqs 8 --num-levels 8"
       T=330 TAIL=8 run $H --schedulers fcfs,skip-join-mlfq,srpt --plot $OUT/sched_heavy_r8.png > $OUT/e_heavy_r8.log 2>&1
       T=200 TAIL=8 run $H --schedulers skip-join-mlfq --tail-guard-s 4 --tail-guard-seats 4 > $OUT/e_heavy_r8_guard.log 2>&1 ;;
   F)  # which part of FlexGen's OPT-30B policy serialises CPU attention with the weight stream: activations on the
