@@ -44,7 +44,8 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--launch", action="store_true", help="start an in-process server per scheduler, then replay")
     mode.add_argument("--simulate", action="store_true", help="run the scheduler simulator instead of a model")
     mode.add_argument("--plot-records", default=None,
-                      help="comma list of --records CSVs: plot their runs on one --plot figure; runs nothing")
+                      help="comma list of --records CSVs (PATH or PATH=LABEL, no commas in labels): plot their "
+                           "runs on one --plot figure; runs nothing")
     t = p.add_argument_group("trace")
     t.add_argument("--trace", default="azure", help="azure | poisson | gamma | PATH.csv (default azure)")
     t.add_argument("--rate", type=float, default=None,
@@ -404,10 +405,13 @@ def write_records(runs: list[dict], path: str) -> None:
 
 
 def read_records(paths: list[str]) -> list[dict]:
-    """Runs from `write_records` files (plain or .gz), in file order, one run per scheduler name per file;
-    `PATH=LABEL` names a file's runs LABEL instead (two runs of one policy with different flags)."""
+    """Runs from `write_records` files (plain or .gz), in file order, one run per scheduler name per file.
+    `PATH=LABEL` names the file's run LABEL (two runs of one policy with different flags), or its runs
+    "LABEL: scheduler" when it holds several."""
     import csv
     import gzip
+
+    from ..errors import ConfigError
 
     types = {f.name: f.type for f in dataclasses.fields(RequestRecord)}
     cast = {"str": str, "int": int, "float": float, "float | None": lambda v: float(v) if v else None}
@@ -415,12 +419,16 @@ def read_records(paths: list[str]) -> list[dict]:
     for entry in paths:
         path, _, label = entry.partition("=")
         by_name: dict[str, list[RequestRecord]] = {}
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="") as f:
-            for row in csv.DictReader(f):
-                name = label or row.pop("scheduler")
-                row.pop("scheduler", None)
-                by_name.setdefault(name, []).append(RequestRecord(**{k: cast[types[k]](v) for k, v in row.items()}))
-        runs += [{"row": {"scheduler": name}, "records": recs} for name, recs in by_name.items()]
+        try:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rt", newline="") as f:
+                for row in csv.DictReader(f):
+                    name = row.pop("scheduler")
+                    by_name.setdefault(name, []).append(RequestRecord(**{k: cast[types[k]](v) for k, v in row.items()}))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: not a --records file ({e})") from e
+        for name, recs in by_name.items():
+            shown = (label if len(by_name) == 1 else f"{label}: {name}") if label else name
+            runs.append({"row": {"scheduler": shown}, "records": recs})
     return runs
 
 

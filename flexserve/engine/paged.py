@@ -65,7 +65,7 @@ class PagedKV:
         compute that `order_before_compute()` / `finish_pending()` releases. The host does no copying: the
         device gathers the blocks into one block-major buffer and DMA moves each run of consecutive host
         blocks in one piece, straight into (or out of) the pinned pool (a host-side gather of a long job's
-        200 MB of KV took tens of milliseconds of the engine loop per swap, bench/RESULTS.md 4b).
+        up to 256 MB of KV took tens of milliseconds of the engine loop per swap, bench/RESULTS.md 4b).
         """
         if not out_pairs and not in_pairs:
             return
@@ -78,18 +78,20 @@ class PagedKV:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         keep = []  # device buffers the copies use, held until finish_pending (the copy stream orders reuse)
         with torch.cuda.stream(self.stream):
+            # Index tensors first, each with an asynchronous upload: a blocking one would make the host wait
+            # for every copy already queued on this stream.
+            out_pairs, in_pairs = sorted(out_pairs, key=lambda p: p[1]), sorted(in_pairs, key=lambda p: p[0])
+            out_ids, in_ids = self._ids(out_pairs, 0), self._ids(in_pairs, 1)
             if out_pairs:
-                out_pairs = sorted(out_pairs, key=lambda p: p[1])
-                staged = _block_major(self.gpu.index_select(2, self._ids(out_pairs, 0)))
+                staged = _gather_block_major(self.gpu, out_ids)
                 for i, j, c in _runs([p[1] for p in out_pairs]):
                     self.cpu[c:c + j - i].copy_(staged[i:j], non_blocking=True)
                 keep.append(staged)
             if in_pairs:
-                in_pairs = sorted(in_pairs, key=lambda p: p[0])
                 staged = torch.empty((len(in_pairs), *self.cpu.shape[1:]), dtype=self.gpu.dtype, device=self.device)
                 for i, j, c in _runs([p[0] for p in in_pairs]):
                     staged[i:j].copy_(self.cpu[c:c + j - i], non_blocking=True)
-                self.gpu.index_copy_(2, self._ids(in_pairs, 1), _layer_major(staged))
+                self.gpu.index_copy_(2, in_ids, _layer_major(staged))
                 keep.append(staged)
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -97,8 +99,10 @@ class PagedKV:
         if wait:
             self.finish_pending(sync=True)
 
-    def _ids(self, pairs: list[tuple[int, int]], which: int) -> torch.Tensor:
-        return torch.tensor([p[which] for p in pairs], device=self.device)
+    def _ids(self, pairs: list[tuple[int, int]], which: int) -> torch.Tensor | None:
+        if not pairs:
+            return None
+        return torch.as_tensor([p[which] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
 
     def order_before_compute(self) -> None:
         """Make the compute stream wait for the copies in flight (no host wait)."""
@@ -118,16 +122,17 @@ class PagedKV:
 
     def _swap_sync(self, out_pairs, in_pairs) -> None:
         if out_pairs:
-            gathered = self.gpu.index_select(2, torch.tensor([p[0] for p in out_pairs]))
-            self.cpu.index_copy_(0, torch.tensor([p[1] for p in out_pairs]), _block_major(gathered))
+            blocks = _gather_block_major(self.gpu, torch.tensor([p[0] for p in out_pairs]))
+            self.cpu.index_copy_(0, torch.tensor([p[1] for p in out_pairs]), blocks)
         if in_pairs:
             blocks = self.cpu.index_select(0, torch.tensor([p[0] for p in in_pairs]))
             self.gpu.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), _layer_major(blocks))
 
 
-def _block_major(blocks: torch.Tensor) -> torch.Tensor:
-    """[L, 2, n, ...] (the device pool's layout) -> contiguous [n, L, 2, ...] (the host pool's)."""
-    return blocks.permute(2, 0, 1, *range(3, blocks.dim())).contiguous()
+def _gather_block_major(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Blocks `ids` of a [L, 2, num_blocks, ...] pool as one contiguous [n, L, 2, ...] tensor (the host pool's
+    layout), in a single gather: no second, permuted copy of a swap's worth of KV on the device."""
+    return pool.permute(2, 0, 1, *range(3, pool.dim())).index_select(0, ids)
 
 
 def _layer_major(blocks: torch.Tensor) -> torch.Tensor:

@@ -267,6 +267,8 @@ class AsyncEngine(EngineFront):
         (a benchmark that starts several engines in one process needs the memory back at once)."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("release_memory() needs a shut-down engine")
+        if self.kv is not None:
+            self.kv.finish_pending(sync=True)  # DMA into the pinned pool must land before it is unmapped
         self.executor = self.kv = self.graphs = None
 
     # --- the engine thread -----------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ One config serves all policies, so a comparison between them changes the policy 
 The MLFQ defaults are the FastServe authors' starting values (quantum of level i = 10 ms x 2^i of iteration
 time, starvation promotion of jobs idle for >= 3 s checked every 1,000 iterations) except the number of levels:
 four, not eight, so a job reaches the first-come-first-served bottom queue after 70 ms of service instead of
-1.27 s. Measured where KV memory limits the batch, that keeps the mean-JCT gain and brings p99 from 1.5x to
-0.6x FCFS; on light-tailed traces it is FCFS parity where eight levels lose up to 26% (bench/RESULTS.md 4b,
-docs/SCHEDULER.md "Choosing the number of levels").
+1.27 s. Measured where KV memory limits the batch (same engine, same trace): p99 0.89x FCFS with four levels
+against 1.52x with eight, at a mean of 0.28x against 0.24x; on light-tailed traces four levels is FCFS parity
+(0.93-1.00x, simulated) where eight lose 4-70% (bench/RESULTS.md 4b, docs/SCHEDULER.md "Choosing the number
+of levels").
 """
 from __future__ import annotations
 

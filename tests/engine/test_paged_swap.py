@@ -36,3 +36,21 @@ def test_swap_out_then_in_restores_every_layer_of_every_block(device):
         assert torch.equal(kv.gpu[:, :, g], before[:, :, source[c]])
     untouched = [b for b in range(kv.gpu.shape[2]) if b not in {g for _, g in back}]
     assert kv.gpu[:, :, untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_copies_left_in_flight_are_ordered_before_later_compute_and_swaps(device):
+    """The engine's pattern: a swap-out ahead of need left in flight, the next step's swap-in of the same host
+    blocks into other device blocks, compute ordered after it, then the first blocks overwritten."""
+    kv = _kv(device)
+    kv.gpu.copy_(torch.randn(kv.gpu.shape))
+    before = kv.gpu.clone()
+    mark = kv.mark()
+    kv.swap([(1, 6), (2, 7), (5, 8)], [], wait=False, after=mark)  # ahead of need: not waited for
+    kv.finish_pending()  # the next step: later compute is ordered after those copies
+    kv.gpu[:, :, [1, 2, 5]] = 0  # that compute reuses the freed device blocks
+    kv.swap([], [(6, 3), (7, 4), (8, 9)], wait=False)  # the same host blocks come back elsewhere
+    kv.order_before_compute()
+    got = kv.gpu[:, :, [3, 4, 9]].clone()  # read on the compute stream
+    kv.finish_pending(sync=True)
+    assert torch.equal(got, before[:, :, [1, 2, 5]])

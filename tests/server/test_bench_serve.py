@@ -39,8 +39,13 @@ def test_records_round_trip_and_plot_runs_made_apart(capsys, tmp_path):
         assert len(run["records"]) == row["finished"] == 60
         jct = sorted(r.jct_s for r in run["records"])
         assert abs(sum(jct) / len(jct) - row["jct_mean_s"]) < 1e-9
+    labelled = read_records([f"{a}=run A"])  # a label on a file of several runs keeps them apart
+    assert [r["row"]["scheduler"] for r in labelled] == ["run A: fcfs", "run A: srpt"]
     assert main(["bench", "serve", "--plot-records", f"{a},{b}=sj8", "--plot", str(plot)]) == 0
     assert plot.stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["bench", "serve", "--plot-records", str(tmp_path / "missing.csv"), "--plot", str(plot)]) == 1
+    assert "missing.csv: not a --records file" in capsys.readouterr().err
 
 
 def test_bench_serve_csv_trace(capsys, tmp_path):
