@@ -32,7 +32,7 @@ import numpy as np
 from ..scheduler.metrics import LatencyReport, RequestRecord
 from ..scheduler.traces import (AZURE_LIKE_OUTPUT, AZURE_LIKE_PROMPT, LengthDist, TraceRequest, clip_to_context,
                                 load_azure_conv, load_csv_trace, synthetic_trace)
-from ..server.args import SCHEDULER_FLAGS, add_engine_arguments
+from ..server.args import add_engine_arguments, scheduler_options
 
 SIM_MAX_CONTEXT = 8192  # the simulator's default (Llama-3-8B)
 COUNTERS = ("preemptions", "swaps", "recomputes")
@@ -338,7 +338,7 @@ def run_simulate(args) -> list[dict]:
     engine_defaults = EngineConfig()
     sched = {k: getattr(args, k) if getattr(args, k) is not None else getattr(engine_defaults, k)
              for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size")}
-    sched.update({k: getattr(args, k) for k in SCHEDULER_FLAGS if getattr(args, k, None) is not None})
+    sched.update(scheduler_options(args))
     config = SchedulerConfig(**sched, max_queue_len=args.max_queue_len or max(1, len(trace)))
     kv = {k: v for k, v in (("num_gpu_blocks", args.num_gpu_blocks), ("num_cpu_blocks", args.num_cpu_blocks),
                             ("block_size", args.block_size)) if v is not None}

@@ -36,7 +36,9 @@ class PagedKV:
         self.cpu = pinned_empty(cpu_shape, dtype, pin=device.type == "cuda", zeroed=True, device=device)
         self.is_cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
-        self._pending: list[tuple[object, list[torch.Tensor]]] = []  # (copy event, its device buffers)
+        # Copy events not yet ordered before compute. The device buffers of a swap need no keeping: they are
+        # allocated on the copy stream, whose later work alone can reuse them, in order.
+        self._pending: list[torch.cuda.Event] = []
 
     def layer_slots(self, layer: int) -> torch.Tensor:
         """[2, num_slots, Hkv, hd] view of one layer's device pool."""
@@ -76,7 +78,6 @@ class PagedKV:
             self.stream.wait_event(after)
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        keep = []  # device buffers the copies use, held until finish_pending (the copy stream orders reuse)
         with torch.cuda.stream(self.stream):
             # Index tensors first, each with an asynchronous upload: a blocking one would make the host wait
             # for every copy already queued on this stream.
@@ -86,16 +87,14 @@ class PagedKV:
                 staged = _gather_block_major(self.gpu, out_ids)
                 for i, j, c in _runs([p[1] for p in out_pairs]):
                     self.cpu[c:c + j - i].copy_(staged[i:j], non_blocking=True)
-                keep.append(staged)
             if in_pairs:
                 staged = torch.empty((len(in_pairs), *self.cpu.shape[1:]), dtype=self.gpu.dtype, device=self.device)
                 for i, j, c in _runs([p[0] for p in in_pairs]):
                     staged[i:j].copy_(self.cpu[c:c + j - i], non_blocking=True)
                 self.gpu.index_copy_(2, in_ids, _layer_major(staged))
-                keep.append(staged)
             event = torch.cuda.Event()
             event.record(self.stream)
-        self._pending.append((event, keep))
+        self._pending.append(event)
         if wait:
             self.finish_pending(sync=True)
 
@@ -106,15 +105,15 @@ class PagedKV:
 
     def order_before_compute(self) -> None:
         """Make the compute stream wait for the copies in flight (no host wait)."""
-        for event, _ in self._pending:
+        for event in self._pending:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def finish_pending(self, sync: bool = False) -> None:
         """Order every swap in flight before later compute; with `sync`, also wait for them on the host. The
         host never touches the pinned pool itself (every copy in or out of it runs on the copy stream, in
         order), so the engine loop does not wait: a host block reused by a later swap is ordered after this
-        one on that stream. The device buffers may be freed now: they belong to the copy stream's pool."""
-        for event, _ in self._pending:
+        one on that stream."""
+        for event in self._pending:
             torch.cuda.current_stream(self.device).wait_event(event)
             if sync:
                 event.synchronize()

@@ -25,10 +25,6 @@ from .output import ScheduledSeq, SchedulerOutput, SchedulerStats
 from .request import Request, SequenceStatus
 
 
-def _priority(req: Request) -> tuple[int, int]:
-    return (req.level, req.enqueue_seq)
-
-
 class Scheduler:
     """Base class: request bookkeeping, the batch walk and the step protocol. Subclasses override the hooks
     `_initial_level`, `_charge` (after each step a job ran in) and `_after_schedule` (memory upkeep)."""

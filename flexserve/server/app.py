@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from .args import SCHEDULER_FLAGS
+from .args import scheduler_options
 from .completions import serve_request
 from .errors import APIError, from_exception, from_validation_error, install_handlers
 from .metrics import ServerMetrics
@@ -149,7 +149,7 @@ def engine_config_from_args(args):
 
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     kw = {n: getattr(args, n) for n in names - {"policy"} if getattr(args, n, None) is not None}
-    options = {n: getattr(args, n) for n in SCHEDULER_FLAGS if getattr(args, n, None) is not None}
+    options = scheduler_options(args)
     if options:
         kw["scheduler_options"] = {**kw.get("scheduler_options", {}), **options}
     if "policy" in names and hasattr(args, "percent"):

@@ -14,6 +14,11 @@ SCHEDULER_FLAGS = ("num_levels", "base_quantum_s", "quantum_ratio", "starvation_
                    "starvation_check_interval", "tail_guard_s", "tail_guard_seats")
 
 
+def scheduler_options(args: argparse.Namespace) -> dict:
+    """The `SchedulerConfig` fields the scheduler flags set (flags left out keep the field's default)."""
+    return {n: getattr(args, n) for n in SCHEDULER_FLAGS if getattr(args, n, None) is not None}
+
+
 def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True) -> None:
     """Flags that map to `EngineConfig` fields (shared by `serve` and `bench serve`, which has its own
     `--schedulers` list instead of `--scheduler`)."""
