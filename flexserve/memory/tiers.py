@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicyError
-from ..offload.policy import WEIGHT_PLACEMENTS
 from .pinned import pinned_empty
 
 
@@ -53,82 +52,6 @@ def slot_tier(k: int, n: int, gpu_percent: float, cpu_percent: float) -> Tier:
     """The tier of slot `k` of `n` equal slots by the midpoint rule: how the cache ((layer, GPU batch) slots)
     and the activations (GPU-batch slots) are placed, and what the planner counts for them."""
     return tier_by_fraction((k + 0.5) / n * 100, gpu_percent, cpu_percent)
-
-
-# FlexGen's weight lists (flex_opt.py), in our tensor names: a decoder layer is an attention layer (q, k, v,
-# out, then its norm) and an MLP layer (fc1, fc2, then its norm), each spread by itself; the input embedding
-# lists the token table, then the positions; the output embedding the final norm, then the LM head.
-_FLEXGEN_ORDER = (
-    ("qkv.weight", "qkv.bias", "o.weight", "o.bias", "attn_norm.weight", "attn_norm.bias"),
-    ("up.weight", "up.bias", "down.weight", "down.bias", "mlp_norm.weight", "mlp_norm.bias"),
-    ("embed.weight", "pos_embed.weight"),
-    ("final_norm.weight", "final_norm.bias", "lm_head.weight"),
-)
-_ATTENTION_PREFIXES = ("qkv.", "o.", "attn_norm.", "q_norm.", "k_norm.")
-
-
-def _flexgen_groups(names: list[str]) -> list[list[str]]:
-    """The tensors of one pseudo-layer as FlexGen's separately spread weight lists, in its order."""
-    names = list(names)
-    if any(n.startswith(_ATTENTION_PREFIXES) for n in names):  # a decoder layer: attention part, MLP part
-        attn = [n for n in names if n.startswith(_ATTENTION_PREFIXES)]
-        parts = [attn, [n for n in names if n not in attn]]
-    else:
-        parts = [names]
-    rank = {n: i for order in _FLEXGEN_ORDER for i, n in enumerate(order)}  # position within its own list
-    tied_head = "embed.weight" in names and "final_norm.weight" in names
-
-    def key(name: str) -> tuple[int, str]:
-        if tied_head and name == "embed.weight":  # the output embedding lists the (shared) table last
-            return len(rank) + 1, name
-        return rank.get(name, len(rank)), name
-
-    return [sorted(part, key=key) for part in parts]
-
-
-def assign_tiers(sizes: dict[str, int], gpu_percent: float, cpu_percent: float,
-                 rule: str = "flexgen") -> dict[str, Tier]:
-    """The tier of each tensor of one pseudo-layer; whole tensors move, so the byte shares only approximate
-    the percentages (`tier_shares` gives them exactly).
-
-    `flexgen` (default) is FlexGen's rule, so that the same `--percent` places the same bytes in both
-    engines: the attention and MLP parts of a layer are laid out separately in FlexGen's order and a tensor
-    goes by its midpoint to the disk share first, then the CPU's, then the GPU's (for OPT `20 80`: the
-    attention output projection and the MLP's second bias and norm on the GPU, a twelfth of the bytes).
-    `largest-first` is flexserve's rule before session 4 (largest tensor first, GPU share first: `20 80` keeps
-    one MLP matrix, a third, on the GPU); the measurements made with it name it."""
-    if rule not in WEIGHT_PLACEMENTS:
-        raise ValueError(f"weight placement must be one of {WEIGHT_PLACEMENTS}, got {rule!r}")
-    out: dict[str, Tier] = {}
-    if rule == "largest-first":
-        total = max(sum(sizes.values()), 1)
-        acc = 0
-        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-            out[name] = tier_by_fraction((acc + sizes[name] / 2) / total * 100, gpu_percent, cpu_percent)
-            acc += sizes[name]
-        return out
-    disk_percent = max(0.0, 100.0 - gpu_percent - cpu_percent)
-    for group in _flexgen_groups(list(sizes)):
-        total = max(sum(sizes[n] for n in group), 1)
-        acc = 0
-        for name in group:
-            mid = (acc + sizes[name] / 2) / total * 100
-            acc += sizes[name]
-            out[name] = Tier.DISK if mid < disk_percent else Tier.CPU if mid < disk_percent + cpu_percent \
-                else Tier.GPU
-    return out
-
-
-def tier_shares(sizes: dict[str, int], gpu_percent: float, cpu_percent: float,
-                rule: str = "flexgen") -> dict[Tier, float]:
-    """Fraction of the layer's bytes that `assign_tiers` puts on each tier: what the cost model, the memory
-    check and the planner must use (OPT-6.7B's `--percent 50 50` keeps 42% of each layer on the GPU under
-    FlexGen's rule, two thirds under the largest-first one)."""
-    total = max(sum(sizes.values()), 1)
-    placed = dict.fromkeys(Tier, 0)
-    for name, tier in assign_tiers(sizes, gpu_percent, cpu_percent, rule).items():
-        placed[tier] += sizes[name]  # whole numbers: an all-GPU layer is exactly 1.0, not 0.9999999
-    return {tier: n / total for tier, n in placed.items()}
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

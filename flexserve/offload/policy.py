@@ -12,8 +12,8 @@ from typing import Sequence
 
 from ..errors import PolicyError
 
-# How whole tensors meet the weight percentages (memory.tiers.assign_tiers): FlexGen's rule, or flexserve's
-# rule before session 4, kept to reproduce the runs made with it.
+# How whole tensors meet the weight percentages (offload.placement.assign_tiers): FlexGen's rule, or flexserve's
+# earlier largest-first rule, kept to reproduce the runs made with it.
 WEIGHT_PLACEMENTS = ("flexgen", "largest-first")
 
 
@@ -46,7 +46,7 @@ class Policy:
     # x86 CPUs have no fast fp16 math: a bfloat16 host cache reads ~3x faster there, at bf16 precision.
     cpu_attention_dtype: str | None = None
     # How whole tensors meet the weight percentages: "flexgen" (FlexGen's rule, so the same flags place the
-    # same bytes as FlexGen) or "largest-first" (flexserve's rule before session 4). See memory.tiers.
+    # same bytes as FlexGen) or "largest-first" (flexserve's earlier rule). See offload.placement.
     weight_placement: str = "flexgen"
 
     def __post_init__(self) -> None:

@@ -22,7 +22,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..config import ModelConfig
 from ..errors import PolicyError
-from ..memory.tiers import Tier, tier_shares
+from ..memory.tiers import Tier
+from ..offload.placement import tier_shares
 from ..offload.policy import Policy
 from .cost_model import TIERS, CostModel, Estimate, build, evaluate, placed_point
 from .hardware import Hardware, format_size

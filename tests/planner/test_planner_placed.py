@@ -6,9 +6,9 @@ import torch
 
 from flexserve.cli import main
 from flexserve.config import preset
-from flexserve.memory.tiers import Tier, Tiers, tier_shares
+from flexserve.memory.tiers import Tier, Tiers
 from flexserve.offload.budget import weight_bytes
-from flexserve.offload.placement import _place, PseudoLayer
+from flexserve.offload.placement import _place, PseudoLayer, tier_shares
 from flexserve.offload.policy import Policy
 from flexserve.planner import estimate, profile, search
 from flexserve.planner.cost_model import placed_point
@@ -39,7 +39,7 @@ def test_tier_shares_follow_whole_matrices():
 
 
 def test_flexgen_rule_on_the_embedding_pseudo_layers():
-    from flexserve.memory.tiers import assign_tiers
+    from flexserve.offload.placement import assign_tiers
 
     # FlexGen's output embedding lists the final norm, then the (tied) token table: the table is the last
     # tensor, so a GPU share of more than half of the pseudo-layer keeps it on the GPU
