@@ -5,7 +5,8 @@ of one flat batch [1, T]; what attention needs per row is its sequence's block t
 it sees (`ctx_lens` = position + 1, which is also the causal mask inside a chunk). That metadata is built once
 per step, with array operations over block tables rather than per-token Python, and shared by both paths:
 
-- GPU: the Triton kernel of `flexserve.kernels.paged_attention` walks the block tables, one launch per layer.
+- GPU: the Triton kernel of `flexserve.kernels.paged_attention` walks the block tables: decode rows one by one
+  (split along the context when few and long), prompt chunks in query tiles that share each key tile.
 - CPU (and GPUs without Triton): the portable path gathers each sequence's keys into a dense tensor and runs
   the same SDPA as the dense executor (`attend_over`): decodes as one padded batch, each chunk on its own.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..kernels.paged_attention import kernel_available, paged_attention
+from ..kernels.paged_attention import QueryTiles, kernel_available, paged_attention, query_tiles
 from ..models.attention import attend_over, causal_mask
 
 
@@ -45,7 +46,7 @@ class PagedBatch:
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset, n, start, table row)
     sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
     sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
-    _gather: dict = field(default_factory=dict)  # portable path: slot indices, built on first use
+    _gather: dict = field(default_factory=dict)  # per-step attention metadata (slots, tiles), built on first use
 
     @classmethod
     def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device) -> "PagedBatch":
@@ -92,6 +93,16 @@ class PagedBatch:
             self._gather["decode"] = (slots, mask[:, None, None, :])
         return self._gather["decode"]
 
+    def tiles(self, group: int, dtype: torch.dtype) -> QueryTiles | None:
+        """The kernel's query tiles over this step's prompt chunks (None without chunks), built on first use and
+        shared by every layer."""
+        if not self.chunks:
+            return None
+        key = ("tiles", group, dtype)
+        if key not in self._gather:
+            self._gather[key] = query_tiles(self.chunks, group, dtype, self.block_tables.device)
+        return self._gather[key]
+
     def chunk_gather(self, row: int, length: int) -> torch.Tensor:
         key = ("chunk", row)
         if key not in self._gather:
@@ -108,7 +119,8 @@ def paged_attend(kv_slots: torch.Tensor, batch: PagedBatch):
         kv_slots[1].index_copy_(0, batch.slots, v[0])
         if kernel_available(q):
             out = paged_attention(q[0], kv_slots[0], kv_slots[1], batch.block_tables, batch.row_seq,
-                                  batch.ctx_lens, batch.block_size)
+                                  batch.ctx_lens, batch.block_size, batch.num_decode,
+                                  batch.tiles(q.shape[2] // k.shape[2], q.dtype))
             return out.reshape(1, out.shape[0], -1)
         return _gather_attend(kv_slots, batch, q)
     return attend
