@@ -19,6 +19,7 @@ import torch
 
 from ..kernels.paged_attention import QueryTiles, kernel_available, paged_attention, query_tiles
 from ..models.attention import attend_over, causal_mask
+from ..models.layers import apply_rope, rope_cos_sin
 
 
 @dataclass
@@ -29,6 +30,24 @@ class SeqChunk:
     start: int
     block_table: list[int]
     sample: bool
+
+
+@dataclass(frozen=True)
+class StreamingWindow:
+    """StreamingLLM's cache: each query sees the first `sinks` tokens of its sequence (the attention sinks) and
+    its own last `window` tokens, so a stream of any length keeps a bounded cache.
+
+    Positions follow StreamingLLM: what counts is a token's place in the cache, not in the text. Keys are stored
+    rotated at their text positions, so a window key is already at the right distance from the query (both move
+    together); a sink is scored with the query rotated to its cache position, min(p, sinks + window - 1),
+    instead (`sink_query`). Without rotary embeddings (learned positions) both queries are the same."""
+
+    sinks: int
+    window: int
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.sinks < 0:
+            raise ValueError(f"a sliding window needs window >= 1 and sinks >= 0, got {self.window}, {self.sinks}")
 
 
 @dataclass
@@ -46,10 +65,13 @@ class PagedBatch:
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset, n, start, table row)
     sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
     sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
+    streaming: StreamingWindow | None = None
+    inv_freq: torch.Tensor | None = None  # rotary frequencies (for the sinks' query under `streaming`)
     _gather: dict = field(default_factory=dict)  # per-step attention metadata (slots, tiles), built on first use
 
     @classmethod
-    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device) -> "PagedBatch":
+    def build(cls, seqs: list[SeqChunk], block_size: int, device: torch.device,
+              streaming: StreamingWindow | None = None, inv_freq: torch.Tensor | None = None) -> "PagedBatch":
         order = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1] + \
                 [i for i, s in enumerate(seqs) if len(s.token_ids) != 1]
         num_decode = sum(1 for s in seqs if len(s.token_ids) == 1)
@@ -59,6 +81,7 @@ class PagedBatch:
         tables = np.zeros((len(order), max_blocks), dtype=np.int32)
         for r, i in enumerate(order):
             tables[r, :len(seqs[i].block_table)] = seqs[i].block_table
+        np.maximum(tables, 0, out=tables)  # released blocks (outside a window) are never read: any valid id
         row_seq = np.repeat(np.arange(len(order), dtype=np.int64), lens)
         offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
         positions = starts[row_seq] + (np.arange(len(row_seq)) - offsets[row_seq])
@@ -74,7 +97,8 @@ class PagedBatch:
                    slots=dev(slots, torch.long), block_tables=dev(tables, torch.int32),
                    row_seq=dev(row_seq, torch.int32), ctx_lens=dev(positions + 1, torch.int32),
                    block_size=block_size, num_decode=num_decode, chunks=chunks,
-                   sample_rows=dev(sample_rows, torch.long), sampled=sampled)
+                   sample_rows=dev(sample_rows, torch.long), sampled=sampled, streaming=streaming,
+                   inv_freq=inv_freq)
 
     def context_slots(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """[len(rows), length] pool slots of positions 0..length-1 of the given block-table rows."""
@@ -103,6 +127,31 @@ class PagedBatch:
             self._gather[key] = query_tiles(self.chunks, group, dtype, self.block_tables.device)
         return self._gather[key]
 
+    def sink_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q [1, T, H, hd] (rotated at each token's position) rotated back to the cache position the sinks see."""
+        if self.inv_freq is None or self.streaming is None:
+            return q
+        if "sink_rope" not in self._gather:
+            w = self.streaming
+            shift = self.positions.clamp(max=w.sinks + w.window - 1) - self.positions  # [1, T], <= 0
+            self._gather["sink_rope"] = rope_cos_sin(self.inv_freq, shift, q.dtype)
+        return apply_rope(q, *self._gather["sink_rope"])
+
+    def window_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Portable streaming path: slots [T, sinks + window] of each row's visible keys (sinks first, then its
+        window, oldest first) and which of them exist [T, sinks + window]."""
+        if "window" not in self._gather:
+            w = self.streaming
+            qpos = (self.ctx_lens - 1).long()[:, None]  # [T, 1]
+            j = torch.arange(w.sinks + w.window, device=qpos.device)[None, :]
+            is_sink = j < w.sinks
+            pos = torch.where(is_sink, j, qpos - w.window + 1 + (j - w.sinks))
+            valid = torch.where(is_sink, j <= qpos, pos >= w.sinks)
+            pos = pos.clamp(min=0)
+            blocks = self.block_tables[self.row_seq.long()[:, None], pos // self.block_size].long()
+            self._gather["window"] = (blocks * self.block_size + pos % self.block_size, valid)
+        return self._gather["window"]
+
     def chunk_gather(self, row: int, length: int) -> torch.Tensor:
         key = ("chunk", row)
         if key not in self._gather:
@@ -117,13 +166,40 @@ def paged_attend(kv_slots: torch.Tensor, batch: PagedBatch):
         # q: [1, T, H, hd]; k, v: [1, T, Hkv, hd]
         kv_slots[0].index_copy_(0, batch.slots, k[0])
         kv_slots[1].index_copy_(0, batch.slots, v[0])
+        w = batch.streaming
         if kernel_available(q):
+            extra = {} if w is None else dict(window=w.window, sinks=w.sinks, q_sink=batch.sink_query(q)[0])
             out = paged_attention(q[0], kv_slots[0], kv_slots[1], batch.block_tables, batch.row_seq,
                                   batch.ctx_lens, batch.block_size, batch.num_decode,
-                                  batch.tiles(q.shape[2] // k.shape[2], q.dtype))
+                                  batch.tiles(q.shape[2] // k.shape[2], q.dtype), **extra)
             return out.reshape(1, out.shape[0], -1)
+        if w is not None:
+            return _window_attend(kv_slots, batch, q)
         return _gather_attend(kv_slots, batch, q)
     return attend
+
+
+def _window_attend(kv_slots: torch.Tensor, batch: PagedBatch, q: torch.Tensor, rows_per_pass: int = 256
+                   ) -> torch.Tensor:
+    """The portable streaming path: every row's sinks and window gathered ([T, sinks + window] keys), scored in
+    float32, sinks with the sink query. Rows go `rows_per_pass` at a time to bound the gathered copy."""
+    slots, valid = batch.window_slots()
+    q_sink = batch.sink_query(q)[0]
+    t, h, hd = q.shape[1:]
+    sinks = batch.streaming.sinks
+    outs = []
+    for lo in range(0, t, rows_per_pass):
+        hi = min(t, lo + rows_per_pass)
+        keys = kv_slots[0][slots[lo:hi]].float()  # [r, L, Hkv, hd]
+        values = kv_slots[1][slots[lo:hi]].float()
+        group = h // keys.shape[2]
+        keys, values = keys.repeat_interleave(group, 2), values.repeat_interleave(group, 2)  # [r, L, H, hd]
+        scores = torch.einsum("rhd,rlhd->rhl", q[0, lo:hi].float(), keys)
+        scores[..., :sinks] = torch.einsum("rhd,rlhd->rhl", q_sink[lo:hi].float(), keys[:, :sinks])
+        scores = (scores * hd ** -0.5).masked_fill(~valid[lo:hi, None, :], float("-inf"))
+        out = torch.einsum("rhl,rlhd->rhd", scores.softmax(-1), values)
+        outs.append(out.reshape(hi - lo, h * hd).to(q.dtype))
+    return torch.cat(outs, 0)[None]
 
 
 def _gather_attend(kv_slots: torch.Tensor, batch: PagedBatch, q: torch.Tensor) -> torch.Tensor:

@@ -93,30 +93,34 @@ def query_tiles(chunks: list[tuple[int, int, int, int]], group: int, dtype: torc
 
 if triton is not None:
     @triton.jit
-    def _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, kv_end, qk_scale,
+    def _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, key_lo, key_hi, window, qk_scale,
                      stride_ks, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     MASKED: tl.constexpr, IEEE: tl.constexpr):
-        """One K/V tile [start, start + BLOCK_N) of the online softmax (log2 domain)."""
+                     MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr):
+        """One K/V tile [start, start + BLOCK_N) of the online softmax (log2 domain), over keys in
+        [key_lo, key_hi). MASKED: row i sees keys <= qpos[i]; WINDOWED: and only the last `window` of them."""
         n = tl.arange(0, BLOCK_N)
         d = tl.arange(0, HEAD_DIM)
         pos = start + n
-        in_ctx = pos < kv_end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+        in_range = (pos >= key_lo) & (pos < key_hi)
+        block = tl.load(table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
         offs = (block * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * stride_ks + kv_off + d[None, :]
-        k = tl.load(K + offs, mask=in_ctx[:, None], other=0.0)
+        k = tl.load(K + offs, mask=in_range[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale
         if MASKED:
-            s = tl.where((pos[None, :] <= qpos[:, None]) & in_ctx[None, :], s, float("-inf"))
+            seen = (pos[None, :] <= qpos[:, None]) & in_range[None, :]
+            if WINDOWED:
+                seen = seen & (qpos[:, None] - pos[None, :] < window)
+            s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs, mask=in_ctx[:, None], other=0.0)
+        v = tl.load(V + offs, mask=in_range[:, None], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -124,12 +128,13 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _paged_attention_kernel(Q, K, V, O, Tables, RowSeq, CtxLens, Tiles, num_tiles, PartO, PartML, qk_scale,
-                                stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_ot, stride_oh,
-                                split_len,
+    def _paged_attention_kernel(Q, QSink, K, V, O, Tables, RowSeq, CtxLens, Tiles, num_tiles, PartO, PartML,
+                                qk_scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_ot,
+                                stride_oh, split_len, sinks, window,
                                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
                                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                                DECODE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                                DECODE: tl.constexpr, SPLIT: tl.constexpr, STREAM: tl.constexpr,
+                                IEEE: tl.constexpr):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -160,14 +165,30 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         table = Tables + seq * stride_tb
         kv_off = kvh * stride_kh
-        # Keys before the tile's first token are visible to every row: no mask. The rest is the diagonal.
-        full_end = tl.maximum(lo, tl.minimum(hi, lo + (pos0 + 1 - lo) // BLOCK_N * BLOCK_N))
-        for start in range(lo, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, kv_end, qk_scale,
-                                         stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, IEEE)
-        for start in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, hi, qk_scale,
-                                         stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, IEEE)
+        if STREAM:  # attention sinks (seen through QSink, see `streaming_query`) and a sliding window
+            q_sink = tl.load(QSink + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                             mask=live[:, None], other=0.0)
+            sink_end = tl.minimum(sinks, kv_end)
+            for start in range(0, sink_end, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q_sink, acc, m_i, l_i, K, V, table, kv_off, start, qpos, 0, sink_end,
+                                             window, qk_scale, stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True,
+                                             False, IEEE)
+            win_lo = tl.maximum(sinks, pos0 - window + 1)
+            for start in range(win_lo // BLOCK_N * BLOCK_N, kv_end, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, win_lo, kv_end,
+                                             window, qk_scale, stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True,
+                                             True, IEEE)
+        else:
+            # Keys before the tile's first token are visible to every row: no mask. The rest is the diagonal.
+            full_end = tl.maximum(lo, tl.minimum(hi, lo + (pos0 + 1 - lo) // BLOCK_N * BLOCK_N))
+            for start in range(lo, full_end, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, lo, hi, 0,
+                                             qk_scale, stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, False,
+                                             IEEE)
+            for start in range(full_end, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, K, V, table, kv_off, start, qpos, lo, hi, 0,
+                                             qk_scale, stride_ks, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, False,
+                                             IEEE)
         if SPLIT:  # unnormalised partial output plus (max, sum) for `_merge_splits`
             part = (split * tl.num_programs(0) + tile).to(tl.int64)
             width = tl.num_programs(1) * GROUP
@@ -215,39 +236,46 @@ def _num_splits(rows: int, num_kv_heads: int, max_ctx: int, device: torch.device
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                     row_seq: torch.Tensor, ctx_lens: torch.Tensor, block_size: int, num_decode: int | None = None,
-                    tiles: QueryTiles | None = None) -> torch.Tensor:
+                    tiles: QueryTiles | None = None, window: int = 0, sinks: int = 0,
+                    q_sink: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, hd]; pools [slots, Hkv, hd]; block_tables [R, max_blocks] int32; row_seq, ctx_lens [T] int32.
 
     Rows [0, num_decode) are single-token rows; the rest are the prompt chunks described by `tiles` (from
     `query_tiles`). With no `num_decode`, every row is treated as a single-token row, which is correct for any
     rows, only slower for chunks. Returns [T, H, hd]: row t attends to positions [0, ctx_lens[t]) of sequence
-    row_seq[t]."""
+    row_seq[t]. With a `window` (StreamingLLM), row t at position p sees only keys [0, sinks), scored with
+    `q_sink` [T, H, hd], and keys (p - window, p], scored with `q`."""
     t, h, hd = q.shape
     hkv = k_pool.shape[1]
     group = h // hkv
+    stream = window > 0
+    if stream:  # both queries are read with one set of strides
+        q = q.contiguous()
+        q_sink = (q if q_sink is None else q_sink).contiguous()
     out = torch.empty_like(q)
     if t == 0:
         return out
     nd = t if num_decode is None else num_decode
     ieee = q.dtype == torch.float32
-    common = dict(GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size, IEEE=ieee)
-    strides = (q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
-               out.stride(0), out.stride(1))
+    common = dict(GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size, IEEE=ieee, STREAM=stream)
+    args = (q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
+            out.stride(0), out.stride(1))
     scale = hd ** -0.5 * _LOG2E
+    q_sink = q if q_sink is None else q_sink
     if nd:
         block_m = max(16, triton.next_power_of_2(group))
         block_n = 64 if hd <= 128 else 32
         max_ctx = block_tables.shape[1] * block_size
-        splits = _num_splits(nd, hkv, max_ctx, q.device)
+        splits = 1 if stream else _num_splits(nd, hkv, max_ctx, q.device)
         split_len = -(-max_ctx // (splits * block_n)) * block_n
         part_o = part_ml = out
         if splits > 1:
             part_o = torch.empty((splits, nd, h, hd), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((splits, nd, h, 2), dtype=torch.float32, device=q.device)
         _paged_attention_kernel[(nd, hkv, splits)](
-            q, k_pool, v_pool, out, block_tables, row_seq, ctx_lens, row_seq, nd, part_o, part_ml, scale,
-            *strides, split_len, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n, DECODE=True, SPLIT=splits > 1,
-            num_warps=4, num_stages=2, **common)
+            q, q_sink, k_pool, v_pool, out, block_tables, row_seq, ctx_lens, row_seq, nd, part_o, part_ml, scale,
+            *args, split_len, sinks, window, BLOCK_M=block_m, BLOCK_Q=1, BLOCK_N=block_n, DECODE=True,
+            SPLIT=splits > 1, num_warps=4, num_stages=2, **common)
         if splits > 1:
             _merge_splits(part_o, part_ml, out[:nd])
     if nd < t:
@@ -255,7 +283,7 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
             raise ValueError("prompt-chunk rows need their query tiles (query_tiles)")
         launch = prefill_launch(hd, ieee)
         _paged_attention_kernel[(tiles.num_tiles, hkv, 1)](
-            q, k_pool, v_pool, out, block_tables, row_seq, ctx_lens, tiles.meta, tiles.num_tiles, out, out, scale,
-            *strides, 1 << 30, BLOCK_M=tiles.block_m, BLOCK_Q=tiles.block_q, DECODE=False, SPLIT=False,
-            **launch, **common)
+            q, q_sink, k_pool, v_pool, out, block_tables, row_seq, ctx_lens, tiles.meta, tiles.num_tiles, out, out,
+            scale, *args, 1 << 30, sinks, window, BLOCK_M=tiles.block_m, BLOCK_Q=tiles.block_q, DECODE=False,
+            SPLIT=False, **launch, **common)
     return out

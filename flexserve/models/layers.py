@@ -68,7 +68,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -95,7 +95,7 @@ def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,
     k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
     if rope is not None:
-        q, k = _rotate(q, *rope), _rotate(k, *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
 
 

@@ -94,7 +94,7 @@ class Scheduler:
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already queued")
         bm = self.block_manager
-        if bm.num_blocks_for(req.max_total_tokens) > bm.num_gpu_blocks:
+        if bm.max_blocks_held(req.max_total_tokens, self.config.prefill_chunk_size) > bm.num_gpu_blocks:
             raise RequestTooLargeError(
                 f"request {req.request_id!r} needs {req.max_total_tokens} KV slots, the GPU pool holds "
                 f"{bm.num_gpu_blocks * bm.block_size}")
@@ -333,6 +333,7 @@ class Scheduler:
             if rid not in self._requests:  # aborted during the step
                 continue
             req.num_computed_tokens += seq.num_tokens
+            self.block_manager.release_outside_window(rid, req.num_computed_tokens)
             req.num_steps += 1
             req.time_scheduled_s += step_time_s
             req.last_scheduled_time = now

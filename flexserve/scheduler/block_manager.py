@@ -4,6 +4,10 @@ Only ids move here; the engine owns the real block pools (a GPU pool and a pinne
 these ids) and performs the copies that `swap_out` / `swap_in` return. A request's blocks live wholly on one
 tier: its GPU block table while it can run, its host table while it is swapped out.
 
+With a sliding window (StreamingLLM: `sinks` first tokens plus the last `window`), blocks whose tokens no later
+query can see are released as a sequence grows: its table keeps their places as `HOLE`, so the table still maps
+positions to blocks and its length still counts the tokens it covers, and swaps copy only the blocks it holds.
+
 Copy ordering (see docs/SCHEDULER.md): GPU blocks released by `swap_out` can be handed out again in the same
 step, because the engine finishes swap-out copies before swap-in copies and compute. The reverse hazard, a
 host block released by `swap_in` being reused by a later `swap_out` of the same step, would overwrite data
@@ -15,6 +19,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+
+
+HOLE = -1  # a table entry whose block was released (outside the sliding window)
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -51,14 +58,20 @@ class BlockManager:
     """Fixed-size KV blocks on two tiers, a block table per request, and admission by free blocks.
 
     `watermark` is the fraction of GPU blocks that admitting a *new* request must leave free, so that jobs
-    already running can still grow by a block without an immediate preemption.
+    already running can still grow by a block without an immediate preemption. `window` > 0 keeps only the
+    `sinks` first and `window` last tokens of each sequence (see the module docstring).
     """
 
-    def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, watermark: float = 0.01):
+    def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, watermark: float = 0.01,
+                 sinks: int = 0, window: int = 0):
         if num_gpu_blocks < 1 or num_cpu_blocks < 0 or block_size < 1:
             raise ConfigError("need num_gpu_blocks >= 1, num_cpu_blocks >= 0 and block_size >= 1")
         if not 0.0 <= watermark < 1.0:
             raise ConfigError(f"watermark is a fraction in [0, 1), got {watermark}")
+        if sinks < 0 or window < 0 or (sinks and not window):
+            raise ConfigError(f"attention sinks need a sliding window; got sinks={sinks}, window={window}")
+        self.sinks = sinks
+        self.window = window
         self.num_gpu_blocks = num_gpu_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
@@ -94,10 +107,18 @@ class BlockManager:
         return list(self._cpu_tables.get(request_id, ()))
 
     def num_gpu_blocks_of(self, request_id: str) -> int:
-        return len(self._gpu_tables.get(request_id, ()))
+        return _num_held(self._gpu_tables.get(request_id, ()), self.window)
 
     def num_cpu_blocks_of(self, request_id: str) -> int:
-        return len(self._cpu_tables.get(request_id, ()))
+        return _num_held(self._cpu_tables.get(request_id, ()), self.window)
+
+    def max_blocks_held(self, num_tokens: int, chunk: int) -> int:
+        """Most blocks a sequence of `num_tokens` tokens holds at once when it grows by up to `chunk` tokens a
+        step: all of them, or with a window the sinks' blocks plus those the window and one chunk span."""
+        full = self.num_blocks_for(num_tokens)
+        if not self.window:
+            return full
+        return min(full, self.num_blocks_for(self.sinks) + self.num_blocks_for(self.window + chunk) + 1)
 
     def is_swapped(self, request_id: str) -> bool:
         return request_id in self._cpu_tables
@@ -130,8 +151,24 @@ class BlockManager:
 
     def free(self, request_id: str) -> None:
         """Release every block of the request, wherever it is (finish, abort, or drop for recomputation)."""
-        self._free_gpu.extend(self._gpu_tables.pop(request_id, ()))
-        self._free_cpu.extend(self._cpu_tables.pop(request_id, ()))
+        self._free_gpu.extend(b for b in self._gpu_tables.pop(request_id, ()) if b != HOLE)
+        self._free_cpu.extend(b for b in self._cpu_tables.pop(request_id, ()) if b != HOLE)
+
+    def release_outside_window(self, request_id: str, num_computed_tokens: int) -> int:
+        """With a window: release the GPU blocks no later query of the request can see (past the sinks,
+        before `num_computed_tokens - window + 1`). Returns how many were released."""
+        table = self._gpu_tables.get(request_id)
+        if not self.window or table is None:
+            return 0
+        first = self.num_blocks_for(self.sinks)
+        last = min(len(table), max(0, num_computed_tokens - self.window + 1) // self.block_size)
+        released = 0
+        for i in range(first, last):
+            if table[i] != HOLE:
+                self._free_gpu.append(table[i])
+                table[i] = HOLE
+                released += 1
+        return released
 
     # --- swapping --------------------------------------------------------------------------------------
     def can_swap_out(self, request_id: str) -> bool:
@@ -143,28 +180,35 @@ class BlockManager:
     def swap_out(self, request_id: str) -> list[tuple[int, int]]:
         """Move the request's table to host blocks; returns the (gpu_block, cpu_block) copies to perform."""
         gpu_table = self._gpu_tables.pop(request_id, [])
-        if len(gpu_table) > self.num_free_cpu_blocks:
+        held = _num_held(gpu_table, self.window)
+        if held > self.num_free_cpu_blocks:
             self._gpu_tables[request_id] = gpu_table
-            raise NoFreeBlocksError(f"request {request_id!r} needs {len(gpu_table)} host blocks, "
+            raise NoFreeBlocksError(f"request {request_id!r} needs {held} host blocks, "
                                     f"{self.num_free_cpu_blocks} free")
-        cpu_table = [self._free_cpu.popleft() for _ in gpu_table]
+        cpu_table = [HOLE if b == HOLE else self._free_cpu.popleft() for b in gpu_table]
         self._cpu_tables[request_id] = cpu_table
-        self._free_gpu.extend(gpu_table)
-        return list(zip(gpu_table, cpu_table))
+        self._free_gpu.extend(b for b in gpu_table if b != HOLE)
+        return [(g, c) for g, c in zip(gpu_table, cpu_table) if g != HOLE]
 
     def swap_in(self, request_id: str) -> list[tuple[int, int]]:
         """Move the request's table back to GPU blocks; returns the (cpu_block, gpu_block) copies to perform."""
         cpu_table = self._cpu_tables.pop(request_id, [])
-        if len(cpu_table) > self.num_free_gpu_blocks:
+        held = _num_held(cpu_table, self.window)
+        if held > self.num_free_gpu_blocks:
             self._cpu_tables[request_id] = cpu_table
-            raise NoFreeBlocksError(f"request {request_id!r} needs {len(cpu_table)} GPU blocks, "
+            raise NoFreeBlocksError(f"request {request_id!r} needs {held} GPU blocks, "
                                     f"{self.num_free_gpu_blocks} free")
-        gpu_table = [self._free_gpu.popleft() for _ in cpu_table]
+        gpu_table = [HOLE if b == HOLE else self._free_gpu.popleft() for b in cpu_table]
         self._gpu_tables[request_id] = gpu_table
-        self._cpu_released_this_step.extend(cpu_table)
-        return list(zip(cpu_table, gpu_table))
+        self._cpu_released_this_step.extend(b for b in cpu_table if b != HOLE)
+        return [(c, g) for c, g in zip(cpu_table, gpu_table) if c != HOLE]
 
     def begin_step(self) -> None:
         """Return host blocks read by the previous step's swap-ins to the free list (their copies are done)."""
         self._free_cpu.extend(self._cpu_released_this_step)
         self._cpu_released_this_step.clear()
+
+
+def _num_held(table, window: int) -> int:
+    """Blocks a table really holds: its length, less its holes (only a windowed table has any)."""
+    return len(table) - (table.count(HOLE) if window else 0)

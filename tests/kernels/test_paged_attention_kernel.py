@@ -91,3 +91,29 @@ def test_kernel_equals_gather_path(spec, dtype, heads, kv_heads, hd, block):
     want = _gather_attend(pool, batch, q)[0].view(t, heads, hd)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs CUDA")
+@pytest.mark.parametrize("sinks, window", [(4, 256), (0, 100), (16, 2048)])
+@pytest.mark.parametrize("dtype, heads, kv_heads, hd", [(torch.bfloat16, 32, 8, 128), (torch.float32, 8, 8, 64)])
+def test_streaming_kernel_equals_portable_path(sinks, window, dtype, heads, kv_heads, hd):
+    from flexserve.engine.paged_batch import StreamingWindow, _window_attend, paged_attend
+
+    dev, block = torch.device("cuda"), 16
+    torch.manual_seed(4)
+    num_blocks = 2048
+    seqs = _long_scenario(block, num_blocks, MIXED, seed=5)
+    for s in seqs:  # blocks the window released: the kernel must never read them
+        for b in range(-(-sinks // block), max(0, s.start - window + 1) // block):
+            s.block_table[b] = -1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    batch = PagedBatch.build(seqs, block, dev, streaming=StreamingWindow(sinks, window), inv_freq=inv_freq)
+    pool = torch.randn(2, num_blocks * block, kv_heads, hd, device=dev, dtype=dtype)
+    t = batch.slots.numel()
+    q = torch.randn(1, t, heads, hd, device=dev, dtype=dtype)
+    k, v = torch.randn(1, t, kv_heads, hd, device=dev, dtype=dtype), torch.randn(1, t, kv_heads, hd,
+                                                                                 device=dev, dtype=dtype)
+    got = paged_attend(pool, batch)(q, k, v)[0].view(t, heads, hd)
+    want = _window_attend(pool, batch, q)[0].view(t, heads, hd)
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
