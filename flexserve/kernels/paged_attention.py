@@ -127,7 +127,9 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
-    @triton.jit
+    # Runtime sizes must not specialise the kernel: Triton compiles a variant per "divisible by 16 / equal to 1"
+    # pattern of each integer argument, and a new variant in the middle of serving stalls a step for a second.
+    @triton.jit(do_not_specialize=["num_tiles", "split_len", "sinks", "window"])
     def _paged_attention_kernel(Q, QSink, K, V, O, Tables, RowSeq, CtxLens, Tiles, num_tiles, PartO, PartML,
                                 qk_scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_ot,
                                 stride_oh, split_len, sinks, window,
