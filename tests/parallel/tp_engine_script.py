@@ -9,13 +9,14 @@ import sys
 
 from flexserve import SamplingParams
 from flexserve.engine.serving import AsyncEngine, EngineConfig
+from flexserve.parallel.serving import ServingGroup
 
 folder, scheduler, gpu_blocks, prompts, lengths = sys.argv[1], sys.argv[2], int(sys.argv[3]), *json.loads(sys.argv[4])
 tp, pp = (int(v) for v in sys.argv[5].split("x")) if len(sys.argv) > 5 else (2, 1)
 engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", scheduler=scheduler, tensor_parallel=tp,
                                   pipeline_parallel=pp,
                                   num_gpu_blocks=gpu_blocks, num_cpu_blocks=400, block_size=8, max_num_seqs=6,
-                                  prefill_chunk_size=16, max_num_batched_tokens=64))
+                                  prefill_chunk_size=16, max_num_batched_tokens=64, join_group=ServingGroup.join))
 if not engine.tp.is_driver:
     from flexserve.parallel.serving import exit_worker
 
