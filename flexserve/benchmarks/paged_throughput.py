@@ -15,8 +15,11 @@ import time
 import psutil
 import torch
 
+from ..offload.policy import Policy
+from .settings import ThroughputSettings
 
-def run_paged_throughput(args, policy) -> int:
+
+def run_paged_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
     from ..engine.sampling import SamplingParams
     from ..engine.serving import AsyncEngine, EngineConfig
     from .throughput import print_result

@@ -12,19 +12,8 @@ import time
 import psutil
 import torch
 
-
-def add_throughput_arguments(p) -> None:
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--h2d-gbps", type=float, default=None,
-                   help="host-to-GPU bandwidth for the bound (default: measured now with pinned memory, "
-                        "as `flexserve calibrate` does)")
-    p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth for the bound")
-    p.add_argument("--json", action="store_true", help="print one JSON line at the end")
-    p.add_argument("--profile", default=None, help="write a torch.profiler trace of 2 decode steps to this file")
-    p.add_argument("--engine", choices=["offload", "paged"], default="offload",
-                   help="offload: the zig-zag offloading executor (default); paged: the serving engine (paged "
-                        "KV cache, CUDA-graph decode), for resident or weights-only-offloaded models")
+from ..offload.policy import Policy
+from .settings import ThroughputSettings
 
 
 def _sync(device: torch.device) -> None:
@@ -60,16 +49,15 @@ def print_result(result: dict, as_json: bool) -> None:
         print("FLEXSERVE_RESULT " + json.dumps(result))
 
 
-def run_throughput(args) -> int:
+def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
+    """Run the benchmark under `policy` (None: resident, automatic block) and print its figures."""
     from tqdm import tqdm
 
-    from ..cli import policy_from_args
     from ..engine.llm import LLM
     from ..weights import open_source
 
     model = args.model or "dummy:opt-125m"
     config = open_source(model).config
-    policy = policy_from_args(args, config, args.prompt_len, args.gen_len)
     if getattr(args, "engine", "offload") == "paged":
         from .paged_throughput import run_paged_throughput
 

@@ -4,7 +4,8 @@
     est = estimate(preset("opt-30b"), policy, hw, prompt_len=512, gen_len=32)
     plan = search(preset("opt-175b"), hw, 512, 32)       # plan.policy, plan.estimate, plan.explanation
 
-`auto_policy` is what `--policy auto` calls; `flexserve.planner.cli` holds the `plan`/`calibrate` CLI hooks.
+`auto_policy` is what `--policy auto` calls; `report` formats what `flexserve plan` and `flexserve calibrate`
+print.
 """
 from .cost_model import CostModel, Estimate, build, compare, estimate, evaluate
 from .hardware import (Hardware, default_profile_path, format_size, load_hardware, parse_size, profile,

@@ -1,4 +1,4 @@
-"""The FastAPI app (`build_app`) and `flexserve serve` (`run_server`).
+"""The FastAPI app (`build_app`) and the server behind `flexserve serve` (`run_server`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (all behind `--api-key` when set),
 GET /health and GET /metrics (always open, for load balancers and Prometheus). The app owns the engine's
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -24,11 +25,27 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from .args import scheduler_options
 from .completions import serve_request
 from .errors import APIError, from_exception, from_validation_error, install_handlers
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest
+
+if TYPE_CHECKING:
+    from ..engine.serving import EngineConfig
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How `run_server` serves: where it listens, who may call it, how it drains on shutdown."""
+
+    host: str = "127.0.0.1"  # this machine only, unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # None: FLEXSERVE_API_KEY if set, else an open server
+    served_model_name: str | None = None  # None: the model's own name
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after Ctrl-C
+    log_level: str = "info"
+    engine_process: bool | None = None  # None: a child process on a GPU, this one on a CPU (`make_engine`)
+
 
 class AppState:
     """What every handler needs: the engine, the served name, the key, the metrics."""
@@ -142,28 +159,6 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
     return app
 
 
-def engine_config_from_args(args):
-    """`EngineConfig` from parsed flags: every flag named like a field sets it; the placement flags set
-    `policy`. Flags left at None keep the field's default."""
-    from ..engine.serving import EngineConfig
-
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    kw = {n: getattr(args, n) for n in names - {"policy"} if getattr(args, n, None) is not None}
-    options = scheduler_options(args)
-    if options:
-        kw["scheduler_options"] = {**kw.get("scheduler_options", {}), **options}
-    if "policy" in names and hasattr(args, "percent"):
-        from ..cli import policy_from_args
-
-        config = None
-        if getattr(args, "policy", None) == "auto":
-            from ..weights import open_source
-
-            config = open_source(args.model).config
-        kw["policy"] = policy_from_args(args, config)
-    return EngineConfig(**kw)
-
-
 class QuietServer(uvicorn.Server):
     """uvicorn's server, except that a Ctrl-C (or SIGTERM) that led to a clean drain is not re-raised once the
     server stops, so `flexserve serve` exits 0. A second Ctrl-C still forces the exit."""
@@ -181,29 +176,30 @@ class QuietServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_server(args) -> int:
-    """`flexserve serve`: load the model, serve until Ctrl-C, drain in-flight requests, exit 0."""
+def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -> int:
+    """Load the model, serve until Ctrl-C, drain in-flight requests; the exit status (0 after a clean drain)."""
     from ..engine.remote import make_engine
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    api_key = args.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
-    engine = make_engine(engine_config_from_args(args), getattr(args, "engine_process", None))
+    logging.basicConfig(level=getattr(logging, options.log_level.upper()),
+                        format="%(levelname)s %(name)s: %(message)s")
+    api_key = options.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
+    engine = make_engine(config, options.engine_process)
     if engine.tp is not None and not engine.tp.is_driver:  # torchrun rank > 0: follow rank 0's steps
         from ..parallel.serving import exit_worker
 
         engine.run_worker()
         exit_worker(0)
-    app = build_app(engine, api_key, args.served_model_name, drain_timeout=args.drain_timeout)
+    app = build_app(engine, api_key, options.served_model_name, drain_timeout=options.drain_timeout)
     name = app.state.flexserve.model_name
-    print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{args.host}:{args.port}/v1"
+    print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{options.host}:{options.port}/v1"
           f"{' (API key required)' if api_key else ''}; Ctrl-C drains and stops", flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            timeout_graceful_shutdown=args.drain_timeout)
+    uv_config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                               lifespan="on", timeout_graceful_shutdown=options.drain_timeout)
     try:
-        server = QuietServer(config)
+        server = QuietServer(uv_config)
         server.run()
         if not server.started:  # uvicorn could not bind (bad host, port in use) and returned quietly
-            print(f"flexserve: error: could not serve on {args.host}:{args.port} (see the log above)",
+            print(f"flexserve: error: could not serve on {options.host}:{options.port} (see the log above)",
                   file=sys.stderr)
             return 1
     except SystemExit as e:  # uvicorn exits 1 when it cannot bind or start

@@ -7,9 +7,9 @@ import pytest
 
 from flexserve.config import preset
 from flexserve.errors import ModelLoadError, PolicyError
-from flexserve.planner.cli import (add_calibrate_arguments, add_plan_arguments, resolve_model_config,
-                                   run_calibrate, run_plan)
+from flexserve.cli.plan import add_calibrate_arguments, add_plan_arguments, run_calibrate, run_plan
 from flexserve.planner.hardware import load_hardware
+from flexserve.planner.shapes import resolve_model_config
 
 
 def plan_args(*argv: str) -> argparse.Namespace:

@@ -125,7 +125,7 @@ def test_plan_cli_prints_the_placed_line(capsys):
 def test_weight_placement_flag_round_trips_and_bad_values_are_refused():
     import argparse
 
-    from flexserve.cli import add_policy_arguments, policy_from_args
+    from flexserve.cli.common import add_policy_arguments, policy_from_args
     from flexserve.errors import PolicyError
 
     p = argparse.ArgumentParser()

@@ -35,13 +35,14 @@ def test_skip_join_mlfq_meets_all_three_targets_where_kv_memory_is_scarce():
     # bench/RESULTS.md 4b measures on the GPU (`bench/device_s7.sh`).
     import argparse
 
-    from flexserve.benchmarks.serve import add_serve_bench_arguments, load_trace
+    from flexserve.benchmarks.serve import load_trace
+    from flexserve.cli.bench import add_serve_bench_arguments, trace_settings
 
     p = argparse.ArgumentParser()
     add_serve_bench_arguments(p)
     args = p.parse_args("--simulate --trace gamma --cv 3 --rate 8 --num-requests 3000 --prompt-len 256 "
                         "--output-dist pareto --output-len 16".split())
-    trace = load_trace(args, 3072)
+    trace = load_trace(trace_settings(args), 3072)
     config = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=2048, prefill_chunk_size=512,
                              max_queue_len=len(trace))
     assert config.num_levels == 4
@@ -146,13 +147,17 @@ def test_host_time_per_sequence_slows_the_simulated_engine():
 
 
 def test_bench_serve_overhead_flags_reach_the_cost_model():
-    import argparse
-
     from flexserve.benchmarks.serve import sim_cost
+    from flexserve.cli import build_parser
+    from flexserve.cli.bench import serve_bench_settings
 
-    cost = sim_cost(argparse.Namespace(sim_step_overhead_ms=2.5, sim_seq_overhead_us=350.0))
+    def cost_of(*flags: str) -> LinearCostModel:
+        bench = serve_bench_settings(build_parser().parse_args(["bench", "serve", "--simulate", *flags]))
+        return sim_cost(bench.sim_step_overhead_ms, bench.sim_seq_overhead_us)
+
+    cost = cost_of("--sim-step-overhead-ms", "2.5", "--sim-seq-overhead-us", "350")
     assert cost.step_overhead_s == pytest.approx(2.5e-3) and cost.s_per_seq == pytest.approx(350e-6)
-    assert sim_cost(argparse.Namespace(sim_step_overhead_ms=None, sim_seq_overhead_us=None)) == LinearCostModel()
+    assert cost_of() == LinearCostModel()
 
 
 def test_srpt_bounds_the_mean_jct_and_the_tail_guard_trades_mean_for_p99():
@@ -170,7 +175,7 @@ def test_srpt_bounds_the_mean_jct_and_the_tail_guard_trades_mean_for_p99():
 
 def test_scheduler_flags_reach_the_engine_and_the_simulator():
     from flexserve.cli import build_parser
-    from flexserve.server.app import engine_config_from_args
+    from flexserve.cli.serve import engine_config_from_args
 
     args = build_parser().parse_args(["serve", "--model", "dummy:opt-125m", "--tail-guard-s", "4",
                                       "--tail-guard-seats", "2", "--scheduler", "srpt", "--num-levels", "6",

@@ -95,15 +95,17 @@ def test_bench_serve_url_against_running_server(capsys, tiny_model):
 def test_heavy_tailed_output_lengths_for_synthetic_traces():
     import argparse
 
-    from flexserve.benchmarks.serve import add_serve_bench_arguments, load_trace
+    from flexserve.benchmarks.serve import load_trace
+    from flexserve.cli.bench import add_serve_bench_arguments, trace_settings
 
     p = argparse.ArgumentParser()
     add_serve_bench_arguments(p)
     base = ["--simulate", "--trace", "gamma", "--rate", "10", "--num-requests", "4000", "--output-len", "16"]
-    light = [r.output_len for r in load_trace(p.parse_args(base), None)]
-    heavy = [r.output_len for r in load_trace(p.parse_args(base + ["--output-dist", "pareto"]), None)]
-    clipped = [r.output_len for r in load_trace(p.parse_args(base + ["--output-dist", "pareto",
-                                                                     "--max-output-len", "300"]), None)]
+    light = [r.output_len for r in load_trace(trace_settings(p.parse_args(base)), None)]
+    heavy = [r.output_len for r in load_trace(trace_settings(p.parse_args(base + ["--output-dist", "pareto"])), None)]
+    clipped = [r.output_len for r in load_trace(trace_settings(p.parse_args(base + ["--output-dist", "pareto",
+                                                                                    "--max-output-len", "300"])),
+                                                None)]
     assert min(heavy) >= 16 and max(heavy) <= 2048 and max(clipped) == 300
     # Pareto(1.2) above a 16-token minimum: the longest jobs are ~100x the median, log-normal's only ~15x
     assert max(heavy) / sorted(heavy)[2000] > 50 > max(light) / sorted(light)[2000]

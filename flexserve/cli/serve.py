@@ -1,4 +1,4 @@
-"""Flags of `flexserve serve` beyond the model and placement flags that cli.py adds.
+"""`flexserve serve`: the HTTP server's flags and the engine flags it shares with `flexserve bench serve`.
 
 Engine flags default to None, meaning "the `EngineConfig` default": the defaults live in one place, and a flag
 maps to the `EngineConfig` field of the same name.
@@ -6,8 +6,10 @@ maps to the `EngineConfig` field of the same name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free
+from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free: the parser loads no model code
+from .common import add_model_arguments, add_policy_arguments, policy_for_model
 
 # The flags below that set `SchedulerConfig` fields of the same name.
 SCHEDULER_FLAGS = ("num_levels", "base_quantum_s", "quantum_ratio", "starvation_threshold_s",
@@ -80,3 +82,40 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="on Ctrl-C, seconds to let in-flight requests finish before cancelling them")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_arguments(p)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_model_arguments(s)
+    add_policy_arguments(s)
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    """`EngineConfig` from parsed flags: every flag named like a field sets it; the placement flags (where the
+    verb has them) set `policy`; -tp/-pp above 1 join the torchrun group. Flags left at None keep the field's
+    default."""
+    from ..engine.serving import EngineConfig
+
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    kw = {n: getattr(args, n) for n in names - {"policy"} if getattr(args, n, None) is not None}
+    options = scheduler_options(args)
+    if options:
+        kw["scheduler_options"] = {**kw.get("scheduler_options", {}), **options}
+    if "policy" in names and hasattr(args, "percent"):
+        kw["policy"] = policy_for_model(args, args.model)
+    if kw.get("tensor_parallel", 1) > 1 or kw.get("pipeline_parallel", 1) > 1:  # under torchrun
+        from ..parallel.serving import ServingGroup
+
+        kw["join_group"] = ServingGroup.join
+    return EngineConfig(**kw)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..server.app import ServerOptions, run_server
+
+    options = ServerOptions(host=args.host, port=args.port, api_key=args.api_key,
+                            served_model_name=args.served_model_name, drain_timeout=args.drain_timeout,
+                            log_level=args.log_level, engine_process=args.engine_process)
+    return run_server(engine_config_from_args(args), options)

@@ -1,0 +1,74 @@
+"""Flag groups that several verbs share (the model, FlexGen's placement flags) and what they turn into."""
+from __future__ import annotations
+
+import argparse
+
+from ..config import ModelConfig
+from ..errors import PolicyError
+from ..offload.policy import WEIGHT_PLACEMENTS, Policy
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF folder, .gguf file or dummy:PRESET (default: SmolLM2-135M)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement policy (FlexGen's flags)")
+    g.add_argument("--percent", nargs=6, type=float, metavar=("W_GPU", "W_CPU", "C_GPU", "C_CPU", "A_GPU", "A_CPU"),
+                   help="percent of weights, KV cache, activations on GPU and CPU; the rest goes to disk")
+    g.add_argument("--policy", choices=["auto"], help="auto: let the planner pick the policy")
+    g.add_argument("--gpu-batch-size", type=int, default=None)
+    g.add_argument("--num-gpu-batches", type=int, default=1)
+    g.add_argument("--cpu-cache-compute", action="store_true", help="attention on the CPU where the cache is")
+    g.add_argument("--cpu-attention-dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="dtype of the host cache that CPU attention reads (default: the model's)")
+    g.add_argument("--weight-placement", choices=WEIGHT_PLACEMENTS, default=None,
+                   help="how whole tensors meet the weight percentages: FlexGen's rule (default) or flexserve's "
+                        "earlier largest-first rule (to reproduce runs made with it)")
+    g.add_argument("--no-overlap", action="store_true", help="run loads, stores and compute in sequence")
+    g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weight compression")
+    g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache compression")
+    g.add_argument("--offload-dir", default=None, help="folder for the disk tier")
+    g.add_argument("--gpu-mem", default=None, help="memory cap for --policy auto, e.g. 16GiB")
+    g.add_argument("--cpu-mem", default=None)
+    g.add_argument("--disk", default=None)
+
+
+def model_config(model: str | None) -> ModelConfig:
+    """The config of a model string (reads the config and tensor index, not the weights)."""
+    from ..weights import open_source
+
+    return open_source(model).config
+
+
+def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None, prompt_len: int = 512,
+                     gen_len: int = 32) -> Policy | None:
+    """The `Policy` the flags describe, or None (fully resident, automatic batch) when none were given.
+    `--policy auto` asks the planner for one, which needs the model's `config`."""
+    if getattr(args, "policy", None) == "auto":
+        from ..planner import auto_policy
+
+        if args.percent is not None:
+            raise PolicyError("give either --policy auto or --percent, not both")
+        return auto_policy(config, prompt_len, gen_len, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+                           disk=args.disk)
+    placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
+                       args.compress_weight or None, args.compress_cache or None,
+                       args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype,
+                       args.weight_placement)
+    if all(f is None for f in placement_flags):
+        return None
+    kw = dict(gpu_batch_size=args.gpu_batch_size or 1, num_gpu_batches=args.num_gpu_batches,
+              overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
+              compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+              cpu_attention_dtype=args.cpu_attention_dtype, weight_placement=args.weight_placement or "flexgen")
+    return Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), **kw)
+
+
+def policy_for_model(args: argparse.Namespace, model: str | None, prompt_len: int = 512,
+                     gen_len: int = 32) -> Policy | None:
+    """`policy_from_args`, reading the model's config only when `--policy auto` needs it."""
+    config = model_config(model) if getattr(args, "policy", None) == "auto" else None
+    return policy_from_args(args, config, prompt_len, gen_len)

@@ -1,0 +1,114 @@
+"""What `flexserve plan` and `flexserve calibrate` print: a plan or a hardware profile, as text or as JSON.
+
+Kept apart from the search so that the numbers a user reads come from one place, whichever front end asks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from .cost_model import placed_point
+from .hardware import Hardware, format_size
+from .parallel import ParallelEstimate
+from .search import Plan, describe_policy
+from .shapes import DTYPE_BYTES
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a plan was made for, as the report names it."""
+
+    model: str | None  # the model string given (the report prefers the config's own name)
+    dtype: str
+    prompt_len: int
+    gen_len: int
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def plan_to_dict(plan: Plan, config: ModelConfig, work: Workload) -> dict:
+    e, hw, p = plan.estimate, plan.hardware, plan.policy
+    return {
+        "model": config.name, "hardware": hw.name, "dtype": work.dtype,
+        "prompt_len": work.prompt_len, "gen_len": work.gen_len,
+        "policy": dataclasses.asdict(p), "percent": list(p.percent), "flags": p.percent_flags(),
+        "block_size": p.block_size,
+        "prefill_tok_s": e.prefill_tok_s, "decode_tok_s": e.decode_tok_s, "total_tok_s": e.total_tok_s,
+        "prefill_s": e.prefill_s, "decode_s_per_step": e.decode_s_per_step, "total_s": e.total_s,
+        "peak_bytes": e.peak_bytes, "limits": hw.limits(),
+        "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
+        "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
+        "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
+        "placed": {"shares": list(placed_point(config, p)), "decode_tok_s": e.decode_tok_s,
+                   "total_tok_s": e.total_tok_s, "peak_bytes": e.peak_bytes, "overflows": e.overflows(hw)},
+    }
+
+
+def parallel_to_dict(par: ParallelEstimate) -> dict:
+    return {"tp": par.tp, "pp": par.pp, "micro_batches": par.micro_batches, "prefill_tok_s": par.prefill_tok_s,
+            "decode_tok_s": par.decode_tok_s, "total_tok_s": par.total_tok_s, "comm_decode_s": par.comm_decode_s,
+            "comm_prefill_s": par.comm_prefill_s, "comm_fraction": par.comm_fraction}
+
+
+def _placed_line(plan: Plan, config: ModelConfig) -> str:
+    """The realised shares of the plan's policy; its estimate is already the policy as placed (`search`)."""
+    x = placed_point(config, plan.policy)
+    e = plan.estimate
+    over = e.overflows(plan.hardware)
+    return (f"weights {x[0]:.0%} GPU / {x[1]:.0%} CPU / {1 - x[0] - x[1]:.0%} disk (whole tensors): decode "
+            f"{e.decode_tok_s:,.2f} tok/s, total {e.total_tok_s:,.2f} tok/s; "
+            + ("fits" if not over else "does NOT fit: " + "; ".join(over) + " (lower that tier's size and plan again)"))
+
+
+def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
+    e, hw, p = plan.estimate, plan.hardware, plan.policy
+    nbytes = config.num_params() * DTYPE_BYTES[work.dtype]
+    mem = ", ".join(f"{t.upper()} {format_size(e.peak_bytes[t])} of {format_size(lim)}"
+                    for t, lim in hw.limits().items())
+    if hw.host_reserve:
+        mem += f" (CPU: {hw.host_reserve:.0%} of {format_size(hw.cpu_mem)} left to the system)"
+    rows = [
+        ("model", f"{config.name or work.model} ({config.num_params() / 1e9:.1f}B params, {format_size(nbytes)} "
+                  f"of {work.dtype} weights) on the '{hw.name}' profile"),
+        ("workload", f"prompt {work.prompt_len} + {work.gen_len} generated tokens per sequence, block "
+                     f"{p.gpu_batch_size}x{p.num_gpu_batches} = {p.block_size} sequences"),
+        ("policy", describe_policy(p) + ("; CPU attention" if p.cpu_cache_compute else "")),
+        ("flags", p.percent_flags()),
+        ("predicted", f"prefill {e.prefill_tok_s:,.1f} tok/s, decode {e.decode_tok_s:,.2f} tok/s, "
+                      f"total {e.total_tok_s:,.2f} tok/s ({format_seconds(e.prefill_s)} prefill, "
+                      f"{format_seconds(e.decode_s_per_step)} per decode step)"),
+        ("memory", mem),
+        ("as placed", _placed_line(plan, config)),
+        ("bottleneck", f"{e.decode_bottleneck} (decode), {e.prefill_bottleneck} (prefill); overall {e.bottleneck}"),
+        ("search", f"{plan.num_candidates} block shapes, {plan.num_solved} LP/MILP solves, {plan.search_s:.2f} s"),
+    ]
+    return "\n".join(f"{k:<11}{v}" for k, v in rows)
+
+
+def format_parallel(par: ParallelEstimate) -> str:
+    return (f"{'parallel':<11}tp {par.tp} x pp {par.pp} ({par.micro_batches} micro-batches), per rank as above: "
+            f"prefill {par.prefill_tok_s:,.1f} tok/s, decode {par.decode_tok_s:,.2f} tok/s, total "
+            f"{par.total_tok_s:,.2f} tok/s; communication {format_seconds(par.comm_decode_s)} of each "
+            f"{format_seconds(par.decode_s_per_step)} decode step ({par.comm_fraction:.0%})")
+
+
+def format_hardware(hw: Hardware) -> str:
+    gbs = lambda v: f"{v / 1e9:.1f} GB/s"  # noqa: E731
+    tfl = lambda v: f"{v / 1e12:.3g} TFLOP/s"  # noqa: E731
+    rows = [
+        ("profile", hw.name),
+        ("memory", f"GPU {format_size(hw.gpu_mem)}, CPU {format_size(hw.cpu_mem)}, disk {format_size(hw.disk)}"),
+        ("host->gpu", f"pinned {gbs(hw.h2d_pinned_bw)}, pageable {gbs(hw.h2d_pageable_bw)}"),
+        ("gpu->host", f"pinned {gbs(hw.d2h_pinned_bw)}, pageable {gbs(hw.d2h_pageable_bw)}"),
+        ("disk", f"read {gbs(hw.disk_read_bw)}, write {gbs(hw.disk_write_bw)}"),
+        ("gpu matmul", f"fp16 {tfl(hw.gpu_flops_fp16)}, bf16 {tfl(hw.gpu_flops_bf16)}, "
+                       f"fp32 {tfl(hw.gpu_flops_fp32)}"),
+        ("gpu memory", gbs(hw.gpu_mem_bw)),
+        ("cpu", f"{tfl(hw.cpu_flops)} fp32, memory read {gbs(hw.cpu_mem_bw)}"),
+        ("overhead", f"{hw.layer_overhead_s * 1e6:.0f} us per layer per batch"),
+        ("notes", hw.notes),
+    ]
+    return "\n".join(f"{k:<11}{v}" for k, v in rows)
