@@ -11,16 +11,13 @@ from ..errors import RequestError
 
 
 def token_logprobs(llm, ids: list[int]) -> torch.Tensor:
-    """log p(ids[i] | ids[:i]) for i >= 1, from one prefill over the executor."""
-    ex = llm.executor
-    state = ex.new_block([1], len(ids))
-    x = torch.tensor([ids], dtype=torch.long)
-    try:
-        logits = ex.forward(state, [x], [torch.arange(len(ids))[None]], [None], all_logits=True)[0]
-    finally:
-        ex.release_block(state)
-    lp = logits[0, :-1].float().log_softmax(-1)
-    return lp.gather(1, x[0, 1:, None].to(lp.device))[:, 0].cpu()
+    """log p(ids[i] | ids[:i]) for i >= 1, from one prefill over the executor (as prompt log-probabilities are
+    computed)."""
+    from ..engine.block import prompt_logits
+    from ..engine.generation import position_logprobs
+
+    _, chosen = position_logprobs(prompt_logits(llm.executor, ids), ids)
+    return chosen.cpu()
 
 
 def perplexity(model: str | None, path: str, dtype: str = "auto", device: str | None = None, window: int = 512,

@@ -7,64 +7,19 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import PolicyError, RequestError
+from ..models.loading import open_model
+from ..models.loading import resolve_device, resolve_dtype  # noqa: F401  (scripts import them from here)
 from ..offload.budget import check_fits
 from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..tokenizer import Tokenizer
-from ..weights import DummySource, default_model_path, open_source
-from .block import Sequence, run_block
+from .block import run_block
 from .detokenize import IncrementalText, find_stop
+from .generation import Sequence
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams, fit_prompt, make_generator, stop_token_ids
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_MAX_BATCH = 64
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The compute device, a GPU always with its index: tensors report `cuda:N`, device comparisons and
-    threads that select the device by index need the same."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PolicyError(f"unknown device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PolicyError("--device cuda was asked for but this machine has no usable CUDA GPU")
-    if dev.type not in ("cuda", "cpu"):
-        raise PolicyError(f"device {device!r} is not supported (use cuda or cpu)")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, family: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32  # CPU matmuls in half precision are slow and less exact
-        return torch.float16 if family == "opt" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise PolicyError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def open_model(model: str | None, dtype: str | torch.dtype, device: str | torch.device | None):
-    """Resolve a model string, device and dtype into (path, weight source, device, dtype) for either front end.
-
-    Dummy weights are generated straight in the runtime dtype, on the GPU when there is one."""
-    path = model if model is not None else default_model_path()
-    dev = resolve_device(device)
-    source = open_source(path, dtype=torch.float32, device="cpu")
-    dt = resolve_dtype(dtype, dev, source.config.family)
-    if isinstance(source, DummySource):
-        source.dtype = dt
-        if dev.type == "cuda":
-            source.device = dev
-    return path, source, dev, dt
 
 
 class LLM:
@@ -80,15 +35,16 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
                  offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None):
-        self.model, source, self.device, self.dtype = open_model(model, dtype, device)
-        self.config = source.config
+        opened = open_model(model, dtype, device)
+        self.model, self.device, self.dtype, self.config = opened.path, opened.device, opened.dtype, opened.config
         self.policy = policy
         if policy is not None and policy.uses_disk and not offload_dir:
             raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir")
         self.gpu_limit, self.cpu_limit = gpu_limit, cpu_limit
         check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
                    gpu_limit, cpu_limit)
-        self.executor = OffloadExecutor(source, policy or Policy(), self.device, self.dtype, offload_dir, progress)
+        self.executor = OffloadExecutor(opened.source, policy or Policy(), self.device, self.dtype, offload_dir,
+                                        progress)
         try:
             self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
         except BaseException:
@@ -177,7 +133,7 @@ class LLM:
             check_fits(self.config, policy, self._dtype_bytes(), seq_len, self.device, self.gpu_limit,
                        self.cpu_limit, weights_placed=True)
             run_block(self.executor, block, policy.gpu_batch_size, self._stop_check,
-                      (lambda n, b=len(block): bar.update(n * b)) if bar is not None else None)
+                      (lambda n, b=len(block): bar.update(b if n else 0)) if bar is not None else None)
         if bar is not None:
             bar.close()
 

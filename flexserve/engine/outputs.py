@@ -1,4 +1,4 @@
-"""Result objects of the offline API (vLLM's shapes, which users already know)."""
+"""Result objects: the offline API's (vLLM's shapes, which users already know) and the serving engine's stream."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,3 +24,17 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finished: bool = True
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    """One increment of a served request: the token(s) of a step and the text that became final with them."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    logprobs: list[dict[int, float]] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int

@@ -22,7 +22,10 @@ from typing import AsyncIterator
 
 from ..errors import RequestError
 from .sampling import SamplingParams
-from .serving import EngineConfig, EngineFront, StepOutput, stream_outputs
+from .config import EngineConfig
+from .front import EngineFront
+from .outputs import StepOutput
+from .streaming import stream_outputs
 
 _READY_TIMEOUT_S = 1800  # loading a large model (or pinning its host copy) can take minutes
 
@@ -112,7 +115,7 @@ def make_engine(config: EngineConfig, separate_process: bool | None = None):
     from ..errors import PolicyError
     from .serving import AsyncEngine
 
-    parallel = config.tensor_parallel > 1 or config.pipeline_parallel > 1
+    parallel = config.parallel
     if separate_process and parallel:
         raise PolicyError("--engine-process does not combine with --tensor-parallel/--pipeline-parallel (the "
                           "torchrun ranks hold the engine)")

@@ -59,6 +59,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None = None  # of the chosen token, per row
     top: list[dict[int, float]] | None = None  # top alternatives per row
+    chosen: torch.Tensor | None = None  # [B] int64 token_ids on the logits' device (to broadcast without a copy)
     extra: dict = field(default_factory=dict)
 
 
@@ -99,7 +100,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         picks = (probs / noise).argmax(-1)
         chosen[rows] = picks.to(chosen.device)
     wait_for_device(chosen)
-    result = SampleResult(chosen.tolist())
+    result = SampleResult(chosen.tolist(), chosen=chosen)
     if num_logprobs is not None:
         lp = logits.log_softmax(-1)
         result.logprobs = lp.gather(1, chosen[:, None])[:, 0].tolist()

@@ -66,6 +66,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return attend_over(q, keys, values, mask, causal)
 
 
+def dense_attend(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttnMeta, seq_dim: int = 0):
+    """The attend(q, k, v) callable of `decoder_layer` over one layer's dense cache (see `dense_attention`)."""
+    return lambda q, k, v: dense_attention(q, k, v, k_cache, v_cache, meta, seq_dim)
+
+
 def causal_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor:
     """[1, 1, S, start + S] bool: query i (at position start + i) sees keys 0 .. start + i."""
     q_pos = torch.arange(start, start + num_new, device=device)[:, None]

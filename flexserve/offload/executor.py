@@ -13,6 +13,10 @@ exercises the same placement, staging and ordering logic.
 
 When the cache lives on the CPU and `cpu_cache_compute` is set, decode attention runs on the CPU where the
 cache is: only the new token's q/k/v and the attention output cross PCIe.
+
+The walk over the layers is the shared `flexserve.models.forward`; this module supplies its block schedule
+(`_BlockSchedule`). It is one module, past the usual size, on purpose: the weight slots, the cache slots, the
+two I/O threads and the schedule all order themselves through the same lanes, events and futures.
 """
 from __future__ import annotations
 
@@ -28,9 +32,9 @@ from ..config import ModelConfig
 from ..errors import PolicyError
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers, slot_tier
-from ..models.attention import AttnMeta, dense_attention
-from ..models.layers import (attention_in, attention_out, decoder_layer, embed, lm_head, rope_cos_sin,
-                             rope_inv_freq)
+from ..models.attention import AttnMeta, dense_attend, dense_attention
+from ..models.forward import ALL_POSITIONS, LAST_POSITION, Batch, Decoders, forward
+from ..models.layers import attention_in, attention_out, decoder_layer, embed, rope_inv_freq
 from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
 from .placement import CompressedHandle, PseudoLayer, place_weights
@@ -95,7 +99,6 @@ class BatchState:
     cache_tiers: list[Tier]
     seq_dims: list[int]  # 0: [S, B, H, D] (streamed caches); 2: [B, H, S, D] (caches CPU attention reads)
     meta: AttnMeta | None = None
-    rope: tuple[torch.Tensor, ...] | None = None
     stored: dict[int, _Sync] = field(default_factory=dict)  # layer -> last store of this batch's cache
 
 
@@ -336,30 +339,19 @@ class OffloadExecutor:
         start = state.length
         if start + s > state.max_len:
             raise ValueError(f"block cache holds {state.max_len} tokens; asked for {start + s}")
-        for bs, pos, kv in zip(state.batches, positions, key_valid):
+        batches = []
+        for bs, i, pos, kv in zip(state.batches, ids, positions, key_valid):
             bs.meta = AttnMeta(start, s, kv)
-            if self.inv_freq is not None:
-                bs.rope = rope_cos_sin(self.inv_freq, pos.to(self.device), self.dtype)
-        hidden: list[torch.Tensor] = [None] * len(state.batches)  # type: ignore[list-item]
-        logits: list[torch.Tensor] = []
-        act = _Activations(self, len(state.batches), s)
-        for layer, w in self.stream_layers():
-            if layer.kind == "embed":
-                for k in range(len(state.batches)):
-                    hidden[k] = act.put(k, self.embed_batch(layer, w, ids[k], positions[k]))
-            elif layer.kind == "head":
-                for k in range(len(state.batches)):
-                    x = act.get(k, hidden[k])
-                    logits.append(lm_head(self.cfg, w, x if all_logits else x[:, -1]))
-            else:
-                self._decoder_over_batches(state, layer.index, w, hidden, act, start, s)
+            batches.append(Batch(i, pos.to(self.device)))
+        logits = forward(self, batches, _BlockSchedule(self, state, s), ALL_POSITIONS if all_logits else LAST_POSITION)
         state.length = start + s
         return logits
 
     def stream_layers(self):
         """Yield (pseudo-layer, its weights on the compute device) in order: the next layer's weights are
         already loading while the caller computes with these; the slot is released when the caller moves on.
-        The serving engine runs its paged batches through this same loop, so it streams weights too."""
+        Every forward walks this stream (`flexserve.models.forward`): the block forward here, the serving
+        engine's paged batches and the pipeline stages, so all of them can stream offloaded weights."""
         n = len(self.layers)
         for j, layer in enumerate(self.layers):
             w = self._weights(j)
@@ -375,42 +367,42 @@ class OffloadExecutor:
             rows = layer.offloaded["embed.weight"].data[ids.cpu()].to(self.device, non_blocking=True)
         return embed(self.cfg, w, ids.to(self.device), positions.to(self.device), rows)
 
-    def _decoder_over_batches(self, state: BlockState, li: int, w, hidden, act: "_Activations", start: int,
-                              s: int) -> None:
-        batches = state.batches
-        if all(self._cpu_attends(bs, li, s) for bs in batches):
-            self._cpu_attention_layer(state, li, w, hidden, act)
+    def _decoder_over_batches(self, state: BlockState, li: int, w, hidden: list, batches: list[Batch],
+                              act: "_Activations", s: int) -> None:
+        """Decoder layer li over every GPU batch of the block, loading batch k+1's cache slot while batch k
+        computes and storing the slice batch k wrote behind it."""
+        blocks = state.batches
+        if all(self._cpu_attends(bs, li, s) for bs in blocks):
+            self._cpu_attention_layer(state, li, w, hidden, batches, act)
             return
+        start = state.length
         pending: dict[int, tuple[int, Future]] = {}
 
         def schedule_load(k: int) -> None:
-            if k < len(batches) and self._needs_slot(batches[k], li, s):
-                idx = (li * len(batches) + k) % 2
-                pending[k] = (idx, self.loader.submit(self._load_cache, batches[k], li, idx, start))
+            if k < len(blocks) and self._needs_slot(blocks[k], li, s):
+                idx = (li * len(blocks) + k) % 2
+                pending[k] = (idx, self.loader.submit(self._load_cache, blocks[k], li, idx, start))
 
         schedule_load(0)
-        for k, bs in enumerate(batches):
+        for k, bs in enumerate(blocks):
             schedule_load(k + 1)
             x = act.get(k, hidden[k])
+            rope = batches[k].rope
             if k in pending:
                 idx, fut = pending.pop(k)
                 current_wait(fut.result())
                 slot, _ = self._slot(bs, li, idx)
-                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(slot.k, slot.v, bs.meta, bs.seq_dims[li]))
+                x = decoder_layer(self.cfg, w, x, rope, dense_attend(slot.k, slot.v, bs.meta, bs.seq_dims[li]))
                 ready = current_record(self.device)
                 fut = self.storer.submit(self._store_cache, bs, li, idx, start, start + s, ready)
                 bs.stored[li] = slot.released = _Sync(future=fut)
             elif self._cpu_attends(bs, li, s):
                 self._await_store(bs, li)
-                x = decoder_layer(self.cfg, w, x, bs.rope, self._cpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
+                x = decoder_layer(self.cfg, w, x, rope, self._cpu_attend(bs.k[li].data, bs.v[li].data, bs.meta))
             else:
-                x = decoder_layer(self.cfg, w, x, bs.rope, self._gpu_attend(bs.k[li].data, bs.v[li].data, bs.meta,
-                                                                            bs.seq_dims[li]))
+                x = decoder_layer(self.cfg, w, x, rope, dense_attend(bs.k[li].data, bs.v[li].data, bs.meta,
+                                                                     bs.seq_dims[li]))
             hidden[k] = act.put(k, x)
-
-    @staticmethod
-    def _gpu_attend(kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta, seq_dim: int):
-        return lambda q, k, v: dense_attention(q, k, v, kc, vc, meta, seq_dim)
 
     def _cpu_attend(self, kc: torch.Tensor, vc: torch.Tensor, meta: AttnMeta):
         """FlexGen's CPU attention: the cache stays in host memory, only q/k/v and the output cross PCIe."""
@@ -444,7 +436,8 @@ class OffloadExecutor:
         if event is not None:
             event.synchronize()
 
-    def _cpu_attention_layer(self, state: BlockState, li: int, w, hidden, act: "_Activations") -> None:
+    def _cpu_attention_layer(self, state: BlockState, li: int, w, hidden: list, batches: list[Batch],
+                             act: "_Activations") -> None:
         """A decode layer whose caches all live in host memory, pipelined across the block's batches.
 
         Every batch's q/k/v projection is issued first and copied to pinned memory behind its own event; then
@@ -454,7 +447,7 @@ class OffloadExecutor:
         for k, bs in enumerate(state.batches):
             self._await_store(bs, li)
             xs.append(act.get(k, hidden[k]))
-            ready.append(self._qkv_to_host(str(k), *attention_in(self.cfg, w, xs[k], bs.rope)))
+            ready.append(self._qkv_to_host(str(k), *attention_in(self.cfg, w, xs[k], batches[k].rope)))
         for k, bs in enumerate(state.batches):
             attn = self._attend_on_host(str(k), ready[k], bs.k[li].data, bs.v[li].data, bs.meta)
             hidden[k] = act.put(k, attention_out(self.cfg, w, xs[k], attn))
@@ -480,6 +473,24 @@ class OffloadExecutor:
         self.loader.shutdown(wait=True, cancel_futures=True)
         self.storer.shutdown(wait=True, cancel_futures=True)
         self.tiers.close()
+
+
+class _BlockSchedule(Decoders):
+    """The executor's decoder schedule for one forward over a block (see `_decoder_over_batches`); hidden
+    states wait between layers on the tier the policy names (`_Activations`)."""
+
+    def __init__(self, ex: OffloadExecutor, state: BlockState, num_new: int):
+        self.ex, self.state, self.num_new = ex, state, num_new
+        self.act = _Activations(ex, len(state.batches), num_new)
+
+    def hold(self, k: int, x: torch.Tensor) -> torch.Tensor | None:
+        return self.act.put(k, x)
+
+    def fetch(self, k: int, held: torch.Tensor | None) -> torch.Tensor:
+        return self.act.get(k, held)
+
+    def run(self, index: int, w, hidden: list, batches) -> None:
+        self.ex._decoder_over_batches(self.state, index, w, hidden, batches, self.act, self.num_new)
 
 
 class _Activations:

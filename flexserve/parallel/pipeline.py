@@ -20,17 +20,17 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from ..engine.block import left_pad
+from ..engine.generation import Block, Sequence, generate
+from ..engine.sampling import SamplingParams
 from ..errors import RequestError
-from ..models.attention import AttnMeta, dense_attention
-from ..models.layers import attention_in, attention_out, lm_head, rope_cos_sin
+from ..models.attention import AttnMeta, dense_attend
+from ..models.forward import Batch, EachBatch, Ends, forward
 from ..offload.executor import OffloadExecutor
 from ..offload.placement import EMBED_KEYS
 from ..offload.policy import Policy
 from ..weights import WeightSource, layer_weights
 from .groups import Groups, Layout, stage_bounds
 from .tensor import all_reduce_fn, shard_config, shard_layer
-
 
 
 class StageSource:
@@ -63,28 +63,22 @@ class StageSource:
 
 
 @dataclass
-class MicroBatch:
-    """Sequences that travel the pipeline together, with their caches on this stage."""
+class StageCache:
+    """One micro-batch's dense KV cache on this stage."""
 
-    rows: list[int]  # indices into the caller's prompt list
-    ids: torch.Tensor  # [b, S] the tokens to feed next (the padded prompts, then the last tokens)
-    positions: torch.Tensor  # [b, S]
-    valid: torch.Tensor  # [b, L] key validity so far, including `ids`
-    is_padded: bool
     k: list[torch.Tensor] = field(default_factory=list)  # per local layer [S_max, b, Hkv/tp, hd]
     v: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # tokens in the cache
-    out: list[list[int]] = field(default_factory=list)
-    stopped: list[bool] = field(default_factory=list)
-    done: bool = False
-
-    @property
-    def size(self) -> int:
-        return len(self.rows)
 
 
 class PipelineRunner:
-    """One rank's part of a tensor x pipeline parallel model; `generate` is collective over all ranks."""
+    """One rank's part of a tensor x pipeline parallel model; `generate` is collective over all ranks.
+
+    It is the generation loop's model (`engine.generation.generate`): a step runs this stage's micro-batches
+    one after another. The sampler rank (last stage, first tensor rank) samples each micro-batch as soon as its
+    logits exist and broadcasts the tokens; the other last-stage ranks take them at once, earlier stages only
+    when that micro-batch comes round again, so the first stage starts micro-batch 1 while the last one still
+    computes micro-batch 0."""
 
     def __init__(self, source: WeightSource, groups: Groups, device: torch.device, dtype: torch.dtype,
                  policy: Policy | None = None, offload_dir: str | None = None):
@@ -100,53 +94,51 @@ class PipelineRunner:
         # exactly as a single-GPU offloaded model does (resident when the policy is all-GPU).
         self.executor = OffloadExecutor(stage, policy, device, dtype, offload_dir)
         self.reduce = all_reduce_fn(groups.tp_group) if self.layout.tp > 1 else None
+        self._caches: list[StageCache] = []
+        self._awaiting: list[bool] = []  # micro-batch -> its last tokens are still to come by broadcast
+        self._sends: dict[int, tuple[object, torch.Tensor]] = {}  # micro-batch -> its pending send and buffer
 
     # --- one micro-batch through this stage ------------------------------------------------------------------
-    def _stage_forward(self, mb: MicroBatch, x: torch.Tensor | None) -> torch.Tensor:
-        """Embed (first stage) or take the received hidden x [b, S, D]; run the stage's layers. The last stage
-        returns the logits of each row's last position [b, V] instead of hidden states."""
-        ex = self.executor
-        s = mb.ids.shape[1]
-        pos = mb.positions.to(self.device)
-        meta = AttnMeta(mb.length, s, mb.valid.to(self.device) if mb.is_padded else None)
-        rope = rope_cos_sin(ex.inv_freq, pos, self.dtype) if ex.inv_freq is not None else None
-        for layer, w in ex.stream_layers():
-            if layer.kind == "embed":
-                if x is None:
-                    x = ex.embed_batch(layer, w, mb.ids, pos)
-            elif layer.kind == "head":
-                if self.layout.is_last:
-                    x = lm_head(self.cfg, w, x[:, -1])
-            else:
-                i = layer.index
-                q, k, v = attention_in(self.cfg, w, x, rope)
-                x = attention_out(self.cfg, w, x, dense_attention(q, k, v, mb.k[i], mb.v[i], meta),
-                                  reduce=self.reduce)
-        mb.length += s
-        return x
+    def _stage_forward(self, j: int, ids: torch.Tensor, positions: torch.Tensor,
+                       key_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Micro-batch j's next tokens (ids, positions [b, S]) through this stage's layers. Returns, on the last
+        stage, the logits of each row's last position [b, V]; elsewhere None (the hidden states went on)."""
+        cache = self._caches[j]
+        s = ids.shape[1]
+        meta = AttnMeta(cache.length, s, key_valid.to(self.device) if key_valid is not None else None)
+        decoders = EachBatch(self.cfg, lambda li, _: dense_attend(cache.k[li], cache.v[li], meta), self.reduce)
+        logits = forward(self.executor, [Batch(ids, positions.to(self.device))], decoders, _StageEnds(self, j))[0]
+        cache.length += s
+        return logits
 
-    def _new_micro_batch(self, rows: list[int], prompts: list[list[int]], max_tokens: int) -> MicroBatch:
-        plen = max(len(prompts[r]) for r in rows)
-        ids, positions, valid = left_pad([prompts[r] for r in rows], plen)
-        mb = MicroBatch(rows, ids, positions, valid, not bool(valid.all()),
-                        out=[[] for _ in rows], stopped=[False] * len(rows))
-        shape = (plen + max_tokens, len(rows), self.cfg.num_kv_heads, self.cfg.head_dim)
+    def _new_cache(self, size: int, max_len: int) -> StageCache:
+        cache = StageCache()
+        shape = (max_len, size, self.cfg.num_kv_heads, self.cfg.head_dim)
         for _ in range(self.cfg.num_layers):
-            mb.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            mb.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-        return mb
+            cache.k.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+            cache.v.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+        return cache
 
-    def _accept(self, mb: MicroBatch, tokens: torch.Tensor, max_tokens: int, stop_ids: set[int]) -> None:
-        """Append one greedy token per row (the same on every rank) and prepare the next step's inputs."""
-        toks = tokens.tolist()
-        for i, t in enumerate(toks):
-            if not mb.stopped[i]:
-                mb.out[i].append(t)
-                mb.stopped[i] = t in stop_ids or len(mb.out[i]) >= max_tokens
-        mb.done = all(mb.stopped)
-        mb.ids = tokens.view(-1, 1).cpu()
-        mb.positions = mb.positions[:, -1:] + 1
-        mb.valid = torch.cat([mb.valid, torch.ones(mb.size, 1, dtype=torch.bool)], dim=1)
+    def step(self, block: Block) -> None:
+        """One generation step: every unfinished micro-batch once through this stage (see the class docstring).
+        The order of broadcasts, (step, micro-batch), is the same on every rank."""
+        lay = self.layout
+        for j, feed in enumerate(block.feeds):
+            size = len(block.batches[j])
+            if self._awaiting[j]:
+                block.accept(j, self._broadcast_tokens(size).tolist())
+                self._awaiting[j] = False
+            if block.batch_done(j):
+                continue
+            logits = self._stage_forward(j, feed.ids, feed.positions, feed.key_valid)
+            if lay.rank == lay.sampler_rank:
+                result = block.sample(j, logits)
+                self._broadcast_tokens(size, result.chosen)
+                block.accept(j, result.token_ids, result)
+            elif lay.is_last:
+                block.accept(j, self._broadcast_tokens(size).tolist())
+            else:
+                self._awaiting[j] = True
 
     # --- generation --------------------------------------------------------------------------------------------
     def check_prompts(self, prompts: list[list[int]], max_tokens: int) -> None:
@@ -166,44 +158,23 @@ class PipelineRunner:
                  stop_token_ids: set[int] | frozenset[int] = frozenset()) -> list[list[int]]:
         """Greedy generation; every rank must call it with the same arguments and gets the same token ids.
 
-        Prompts are sorted by length and cut into `num_micro_batches` (default: the number of stages)."""
+        Prompts are sorted by length and cut into `num_micro_batches` (default: the number of stages), each
+        left-padded to its own longest prompt."""
         self.check_prompts(prompts, max_tokens)
-        lay = self.layout
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        m = max(1, min(num_micro_batches or lay.pp, len(prompts)))
-        chunks = [order[i * len(order) // m:(i + 1) * len(order) // m] for i in range(m)]
-        mbs = [self._new_micro_batch(rows, prompts, max_tokens) for rows in chunks]
-        prev, nxt = lay.rank_of(lay.stage - 1, lay.tp_rank), lay.rank_of(lay.stage + 1, lay.tp_rank)
-        sends: dict[int, tuple[object, torch.Tensor]] = {}  # micro-batch -> its pending send and buffer
-        # Step t computes every unfinished micro-batch once; the extra step lets the stages that are not last
-        # receive the final broadcast. The order of broadcasts is the same on every rank: (step, micro-batch).
-        for step in range(max_tokens + 1):
-            for j, mb in enumerate(mbs):
-                if step > 0 and not lay.is_last and not mb.done:
-                    self._accept(mb, self._broadcast_tokens(mb.size), max_tokens, stop_token_ids)
-                if mb.done or step == max_tokens:
-                    continue
-                x = None
-                if not lay.is_first:
-                    x = torch.empty(mb.size, mb.ids.shape[1], self.cfg.hidden_size, dtype=self.dtype,
-                                    device=self.device)
-                    dist.recv(x, src=prev)
-                x = self._stage_forward(mb, x)
-                if not lay.is_last:
-                    if j in sends:
-                        sends.pop(j)[0].wait()
-                    x = x.contiguous()
-                    sends[j] = (dist.isend(x, dst=nxt), x)
-                    continue
-                tokens = x.float().argmax(-1)  # x: the last stage's logits [b, V]
-                self._accept(mb, self._broadcast_tokens(mb.size, tokens), max_tokens, stop_token_ids)
-        for work, _ in sends.values():
+        m = max(1, min(num_micro_batches or self.layout.pp, len(prompts)))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        unused = torch.Generator()  # greedy: no draws
+        seqs = [Sequence(list(p), params, unused, set(stop_token_ids)) for p in prompts]
+        block = Block([[seqs[i] for i in order[c * len(order) // m:(c + 1) * len(order) // m]] for c in range(m)])
+        self._caches = [self._new_cache(len(b), f.ids.shape[1] + max_tokens)
+                        for b, f in zip(block.batches, block.feeds)]
+        self._awaiting, self._sends = [False] * m, {}
+        generate(self, block)
+        for work, _ in self._sends.values():
             work.wait()
-        out: list[list[int]] = [[] for _ in prompts]
-        for mb in mbs:
-            for r, toks in zip(mb.rows, mb.out):
-                out[r] = toks
-        return out
+        self._caches, self._sends = [], {}
+        return [s.out_ids for s in seqs]
 
     def close(self) -> None:
         """Stop the stage's I/O threads and remove its offload files."""
@@ -217,3 +188,32 @@ class PipelineRunner:
             torch.empty(size, dtype=torch.long, device=self.device)
         dist.broadcast(buf, src=self.layout.sampler_rank)
         return buf
+
+
+class _StageEnds(Ends):
+    """Micro-batch j's hidden states [b, S, D] between stages: received from the previous stage (all but the
+    first), sent to the next without waiting (the stage goes on with its next micro-batch while this one is on
+    the wire), or scored on the last stage."""
+
+    def __init__(self, runner: PipelineRunner, j: int):
+        self.runner, self.j = runner, j
+        lay = runner.layout
+        self.prev, self.next = lay.rank_of(lay.stage - 1, lay.tp_rank), lay.rank_of(lay.stage + 1, lay.tp_rank)
+
+    def enter(self, k: int, batch: Batch) -> torch.Tensor | None:
+        r = self.runner
+        if r.layout.is_first:
+            return None
+        x = torch.empty(*batch.ids.shape, r.cfg.hidden_size, dtype=r.dtype, device=r.device)
+        dist.recv(x, src=self.prev)
+        return x
+
+    def leave(self, k: int, x: torch.Tensor) -> torch.Tensor | None:
+        r = self.runner
+        if r.layout.is_last:
+            return x[:, -1]
+        if self.j in r._sends:  # the last send of this micro-batch's buffer must be done before a new one
+            r._sends.pop(self.j)[0].wait()
+        x = x.contiguous()
+        r._sends[self.j] = (dist.isend(x, dst=self.next), x)
+        return None

@@ -167,8 +167,8 @@ def _decode_graph_engine(folder, device, capture):
     engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device=device, num_gpu_blocks=400,
                                       block_size=8, max_num_seqs=6, prefill_chunk_size=16,
                                       max_num_batched_tokens=64, cuda_graphs=False))
-    engine.graphs = DecodeGraphs(engine._model_forward, 6, 64, 8, engine.kv.scratch_block, engine.device,
-                                 capture=capture)
+    engine.runner.graphs = DecodeGraphs(engine.runner.forward, 6, 64, 8, engine.kv.scratch_block, engine.device,
+                                        capture=capture)
     return engine
 
 
@@ -211,7 +211,8 @@ def test_captured_decode_graphs_match_offline(reference):
 def test_outputs_that_queued_up_are_merged():
     """A consumer that fell behind gets the queued tokens as one output, in order, text and logprobs joined;
     an error queued after them still surfaces, after the tokens before it."""
-    from flexserve.engine.serving import StepOutput, stream_outputs
+    from flexserve.engine.serving import StepOutput
+    from flexserve.engine.streaming import stream_outputs
 
     async def go():
         loop = asyncio.get_running_loop()
