@@ -1,0 +1,383 @@
+"""The benchmark registry: one entry per question that a figure in bench/RESULTS.md answers.
+
+Each entry says what it asks, the commands that answer it (flexserve under test and, where RESULTS has one,
+the peer measured in the same call), the machine it needs, an estimate of its duration, the wheels it needs
+beyond the project's own dependencies, and the files it writes. `python bench/run.py` lists, shows, runs and
+packs them.
+
+Command lines are written as on a shell, run from the repository root, with these words and placeholders:
+  flexserve ...      python -m flexserve.cli ... (the repository's code, no install needed)
+  python ...         the interpreter that runs bench/run.py
+  torchrun ...       python -m torch.distributed.run ...
+  pytest ...         python -m pytest -p no:cacheprovider ...
+  NAME=value ...     an environment variable for that command only
+  {out}              the output folder of the run (`run --out`)
+  {peers}            the folder of other projects' benchmark scripts (FLEXSERVE_PEERS_DIR, default .peers/)
+A step that is a tuple of commands runs them at the same time, each on the GPU its `gpu` names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MACHINES = {"cpu": 0, "1 GPU": 1, "2 GPUs": 2}  # machine kind -> GPUs it needs
+FLEXGEN_WHEELS = ("flexgen==0.1.8", "pulp", "orloge")
+FLEXGEN_PEER = "FlexGen 0.1.8 in the same call (run_flexgen.py from {peers})"
+LARGEST_FIRST = ("Figures that RESULTS records under flexserve's earlier weight placement reproduce with "
+                 "`--weight-placement largest-first` added to the flexserve command.")
+PLACEMENT_CHANGED = ("Split-weight figures that RESULTS records under flexserve's earlier weight placement "
+                     "(`--weight-placement largest-first`) differ: this entry runs the current default.")
+EIGHT_LEVELS = "Recorded with FastServe's eight MLFQ levels (`--num-levels 8`, set here); the default is four."
+
+
+@dataclass(frozen=True)
+class Cmd:
+    """One command line of an entry (see the module docstring for its words), with its time limit."""
+
+    line: str
+    timeout_s: int = 300
+    gpu: int | None = None  # pin to this GPU (CUDA_VISIBLE_DEVICES); None: what the machine gives
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One question a figure answers, and how to answer it again."""
+
+    name: str
+    question: str
+    machine: str  # a key of MACHINES
+    seconds: int  # estimated duration of the commands on the machines of bench/RESULTS.md
+    steps: tuple  # Cmd, or a tuple of Cmds that run at the same time
+    writes: tuple = ()  # files under {out} besides the entry's log
+    wheels: tuple = ()
+    peer: str = ""
+    host_gib: int = 0  # free host memory needed; below it the fallback entry runs instead
+    fallback: str = ""
+    note: str = ""
+
+    def commands(self) -> list[Cmd]:
+        return [c for step in self.steps for c in (step if isinstance(step, tuple) else (step,))]
+
+
+# --- offloaded generation (FlexGen's benchmark: prompt 512, generation 32, dummy weights) -----------------------
+def throughput(model: str, percent: str, block: str, flags: str = "", dtype: str = "float16", gen: int = 32,
+               timeout_s: int = 300) -> Cmd:
+    bs, nb = block.split("x")
+    return Cmd(f"flexserve bench throughput --model dummy:{model} --dtype {dtype} --prompt-len 512 --gen-len {gen} "
+               f"--json --h2d-gbps 53.1 --percent {percent} --gpu-batch-size {bs} --num-gpu-batches {nb} {flags}"
+               .strip(), timeout_s)
+
+
+def flexgen(model: str, percent: str, block: str, flags: str = "", timeout_s: int = 300) -> Cmd:
+    bs, nb = block.split("x")
+    return Cmd(f"python {{peers}}/run_flexgen.py --model facebook/{model} --prompt-len 512 --gen-len 32 "
+               f"--percent {percent} --gpu-batch-size {bs} --num-gpu-batches {nb} {flags}".strip(), timeout_s)
+
+
+ALL_GPU, WEIGHTS_CPU, OPT30B_POLICY = "100 0 100 0 100 0", "0 100 100 0 100 0", "20 80 0 100 0 100"
+CCC = "--cpu-cache-compute"
+
+# --- the planner's predicted-vs-measured check ------------------------------------------------------------------
+PLANNER = "python bench/planner_validation.py --hardware h100 --gen-len 8 --timeout 200"
+CAP16 = f"{PLANNER} --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep --cap-pick"
+
+
+def planner_validation(part: str, cases: str, what: str, seconds: int) -> Entry:
+    """A third of the planner's nine-case sweep: the whole sweep takes longer than one device call."""
+    first, last = cases.split(",")[0], cases.split(",")[-1]
+    return Entry(f"planner-validation-{part}", f"Planner predicted vs measured, sweep cases {first}-{last}: {what}",
+                 "1 GPU", seconds,
+                 (Cmd(f"{PLANNER} --sweep-pick {cases} --plot {{out}}/planner_vs_measured_{part}.png", 560),),
+                 writes=(f"planner_vs_measured_{part}.png",), note=PLACEMENT_CHANGED)
+
+
+# --- serving (Llama-3-8B shape, random bf16 weights) -------------------------------------------------------------
+LLAMA8 = "--model dummy:llama-3-8b --dtype bfloat16"
+BATCH256 = ("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs --max-num-seqs 256 "
+            "--max-num-batched-tokens 8192")
+HEAVY = "--trace gamma --cv 3 --prompt-len 256 --output-dist pareto --output-len 16"
+HEAVY_8_SEATS = f"{HEAVY} --num-requests 600 --max-num-seqs 8 --num-levels 8"
+KV_LIMITED = (f"{HEAVY} --rate 8 --num-requests 3000 --max-context 3072 --max-num-seqs 64 --num-gpu-blocks 192 "
+              "--num-cpu-blocks 4096")
+THREE = "--schedulers fcfs,mlfq,skip-join-mlfq --num-levels 8"
+CALIBRATED = "--sim-seq-overhead-us 350"  # host time per decoding sequence, fitted to the measured FCFS
+
+
+def launch(flags: str, timeout_s: int = 300, gpu: int | None = None, env: str = "") -> Cmd:
+    return Cmd(f"{env} flexserve bench serve --json --launch {LLAMA8} {flags}".strip(), timeout_s, gpu)
+
+
+def simulate(flags: str, timeout_s: int = 120) -> Cmd:
+    return Cmd(f"flexserve bench serve --json --simulate {flags}", timeout_s)
+
+
+def profile_serving(flags: str, timeout_s: int = 150) -> Cmd:
+    return Cmd(f"python bench/profile_serving.py {LLAMA8} {flags}", timeout_s)
+
+
+def parallel(flags: str, nproc: int = 1, timeout_s: int = 300, gpu: int | None = None) -> Cmd:
+    run = f"torchrun --nproc-per-node {nproc} " if nproc > 1 else "python "
+    return Cmd(f"{run}bench/parallel_throughput.py {flags}", timeout_s, gpu)
+
+
+OPT175B = "--model dummy:opt-175b --dtype float16 --batch 8 --prompt-len 512 --gen-len 8 --compress-weight"
+
+ENTRIES = [
+    # ----------------------------------------------------------------------------- 1. offloaded generation
+    Entry("all-gpu-vs-flexgen-opt6.7b",
+          "OPT-6.7B all on one GPU (32x1): decode speed of the serving engine and the offloading executor "
+          "against FlexGen 0.1.8, same call",
+          "1 GPU", 150,
+          (throughput("opt-6.7b", ALL_GPU, "32x1", "--engine paged", timeout_s=420),
+           throughput("opt-6.7b", ALL_GPU, "32x1", timeout_s=200),
+           flexgen("opt-6.7b", ALL_GPU, "32x1", timeout_s=200)),
+          wheels=FLEXGEN_WHEELS, peer=FLEXGEN_PEER,
+          note="The first paged run of a fresh machine compiles its kernels (up to ~400 s once)."),
+    Entry("offload-vs-flexgen-opt6.7b-weights-cpu",
+          "OPT-6.7B with all weights on the CPU (32x4): decode speed against FlexGen 0.1.8 and the PCIe bound",
+          "1 GPU", 150,
+          (throughput("opt-6.7b", WEIGHTS_CPU, "32x4"), flexgen("opt-6.7b", WEIGHTS_CPU, "32x4")),
+          wheels=FLEXGEN_WHEELS, peer=FLEXGEN_PEER),
+    Entry("offload-vs-flexgen-opt30b-cpu-attention",
+          "OPT-30B at FlexGen's policy (20 80 0 100 0 100, CPU attention, 16x3): decode speed against FlexGen "
+          "0.1.8 at equal weight placement, and against the PCIe bound",
+          "1 GPU", 330,
+          (throughput("opt-30b", OPT30B_POLICY, "16x3", CCC, timeout_s=260),
+           flexgen("opt-30b", OPT30B_POLICY, "16x3", CCC, timeout_s=300)),
+          wheels=FLEXGEN_WHEELS, peer=FLEXGEN_PEER,
+          note="CPU attention is host-memory bound: run it alone on the machine. " + LARGEST_FIRST),
+    Entry("opt30b-cpu-attention-activation-placement",
+          "Which part of FlexGen's OPT-30B policy serialises CPU attention with the weight stream: activations on "
+          "the GPU instead of the CPU, and GPU batch 32",
+          "1 GPU", 240,
+          (throughput("opt-30b", "20 80 0 100 100 0", "16x3", CCC, timeout_s=200),
+           throughput("opt-30b", OPT30B_POLICY, "32x3", CCC, timeout_s=200))),
+    Entry("opt30b-cpu-attention-bf16-cache",
+          "OPT-30B with CPU attention: how much faster is a host KV cache stored in bf16 than in fp16",
+          "1 GPU", 210,
+          (throughput("opt-30b", OPT30B_POLICY, "16x3", CCC, timeout_s=200),
+           throughput("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --cpu-attention-dtype bfloat16", timeout_s=200)),
+          note=LARGEST_FIRST),
+    Entry("weights-cpu-llama3-8b",
+          "Llama-3-8B with all weights on the CPU (bf16, 32x4): decode speed as a fraction of the PCIe bound",
+          "1 GPU", 90,
+          (throughput("llama-3-8b", WEIGHTS_CPU, "32x4", dtype="bfloat16", timeout_s=200),)),
+    Entry("weights-cpu-llama3-70b",
+          "Llama-3-70B with all weights on the CPU (bf16, 16x2, gen 8): decode speed as a fraction of the PCIe "
+          "bound, on one GPU",
+          "1 GPU", 150,
+          (throughput("llama-3-70b", WEIGHTS_CPU, "16x2", dtype="bfloat16", gen=8, timeout_s=300),),
+          host_gib=225, fallback="weights-cpu-llama3-70b-4bit",
+          note="141 GB of bf16 weights are pinned in host memory; with less than 225 GiB free the 4-bit "
+               "variant runs instead."),
+    Entry("weights-cpu-llama3-70b-4bit",
+          "Llama-3-70B with 4-bit weights on the CPU (16x2, gen 8): decode speed on a host too small for bf16",
+          "1 GPU", 150,
+          (throughput("llama-3-70b", WEIGHTS_CPU, "16x2", "--compress-weight", dtype="bfloat16", gen=8,
+                      timeout_s=300),)),
+    Entry("profile-opt30b-cpu-attention",
+          "Where an OPT-30B CPU-attention decode step spends its time (torch.profiler trace, host timers)",
+          "1 GPU", 90,
+          (throughput("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --profile {{out}}/opt30b_trace.json", gen=6,
+                      timeout_s=200),),
+          writes=("opt30b_trace.json",)),
+    Entry("profile-opt6.7b-all-gpu",
+          "Where an all-GPU OPT-6.7B decode step spends its time (GPU work against host launch overhead)",
+          "1 GPU", 60,
+          (throughput("opt-6.7b", ALL_GPU, "32x1", "--profile {out}/opt6.7b_trace.json", gen=8, timeout_s=150),),
+          writes=("opt6.7b_trace.json",)),
+    Entry("cpu-attention-layouts",
+          "How fast decode attention on the CPU reads a host KV cache, by layout (sequence- or head-major) and "
+          "dtype",
+          "cpu", 40, (Cmd("python bench/cpu_attention_layouts.py", 200),),
+          note="RESULTS quotes it on the GPU machine's host CPU: run it there for those figures."),
+    # ----------------------------------------------------------------------------- 2. the planner
+    Entry("planner-tally",
+          "How far the planner's predictions are from every offloading policy measured so far (no GPU needed)",
+          "cpu", 10, (Cmd("python bench/planner_tally.py", 120),)),
+    planner_validation("a", "0,1,2", "OPT-6.7B weights on the GPU, on the CPU, and split", 320),
+    planner_validation("b", "3,4,5", "OPT-6.7B cache on the CPU (with and without CPU attention), OPT-13B split "
+                       "weights", 320),
+    planner_validation("c", "6,7,8", "OPT-30B CPU attention, Llama-3-8B weights on the CPU and split", 300),
+    Entry("auto-policy-cap16-opt30b",
+          "OPT-30B under a 16 GiB GPU cap (gen 8): what --policy auto chooses and how fast it runs against the "
+          "prediction",
+          "1 GPU", 160, (Cmd(f"{CAP16} 0", 260),)),
+    Entry("auto-policy-cap16-opt30b-sweep-a",
+          "The measured sweep --policy auto must come within 10% of, under the 16 GiB cap, part 1: the planner's "
+          "best at other GPU batch sizes",
+          "1 GPU", 360, (Cmd(f"{CAP16} 1,2,3", 560),)),
+    Entry("auto-policy-cap16-opt30b-sweep-b",
+          "The measured sweep --policy auto must come within 10% of, under the 16 GiB cap, part 2: the rest of the "
+          "list (FlexGen's README policy, the earlier auto choice)",
+          "1 GPU", 290, (Cmd(f"{CAP16} 4,5", 450),),
+          note="The list (planner picks at batch 8/16/32/64, then the hand policies) is rebuilt by the planner "
+               "of the day: `--cap-pick` indices follow it."),
+    # ----------------------------------------------------------------------------- 3. CPU generation
+    Entry("cpu-generate-vs-transformers-smollm2",
+          "CPU generation speed of flexserve against transformers' generate on SmolLM2-135M (batch 1 and 16)",
+          "cpu", 90, (Cmd("python bench/cpu_generate.py --batches 1 16 --max-tokens 64", 400),)),
+    # ----------------------------------------------------------------------------- 4a. serving throughput
+    Entry("serving-vs-transformers-llama3-8b",
+          "Serving 256 requests at once through HTTP (Llama-3-8B shape): throughput and latency against "
+          "transformers' continuous batching, same call",
+          "1 GPU", 180,
+          (Cmd("python bench/peer_transformers_serving.py 256", 200),
+           launch(f"{BATCH256} --engine-process", 150),
+           launch(f"{BATCH256} --no-engine-process --plot {{out}}/serve_batch256.png", 150)),
+          writes=("serve_batch256.png",), peer="transformers generate_batch (bench/peer_transformers_serving.py)"),
+    Entry("serving-gather-attention-llama3-8b",
+          "The same 256-request serving run with the portable gather-based paged attention instead of the kernel",
+          "1 GPU", 120, (launch(f"{BATCH256} --num-gpu-blocks 16000", 240, env="FLEXSERVE_PAGED_ATTENTION=gather"),)),
+    Entry("profile-serving-step-llama3-8b",
+          "Where a batch-256 serving step spends its time without HTTP (phases, torch.profiler)",
+          "1 GPU", 60, (profile_serving("--trace-out {out}/serve_step_trace.json"),),
+          writes=("serve_step_trace.json",)),
+    Entry("swap-overlap-profile",
+          "Do KV swaps overlap compute: swaps ahead of need (2,500 blocks) and demand swaps (192 blocks)",
+          "1 GPU", 110,
+          (profile_serving("--scheduler skip-join-mlfq --max-num-seqs 64 --num-gpu-blocks 2500 --profile-after 60 "
+                           "--trace-out {out}/swap_ahead_trace.json"),
+           profile_serving("--scheduler skip-join-mlfq --max-num-seqs 64 --num-gpu-blocks 192 --profile-after 60 "
+                           "--profile-steps 20 --trace-out {out}/swap_demand_trace.json")),
+          writes=("swap_ahead_trace.json", "swap_demand_trace.json")),
+    Entry("gpu-tests-serving",
+          "Do the GPU-only tests pass on this GPU: paged-attention kernel, CUDA-graph decode, copy stream, swaps",
+          "1 GPU", 90,
+          (Cmd("pytest -q tests/engine/test_paged_attention.py tests/engine/test_serving.py "
+               "tests/engine/test_paged_swap.py -k 'kernel or captured or copy_stream or swap'", 200),)),
+    # ----------------------------------------------------------------------------- 4b. schedulers
+    Entry("scheduler-kv-limited",
+          "Where KV memory limits the batch (64 seats, 192 KV blocks, heavy-tailed trace at 8 req/s): skip-join "
+          "MLFQ against FCFS on mean and p99 JCT and throughput, one policy per GPU at once",
+          "2 GPUs", 500,
+          ((launch(f"{KV_LIMITED} --schedulers fcfs --records {{out}}/kv_limited_fcfs.csv", 570, gpu=0),
+            launch(f"{KV_LIMITED} --schedulers skip-join-mlfq --records {{out}}/kv_limited_sj4.csv", 570, gpu=1)),
+           Cmd("flexserve bench serve --plot-records {out}/kv_limited_fcfs.csv=fcfs,"
+               "{out}/kv_limited_sj4.csv=skip-join-mlfq --plot {out}/sched_kv_limited_r8.png", 60),
+           simulate(f"{KV_LIMITED} {CALIBRATED} --schedulers fcfs,skip-join-mlfq,srpt")),
+          writes=("kv_limited_fcfs.csv", "kv_limited_sj4.csv", "sched_kv_limited_r8.png")),
+    Entry("scheduler-kv-limited-8-levels-vs-srpt",
+          "Where KV memory limits the batch: skip-join MLFQ with FastServe's eight levels, and the clairvoyant "
+          "SRPT reference, one per GPU at once",
+          "2 GPUs", 490,
+          ((launch(f"{KV_LIMITED} --schedulers skip-join-mlfq --num-levels 8 --records {{out}}/kv_limited_sj8.csv",
+                   570, gpu=0),
+            launch(f"{KV_LIMITED} --schedulers srpt --records {{out}}/kv_limited_srpt.csv", 570, gpu=1)),),
+          writes=("kv_limited_sj8.csv", "kv_limited_srpt.csv")),
+    Entry("scheduler-kv-limited-sim-rates",
+          "Where KV memory limits the batch, across request rates 4-10 (calibrated simulator): FCFS, skip-join "
+          "MLFQ with four and eight levels, SRPT, and plain MLFQ at 8 req/s",
+          "cpu", 220,
+          tuple(c for rate in (4, 6, 7, 8, 9, 10) for c in (
+              simulate(f"{KV_LIMITED} --rate {rate} {CALIBRATED} --schedulers fcfs,skip-join-mlfq,srpt"),
+              simulate(f"{KV_LIMITED} --rate {rate} {CALIBRATED} --schedulers skip-join-mlfq --num-levels 8")))
+          + (simulate(f"{KV_LIMITED} {CALIBRATED} --schedulers mlfq"),),
+          note="The seed and tail-guard variations quoted beside the table are the same command with --seed S or "
+               "--tail-guard-s 30 --tail-guard-seats 1."),
+    Entry("scheduler-heavy-tailed",
+          "Heavy-tailed trace at ~85% load with 8 seats (8 req/s, 600 requests): FCFS, skip-join MLFQ, the "
+          "clairvoyant SRPT, and skip-join with the tail guard; the simulator beside each",
+          "1 GPU", 420,
+          (launch(f"{HEAVY_8_SEATS} --rate 8 --schedulers fcfs,skip-join-mlfq,srpt --plot {{out}}/sched_heavy_r8.png",
+                  330),
+           launch(f"{HEAVY_8_SEATS} --rate 8 --schedulers skip-join-mlfq --tail-guard-s 4 --tail-guard-seats 4", 200),
+           simulate(f"{HEAVY_8_SEATS} --rate 8 {CALIBRATED} --schedulers fcfs,skip-join-mlfq,srpt"),
+           simulate(f"{HEAVY_8_SEATS} --rate 8 {CALIBRATED} --schedulers skip-join-mlfq --tail-guard-s 4 "
+                    "--tail-guard-seats 4")),
+          writes=("sched_heavy_r8.png",), note=EIGHT_LEVELS),
+    Entry("scheduler-heavy-tailed-12rps",
+          "Heavy-tailed trace above capacity with 8 seats (12 req/s, 600 requests): skip-join MLFQ against FCFS, "
+          "and the simulator's prediction",
+          "1 GPU", 180,
+          (launch(f"{HEAVY_8_SEATS} --rate 12 --schedulers fcfs,skip-join-mlfq --plot {{out}}/sched_heavy_r12.png",
+                  330),
+           simulate(f"{HEAVY_8_SEATS} --rate 12 {CALIBRATED} --schedulers fcfs,skip-join-mlfq")),
+          writes=("sched_heavy_r12.png",), note=EIGHT_LEVELS),
+    Entry("scheduler-light-tailed-azure-gamma",
+          "Light-tailed traces above capacity (Azure conversations and Gamma CV 3, 12 req/s, 200 requests): FCFS, "
+          "MLFQ and skip-join MLFQ on the real engine",
+          "1 GPU", 340,
+          (launch(f"--trace azure --rate 12 --num-requests 200 {THREE} --plot {{out}}/sched_azure.png", 300),
+           launch(f"--trace gamma --cv 3 --rate 12 --num-requests 200 {THREE} --plot {{out}}/sched_gamma.png", 300)),
+          writes=("sched_azure.png", "sched_gamma.png"),
+          note=EIGHT_LEVELS + " The recorded runs had the engine in the server process (now --no-engine-process)."),
+    Entry("scheduler-azure-rates",
+          "Azure conversations at 4 and 8 req/s (below and above capacity): FCFS, MLFQ and skip-join MLFQ on the "
+          "real engine, and the simulator refitted to the engine process",
+          "1 GPU", 380,
+          (launch(f"--trace azure --rate 4 --num-requests 200 {THREE} --plot {{out}}/sched_azure_r4.png", 290),
+           launch(f"--trace azure --rate 8 --num-requests 200 {THREE} --plot {{out}}/sched_azure_r8.png", 240),
+           simulate(f"--trace azure --rate 4 --num-requests 200 {THREE} --sim-seq-overhead-us 100"),
+           simulate(f"--trace azure --rate 8 --num-requests 200 {THREE} --sim-seq-overhead-us 100")),
+          writes=("sched_azure_r4.png", "sched_azure_r8.png"), note=EIGHT_LEVELS),
+    Entry("simulator-vs-measured-light-tailed",
+          "How close the simulator comes to the measured light-tailed runs (Azure and Gamma at 12 req/s), with its "
+          "GPU-only cost model and with 350 us of host time per sequence",
+          "cpu", 20,
+          (simulate(f"--trace azure --rate 12 --num-requests 200 {THREE}"),
+           simulate(f"--trace gamma --cv 3 --rate 12 --num-requests 200 {THREE}"),
+           simulate(f"--trace azure --rate 12 --num-requests 200 {THREE} {CALIBRATED}"),
+           simulate(f"--trace gamma --cv 3 --rate 12 --num-requests 200 {THREE} {CALIBRATED}")),
+          note=EIGHT_LEVELS),
+    Entry("sim-azure-rates",
+          "Azure conversations across request rates 3-12 (calibrated simulator, 1,000 requests): skip-join MLFQ "
+          "against FCFS",
+          "cpu", 60,
+          tuple(simulate(f"--trace azure --rate {r} --num-requests 1000 {THREE} {CALIBRATED}")
+                for r in (3, 5, 7, 9, 12)),
+          note=EIGHT_LEVELS),
+    # ----------------------------------------------------------------------------- 4c. CPU serving, simulator
+    Entry("cpu-serving-schedulers-smollm2",
+          "The real engine on a CPU (SmolLM2, float32, Gamma CV 3 at 1.5 req/s, 8 seats): FCFS against skip-join "
+          "MLFQ",
+          "cpu", 180,
+          (Cmd("flexserve bench serve --json --launch --device cpu --dtype float32 --trace gamma --cv 3 --rate 1.5 "
+               "--num-requests 40 --prompt-len 64 --output-len 32 --max-num-seqs 8 --schedulers fcfs,skip-join-mlfq "
+               "--num-levels 8 --plot {out}/cpu_launch_smollm2.png", 400),),
+          writes=("cpu_launch_smollm2.png",), note=EIGHT_LEVELS),
+    Entry("sim-schedulers-azure-gamma",
+          "The schedulers in the simulator on the Azure trace (12 req/s, 64 seats) and a Gamma overload (14 req/s, "
+          "8 seats), with the oracle SRPT bound",
+          "cpu", 60,
+          (simulate("--trace azure --rate 12 --num-requests 2000 --schedulers fcfs,mlfq,skip-join-mlfq,srpt "
+                    "--num-levels 8 --plot {out}/sim_azure_rate12.png"),
+           simulate("--trace gamma --cv 3 --rate 14 --num-requests 1500 --max-num-seqs 8 "
+                    "--schedulers fcfs,mlfq,skip-join-mlfq,srpt --num-levels 8 --plot {out}/sim_gamma_8seats.png")),
+          writes=("sim_azure_rate12.png", "sim_gamma_8seats.png"), note=EIGHT_LEVELS),
+    Entry("sim-heavy-tailed-8-seats",
+          "A heavy-tailed workload (Pareto outputs, 14 req/s, 8 seats) in the simulator: skip-join MLFQ's mean JCT "
+          "against FCFS",
+          "cpu", 15,
+          (simulate("--trace poisson --rate 14 --num-requests 1500 --prompt-len 256 --output-dist pareto "
+                    "--output-len 16 --max-num-seqs 8 --num-levels 8 --schedulers fcfs,skip-join-mlfq"),),
+          note="The recorded row comes from tests/scheduler/test_simulator.py's trace, whose prompts spread wider "
+               "(log-normal sigma 0.8; the CLI's 0.5): this command asks the same question, its figures differ."),
+    # ----------------------------------------------------------------------------- 5. several GPUs
+    Entry("tp-llama70b",
+          "Llama-3-70B on two GPUs with tensor parallelism (batch 16, bf16): prefill and decode speed, and the "
+          "scaling against the one-GPU offloaded run",
+          "2 GPUs", 180,
+          (parallel("--model dummy:llama-3-70b --dtype bfloat16 -tp 2 --batch 16 --prompt-len 512 --gen-len 32", 2,
+                    400),)),
+    Entry("pipeline-opt175b",
+          "OPT-175B with 4-bit weights: one GPU against pipeline parallel 2 (stages offloaded and all on the GPUs), "
+          "and FlexGen 0.1.8's own pipeline mode in the same call",
+          "2 GPUs", 320,
+          (parallel(f"{OPT175B} --percent 40 60 100 0 100 0", timeout_s=200, gpu=0),
+           parallel(f"{OPT175B} -pp 2 --percent 80 20 100 0 100 0", 2, 170),
+           parallel(f"{OPT175B} -pp 2 --percent 100 0 100 0 100 0", 2, 170),
+           Cmd("torchrun --nproc-per-node 2 bench/peer_flexgen_dist.py --model facebook/opt-175b "
+               "--percent 80 20 100 0 100 0 --compress-weight --gpu-batch-size 4 --num-gpu-batches 1 "
+               "--prompt-len 512 --gen-len 8", 300)),
+          wheels=FLEXGEN_WHEELS, peer="FlexGen 0.1.8's pipeline mode (bench/peer_flexgen_dist.py), last",
+          note="FlexGen's block is gpu batch x gpu batches x ranks (4 x 1 x 2 = 8 prompts, as flexserve's)."),
+    # ----------------------------------------------------------------------------- checks of the runner itself
+    Entry("cpu-smoke-throughput",
+          "Does the offline throughput benchmark run end to end on a CPU (a tiny OPT, a few tokens)",
+          "cpu", 15,
+          (Cmd("flexserve bench throughput --model dummy:opt-125m --device cpu --dtype float32 --prompt-len 16 "
+               "--gen-len 4 --percent 100 0 100 0 100 0 --gpu-batch-size 2 --num-gpu-batches 1 --h2d-gbps 10 "
+               "--json", 120),)),
+]
+
+BY_NAME = {e.name: e for e in ENTRIES}
