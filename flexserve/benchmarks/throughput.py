@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import psutil
 import torch
@@ -49,15 +50,77 @@ def print_result(result: dict, as_json: bool) -> None:
         print("FLEXSERVE_RESULT " + json.dumps(result))
 
 
-def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
-    """Run the benchmark under `policy` (None: resident, automatic block) and print its figures."""
+@dataclass
+class TimedBlock:
+    """What one timed block produced: every sequence's tokens, and where the time went."""
+
+    token_ids: list[list[int]]  # per prompt, the generated tokens
+    prefill_s: float  # the prefill, up to the first tokens on the host
+    decode_s: float  # every decode step after it
+
+
+class _StepClock:
+    """`on_step` of the benchmark's generation: marks the prefill and the end of the decode (the device
+    synchronised at those marks only, so the weights of the next step keep loading during a step), moves the
+    progress bar, and profiles the last two decode steps when asked."""
+
+    def __init__(self, device: torch.device, gen_len: int, profile: str | None, bar):
+        self.device, self.gen_len, self.profile, self.bar = device, gen_len, profile, bar
+        self.start = self.decode_start = 0.0
+        self.prefill_s = self.decode_s = 0.0
+        self.prof = None
+
+    def __call__(self, steps: int) -> None:
+        if steps in (0, 1, self.gen_len):
+            _sync(self.device)
+            now = time.perf_counter()
+            if steps == 0:
+                self.start = now
+            if steps == 1:
+                self.prefill_s, self.decode_start = now - self.start, now
+            if steps == self.gen_len:
+                self.decode_s = now - self.decode_start
+        if steps:
+            self.bar.update(1)
+        if self.profile and steps >= 1 and steps == self.gen_len - 2:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+
+
+def greedy_block(ex, prompts: list[list[int]], gen_len: int, gpu_batch_size: int, profile: str | None = None,
+                 progress: bool = True) -> TimedBlock:
+    """Generate `gen_len` greedy tokens for every prompt (eos ignored) as one block of `gpu_batch_size` batches,
+    through the generation loop `LLM.generate` runs; `profile` writes a torch.profiler trace of the last two
+    decode steps there."""
     from tqdm import tqdm
 
+    from ..engine.block import run_block
+    from ..engine.generation import Sequence
+    from ..engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
+    unused = torch.Generator()  # greedy: no draws
+    seqs = [Sequence(list(p), params, unused, set()) for p in prompts]
+    bar = tqdm(total=gen_len, desc="bench", unit="step", disable=not progress)
+    clock = _StepClock(ex.device, gen_len, profile, bar)
+    run_block(ex, seqs, gpu_batch_size, on_step=clock)
+    bar.close()
+    if clock.prof is not None:
+        clock.prof.__exit__(None, None, None)
+        clock.prof.export_chrome_trace(profile)
+        for key in (["self_cuda_time_total"] if ex.device.type == "cuda" else []) + ["self_cpu_time_total"]:
+            print(clock.prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
+    return TimedBlock([s.out_ids for s in seqs], clock.prefill_s, clock.decode_s)
+
+
+def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
+    """Run the benchmark under `policy` (None: resident, automatic block) and print its figures."""
     from ..engine.llm import LLM
-    from ..weights import open_source
 
     model = args.model or "dummy:opt-125m"
-    config = open_source(model).config
     if getattr(args, "engine", "offload") == "paged":
         from .paged_throughput import run_paged_throughput
 
@@ -66,53 +129,22 @@ def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
     llm = LLM(model, dtype=args.dtype, policy=policy, offload_dir=args.offload_dir, device=args.device,
               progress=True)
     load_s = time.perf_counter() - t0
-    ex = llm.executor
+    ex, config = llm.executor, llm.config
     pol = ex.policy if policy is None else policy
     bs, nb = pol.gpu_batch_size, pol.num_gpu_batches
     dev = ex.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(10, config.vocab_size, (bs, args.prompt_len), generator=gen) for _ in range(nb)]
-    pos = [torch.arange(args.prompt_len).expand(bs, -1) for _ in range(nb)]
+    prompts = torch.randint(10, config.vocab_size, (bs * nb, args.prompt_len), generator=gen).tolist()
     from ..offload.budget import check_fits
 
     check_fits(config, pol, torch.empty((), dtype=ex.dtype).element_size(), args.prompt_len + args.gen_len, dev,
                weights_placed=True)
-    warm = ex.new_block([1], 18)  # first CUDA/cuBLAS use pays one-off initialisation: keep it out of the timing
-    ex.forward(warm, [torch.ones(1, 16, dtype=torch.long)], [torch.arange(16)[None]], [None])
-    ex.forward(warm, [torch.ones(1, 1, dtype=torch.long)], [torch.tensor([[16]])], [None])
-    ex.release_block(warm)
-    state = ex.new_block([bs] * nb, args.prompt_len + args.gen_len)
-    bar = tqdm(total=args.gen_len, desc="bench", unit="step")
-    _sync(dev)
-    t = time.perf_counter()
-    logits = ex.forward(state, ids, pos, [None] * nb)
-    nxt = [lg.argmax(-1, keepdim=True).cpu() for lg in logits]
-    _sync(dev)
-    prefill_s = time.perf_counter() - t
-    bar.update(1)
-    t = time.perf_counter()
-    prof = None
-    for step in range(1, args.gen_len):
-        if args.profile and step == args.gen_len - 2:
-            from torch.profiler import ProfilerActivity, profile
-
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            prof = profile(activities=acts)
-            prof.__enter__()
-        pos = [p[:, -1:] + 1 for p in pos]
-        logits = ex.forward(state, nxt, pos, [None] * nb)
-        nxt = [lg.argmax(-1, keepdim=True).cpu() for lg in logits]  # the host needs the token, as in real use
-        bar.update(1)
-    _sync(dev)
-    decode_s = time.perf_counter() - t
-    bar.close()
-    if prof is not None:
-        prof.__exit__(None, None, None)
-        prof.export_chrome_trace(args.profile)
-        for key in (["self_cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
-            print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
+    # First CUDA/cuBLAS use pays one-off initialisation: a 16-token prefill and a decode step, before the clock.
+    greedy_block(ex, [[1] * 16], 2, 1, progress=False)
+    timed = greedy_block(ex, prompts, args.gen_len, bs, args.profile)
+    prefill_s, decode_s = timed.prefill_s, timed.decode_s
     block = bs * nb
     if ex.timers:
         print("host time by activity (whole run): " + ", ".join(f"{k} {v:.2f}" for k, v in ex.timers.items()))
@@ -139,6 +171,5 @@ def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
         "fraction_of_bound": decode_tps / bound_tps if bound_tps else None, **bound,
     }
     print_result(result, args.json)
-    ex.release_block(state)
     llm.close()
     return 0

@@ -8,7 +8,7 @@ through the block tables is in `paged_batch.py`.
 Swaps move whole blocks of every layer at once. On CUDA they run on a copy stream, without blocking the
 host: the compute stream waits on the copy event. The host pool is block-major, so a swap is a device-side
 gather plus one DMA copy per run of consecutive host blocks. Copies the scheduler marks "ahead" are issued
-after this step's forward is queued, so they overlap its compute (the engine's `_execute`).
+after this step's forward is queued, so they overlap its compute (`ModelRunner.execute`).
 """
 from __future__ import annotations
 
