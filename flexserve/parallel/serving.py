@@ -13,11 +13,15 @@ micro-batches): pipeline parallelism here buys memory (a model larger than one G
 
 Why broadcast a plan rather than run a scheduler everywhere: the scheduler reacts to arrival times and
 client disconnects that only the server rank sees; one decision-maker cannot diverge.
+
+The engine never imports this module: whoever builds a parallel engine passes `ServingGroup.join` as
+`EngineConfig.join_group`, and the engine uses the group through `engine.rank_group.RankGroup`.
 """
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +29,9 @@ from ..weights import WeightSource
 from .groups import Groups, Layout, check_degrees, init_from_env, local_device, make_groups
 from .pipeline import StageSource
 from .tensor import all_reduce_fn
+
+if TYPE_CHECKING:
+    from ..engine.runner import StepPlan
 
 
 class ServingStageSource(StageSource):
@@ -130,8 +137,9 @@ class ServingGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
-    def broadcast_plan(self, plan) -> object:
-        """Rank 0 sends `plan`; every other rank receives and returns it."""
+    def broadcast_plan(self, plan: StepPlan | None) -> StepPlan | None:
+        """Rank 0 sends a step's plan (None: the end of the plans); every other rank receives and returns it.
+        The plan travels pickled, so it is plain data: token ids, block tables, block pairs."""
         import torch.distributed as dist
 
         box = [plan]
