@@ -36,13 +36,6 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--disk", default=None)
 
 
-def model_config(model: str | None) -> ModelConfig:
-    """The config of a model string (reads the config and tensor index, not the weights)."""
-    from ..weights import open_source
-
-    return open_source(model).config
-
-
 def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None, prompt_len: int = 512,
                      gen_len: int = 32) -> Policy | None:
     """The `Policy` the flags describe, or None (fully resident, automatic batch) when none were given.
@@ -70,5 +63,7 @@ def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None
 def policy_for_model(args: argparse.Namespace, model: str | None, prompt_len: int = 512,
                      gen_len: int = 32) -> Policy | None:
     """`policy_from_args`, reading the model's config only when `--policy auto` needs it."""
+    from ..models.loading import model_config
+
     config = model_config(model) if getattr(args, "policy", None) == "auto" else None
     return policy_from_args(args, config, prompt_len, gen_len)

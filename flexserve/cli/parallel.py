@@ -110,7 +110,7 @@ def run_parallel_generate(args: argparse.Namespace) -> int:
 
 
 def _eos_ids(model: str | None) -> tuple[int, ...]:
-    from .common import model_config
+    from ..models.loading import model_config
 
     return model_config(model).eos_ids
 
