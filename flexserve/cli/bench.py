@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..benchmarks.settings import BENCH_MODEL, ServeBenchSettings, ThroughputSettings, TraceSettings
 from .common import add_model_arguments, add_policy_arguments, policy_for_model
 from .serve import add_engine_arguments, engine_config_from_args
 
@@ -78,29 +79,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.set_defaults(func=cmd_bench_serve)
 
 
-def throughput_settings(args: argparse.Namespace):
+def throughput_settings(args: argparse.Namespace) -> ThroughputSettings:
     """`ThroughputSettings` from the `bench throughput` flags."""
-    from ..benchmarks.settings import BENCH_MODEL, ThroughputSettings
-
     return ThroughputSettings(model=args.model or BENCH_MODEL, dtype=args.dtype, device=args.device, offload_dir=args.offload_dir,
                               prompt_len=args.prompt_len, gen_len=args.gen_len, h2d_gbps=args.h2d_gbps,
                               disk_gbps=args.disk_gbps, json=args.json, profile=args.profile, engine=args.engine)
 
 
-def trace_settings(args: argparse.Namespace):
+def trace_settings(args: argparse.Namespace) -> TraceSettings:
     """`TraceSettings` from the `bench serve` trace flags."""
-    from ..benchmarks.settings import TraceSettings
-
     return TraceSettings(trace=args.trace, rate=args.rate, cv=args.cv, num_requests=args.num_requests,
                          max_context=args.max_context, prompt_len=args.prompt_len, output_len=args.output_len,
                          output_dist=args.output_dist, output_alpha=args.output_alpha,
                          max_output_len=args.max_output_len, seed=args.seed)
 
 
-def serve_bench_settings(args: argparse.Namespace):
+def serve_bench_settings(args: argparse.Namespace) -> ServeBenchSettings:
     """`ServeBenchSettings` from the `bench serve` flags (any mode but --plot-records)."""
-    from ..benchmarks.settings import ServeBenchSettings
-
     mode = "simulate" if args.simulate else "launch" if args.launch else "url"
     return ServeBenchSettings(
         mode=mode, trace=trace_settings(args), url=args.url, api_key=args.api_key,

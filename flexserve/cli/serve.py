@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import TYPE_CHECKING
 
 from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free: the parser loads no model code
 from .common import add_model_arguments, add_policy_arguments, policy_for_model
+
+if TYPE_CHECKING:
+    from ..engine.serving import EngineConfig
 
 # The flags below that set `SchedulerConfig` fields of the same name.
 SCHEDULER_FLAGS = ("num_levels", "base_quantum_s", "quantum_ratio", "starvation_threshold_s",
@@ -92,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve)
 
 
-def engine_config_from_args(args: argparse.Namespace):
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """`EngineConfig` from parsed flags: every flag named like a field sets it; the placement flags (where the
     verb has them) set `policy`; -tp/-pp above 1 join the torchrun group. Flags left at None keep the field's
     default."""
