@@ -39,6 +39,21 @@ def _make(kind: str):
     raise KeyError(kind)
 
 
+def randomize_(module: torch.nn.Module, norms: bool = False) -> torch.nn.Module:
+    """Larger weights than HF's init (std 0.02) so that logits are well separated and greedy choices are not
+    near-ties decided by rounding; non-zero biases so that a missing bias would show. Norm weights stay ones
+    unless `norms`, which draws them from [0.5, 1.5] so that a norm applied without its weight would show."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.1, 0.1)
+            elif p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif norms:
+                p.uniform_(0.5, 1.5)
+    return module
+
+
 FAMILIES = ["llama-gqa", "llama-tied", "llama3-scaled", "qwen2", "mistral", "opt", "opt-350m-like"]
 
 
@@ -50,21 +65,25 @@ def tiny_model(tmp_path_factory):
     def get(kind: str):
         if kind not in cache:
             torch.manual_seed(zlib.crc32(kind.encode()))
-            model = _make(kind).float().eval()
-            with torch.no_grad():
-                # Larger weights than HF's init (std 0.02) so that logits are well separated and greedy
-                # choices are not near-ties decided by rounding; non-zero biases so a missing bias would show.
-                for name, p in model.named_parameters():
-                    if name.endswith("bias"):
-                        p.uniform_(-0.1, 0.1)
-                    elif p.dim() == 2:
-                        p.normal_(0, 0.15)
+            model = randomize_(_make(kind).float().eval())
             folder = str(tmp_path_factory.mktemp(kind))
             model.save_pretrained(folder)
             cache[kind] = (folder, model)
         return cache[kind]
 
     return get
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli(*argv) -> (exit status, stdout, stderr) of `flexserve ARGV`, run in this process."""
+    from flexserve.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main(list(argv))
+        cap = capsys.readouterr()
+        return rc, cap.out, cap.err
+    return run
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42, 43]]
@@ -75,3 +94,14 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax attention written out: q [S, H, hd] over k, v [L, Hkv, hd] (each KV head serves H / Hkv
+    consecutive query heads), `allowed` [S, L] bool -> [S, H * hd], in float64."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("shd,lhd->hsl", q.double(), k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    return torch.einsum("hsl,lhd->shd", scores.softmax(-1), v).reshape(q.shape[0], -1)

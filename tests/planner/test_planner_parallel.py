@@ -73,5 +73,16 @@ def test_plan_cli_reports_the_grid(capsys):
     assert main(["plan", "--model", "llama-3-70b", "--hardware", "h100", "--dtype", "bfloat16", "-tp", "2",
                  "--gpu-mem", "78GiB", "--cpu-mem", "120GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["parallel"]["tp"] == 2 and out["parallel"]["decode_tok_s"] > 0
-    assert 0 < out["parallel"]["comm_fraction"] < 1
+    par, block = out["parallel"], out["block_size"]
+    assert (par["tp"], par["pp"]) == (2, 1)
+    # the single-GPU part of the plan is one rank's half of the model, and it fits the memory given
+    assert out["limits"]["gpu"] == 78 * 2**30 and out["placed"]["overflows"] == []
+    assert out["peak_bytes"]["gpu"] <= out["limits"]["gpu"]
+    # a grid decode step is that rank's step plus its all-reduces
+    step = block / out["decode_tok_s"] + par["comm_decode_s"]
+    assert par["decode_tok_s"] == pytest.approx(block / step)
+    assert par["comm_fraction"] == pytest.approx(par["comm_decode_s"] / step) and 0 < par["comm_fraction"] < 1
+    # and the figures are those of the estimate for the policy printed
+    want = estimate_parallel(preset("llama-3-70b"), Policy(**out["policy"]), H100, 512, 32, tp=2, dtype="bfloat16")
+    assert par["total_tok_s"] == pytest.approx(want.total_tok_s)
+    assert par["comm_prefill_s"] == pytest.approx(want.comm_prefill_s)

@@ -23,8 +23,10 @@ def test_skip_join_places_a_job_in_the_first_queue_whose_quantum_covers_its_pref
 
 def test_plain_mlfq_puts_every_new_job_in_the_top_queue():
     sched = make("mlfq", gpu_blocks=4096)
-    sched.add_request(req("a", prompt_len=10_000))
-    assert sched.get_request("a").level == 0
+    for i, n in enumerate([5, 600, 10_000]):  # prompts skip-join would place at levels 0, 6 and 7
+        sched.add_request(req(f"r{i}", prompt_len=n))
+    assert [sched.get_request(f"r{i}").level for i in range(3)] == [0, 0, 0]
+    assert sched.stats().queue_len_per_level[0] == 3 and sum(sched.stats().queue_len_per_level) == 3
 
 
 def test_a_job_is_demoted_each_time_it_uses_up_its_quantum():

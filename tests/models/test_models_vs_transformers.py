@@ -5,7 +5,7 @@ import torch
 from flexserve import LLM, SamplingParams
 from flexserve.benchmarks.perplexity import token_logprobs
 
-from .conftest import FAMILIES, PROMPTS, hf_greedy
+from ..conftest import FAMILIES, PROMPTS, hf_greedy
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
