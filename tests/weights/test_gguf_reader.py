@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flexserve.errors import ModelLoadError
+from flexserve.models.layers import rope_inv_freq
 from flexserve.weights import default_model_path, layer_weights
 from flexserve.weights.gguf_reader import GGUFSource
 from flexserve.weights.safetensors_reader import SafetensorsSource
@@ -130,6 +131,21 @@ def test_unusable_files_are_one_clear_error(tiny_llama, tmp_path, change, messag
     path = write_gguf(tmp_path / "m.gguf", arch, meta, tensors)
     with pytest.raises(ModelLoadError, match=message):
         GGUFSource(path)
+
+
+@pytest.mark.xfail(strict=True, reason="the GGUF reader ignores `rope_freqs.weight`, where llama.cpp's converter "
+                                       "stores Llama 3.1's rope scaling: such files run with unscaled frequencies")
+def test_llama3_rope_factors_stored_as_a_tensor_are_applied(tiny_model, tmp_path):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    _, hf = tiny_model("llama3-scaled")
+    scaled = LlamaRotaryEmbedding(hf.config).inv_freq
+    plain = LlamaRotaryEmbedding(hf.config).compute_default_rope_parameters(hf.config)[0]
+    assert not torch.allclose(scaled, plain)
+    # the converter's tensor: one divisor per frequency (scaled = plain / factor)
+    tensors = {**gguf_tensors(hf, tied=False), "rope_freqs.weight": plain / scaled}
+    src = GGUFSource(write_gguf(tmp_path / "m.gguf", "llama", metadata(hf), tensors))
+    torch.testing.assert_close(rope_inv_freq(src.config), scaled, atol=0, rtol=1e-6)
 
 
 # --- the real SmolLM2-135M-Instruct Q4_1 file ----------------------------------------------------------------
