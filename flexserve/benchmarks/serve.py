@@ -131,8 +131,9 @@ def run_simulate(bench: ServeBenchSettings) -> list[dict]:
     trace = load_trace(bench.trace, bench.trace.max_context or SIM_MAX_CONTEXT)
     # The engine's batch limits (not SchedulerConfig's), so that --simulate predicts what --launch measures.
     engine = bench.engine or EngineConfig()
-    config = SchedulerConfig(max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-                             prefill_chunk_size=engine.prefill_chunk_size, **engine.scheduler_options,
+    limits = {k: v for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size")
+              if (v := getattr(engine, k)) is not None}  # unset: the scheduler's own defaults
+    config = SchedulerConfig(**limits, **engine.scheduler_options,
                              max_queue_len=bench.max_queue_len or max(1, len(trace)))
     kv = {k: v for k, v in (("num_gpu_blocks", engine.num_gpu_blocks), ("num_cpu_blocks", engine.num_cpu_blocks),
                             ("block_size", engine.block_size)) if v is not None}

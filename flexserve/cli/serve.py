@@ -32,14 +32,24 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
     if with_scheduler:
         g.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="skip-join-mlfq",
                        help="scheduling policy (default skip-join-mlfq)")
-    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences in one step (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens in one step (default 2048)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences in one step (default: as many 2k-token contexts as the KV pool holds, at most "
+                        "256; 64 on a CPU)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens in one step (default: what the GPU computes in ~50 ms for this model, 2048-16384; "
+                        "2048 on a CPU)")
+    g.add_argument("--attention-sinks", type=int, default=None,
+                   help="StreamingLLM: tokens at the start of every sequence that all queries keep seeing "
+                        "(needs --sliding-window; default 0)")
+    g.add_argument("--sliding-window", type=int, default=None,
+                   help="StreamingLLM: each query sees only its last W tokens (plus the sinks); the KV of the "
+                        "rest is freed, so generation can run past the context window (default 0: off)")
     g.add_argument("--prefill-chunk-size", type=int, default=None,
-                   help="prompt tokens of one request per step (default 512)")
+                   help="prompt tokens of one request per step (default: the token budget; 512 on a CPU)")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--num-gpu-blocks", type=int, default=None,
-                   help="KV blocks on the compute device (default: 85%% of free GPU memory after the weights; "
-                        "1 GiB on a CPU)")
+                   help="KV blocks on the compute device (default: 90%% of free GPU memory after the weights, less "
+                        "one step's activations; 1 GiB on a CPU)")
     g.add_argument("--num-cpu-blocks", type=int, default=None,
                    help="KV blocks in pinned host memory (default: 4 GiB; 1 GiB on a CPU)")
     g.add_argument("--num-levels", type=int, default=None,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..offload.policy import Policy
+from .paged_batch import StreamingWindow
 from .rank_group import JoinGroup
 
 
@@ -13,12 +15,17 @@ class EngineConfig:
     dtype: str = "auto"
     device: str | None = None
     scheduler: str = "fcfs"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    prefill_chunk_size: int = 512
+    # None: derived from the device, the model and measured rates at start (`defaults.derive_defaults`)
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    prefill_chunk_size: int | None = None
     block_size: int = 16
-    num_gpu_blocks: int | None = None  # default: 85% of free device memory after weights (1 GiB on a CPU)
+    num_gpu_blocks: int | None = None  # default: free device memory after weights and one step's activations
     num_cpu_blocks: int | None = None  # default: 4 GiB of pinned host memory (1 GiB on a CPU)
+    # StreamingLLM: each query sees the first `attention_sinks` tokens and its last `sliding_window` ones; the
+    # KV of the rest is released, so a stream can run past the context window. 0 = full attention.
+    attention_sinks: int = 0
+    sliding_window: int = 0
     max_queue_len: int = 1024
     seed: int = 0
     policy: Policy | None = None  # weight placement (None: resident); the KV cache is always paged
@@ -28,6 +35,16 @@ class EngineConfig:
     tensor_parallel: int = 1  # ranks of a torchrun group that split every layer (flexserve.parallel.serving)
     pipeline_parallel: int = 1  # stages of contiguous layers, one rank group each
     join_group: JoinGroup | None = None  # how to join that group: `ServingGroup.join` (see rank_group.py)
+
+    def __post_init__(self) -> None:
+        if self.sliding_window < 0 or self.attention_sinks < 0 or (self.attention_sinks and not self.sliding_window):
+            raise ConfigError(f"attention sinks need a sliding window (--sliding-window W > 0); got "
+                              f"sinks={self.attention_sinks}, window={self.sliding_window}")
+
+    @property
+    def streaming(self) -> StreamingWindow | None:
+        """The sliding window with sinks (StreamingLLM), or None for full attention."""
+        return StreamingWindow(self.attention_sinks, self.sliding_window) if self.sliding_window else None
 
     @property
     def parallel(self) -> bool:

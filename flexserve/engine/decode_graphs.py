@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .paged_batch import PagedBatch
+from .paged_batch import PagedBatch, StreamingWindow
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -33,7 +33,8 @@ class DecodeGraphs:
     """Static buffers for up to `max_batch` decode rows and a captured graph per bucket."""
 
     def __init__(self, forward: Callable[[PagedBatch], torch.Tensor], max_batch: int, max_blocks: int,
-                 block_size: int, scratch_block: int, device: torch.device, capture: bool = True):
+                 block_size: int, scratch_block: int, device: torch.device, capture: bool = True,
+                 streaming: StreamingWindow | None = None, inv_freq: torch.Tensor | None = None):
         self.forward = forward  # PagedBatch -> logits of every row [rows, vocab]
         self.block_size = block_size
         self.scratch_block = scratch_block
@@ -42,6 +43,7 @@ class DecodeGraphs:
         self.buckets = buckets_for(max_batch)
         self.capture = capture
         self.device = device
+        self.streaming, self.inv_freq = streaming, inv_freq  # a sliding window (StreamingLLM), as the eager steps
         i32 = dict(dtype=torch.int32, device=device)
         self.ids = torch.zeros(1, max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(1, max_batch, dtype=torch.long, device=device)
@@ -74,7 +76,8 @@ class DecodeGraphs:
     def _static(self, bucket: int) -> PagedBatch:
         return PagedBatch(ids=self.ids[:, :bucket], positions=self.positions[:, :bucket], slots=self.slots[:bucket],
                           block_tables=self.tables[:bucket], row_seq=self.row_seq[:bucket],
-                          ctx_lens=self.ctx_lens[:bucket], block_size=self.block_size, num_decode=bucket)
+                          ctx_lens=self.ctx_lens[:bucket], block_size=self.block_size, num_decode=bucket,
+                          streaming=self.streaming, inv_freq=self.inv_freq)
 
     def _load(self, batch: PagedBatch, rows: int, bucket: int) -> None:
         """Copy the step's inputs into the static buffers; rows past `rows` become scratch padding."""

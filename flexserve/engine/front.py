@@ -10,11 +10,13 @@ from .sampling import SamplingParams, fit_prompt
 
 
 class EngineFront:
-    """Mixed into an engine front end that has `model_config`, `error`, `_accepting`, `_ids` and `generate`."""
+    """Mixed into an engine front end that has `config`, `model_config`, `error`, `_accepting`, `_ids` and
+    `generate`."""
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Reject what cannot run; clip max_tokens to the context window. Returns the params to use."""
-        return fit_prompt(self.model_config, prompt_token_ids, params)
+        """Reject what cannot run; clip max_tokens to the context window (none with a sliding window).
+        Returns the params to use."""
+        return fit_prompt(self.model_config, prompt_token_ids, params, unbounded=self.config.sliding_window > 0)
 
     def _prepare(self, prompt_token_ids: list[int], params: SamplingParams,
                  request_id: str | None) -> tuple[SamplingParams, str]:

@@ -70,7 +70,8 @@ def _engine_main(config: EngineConfig, conn) -> None:
             conn.send(msg)
 
     send(("ready", {"model_path": engine.model_path, "model_config": engine.model_config,
-                    "model_name": engine.model_name, "device": str(engine.device)}))
+                    "model_name": engine.model_name, "device": str(engine.device),
+                    "settings": engine.settings}))
     engine.start()
     failure_sent = False
     try:
@@ -150,7 +151,7 @@ class EngineProcess(EngineFront):
             if kind == "error":
                 raise info
             self.model_path, self.model_config = info["model_path"], info["model_config"]
-            self.model_name, self.device = info["model_name"], info["device"]
+            self.model_name, self.device, self.settings = info["model_name"], info["device"], info["settings"]
             self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
         except BaseException:
             self._proc.kill()

@@ -26,6 +26,7 @@ from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from .config import EngineConfig
 from .decode_graphs import DecodeGraphs
+from .defaults import ServingDefaults, derive_defaults, measure_rates
 from .paged import PagedKV
 from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .rank_group import RankGroup
@@ -116,10 +117,12 @@ class ModelRunner:
                                     "the scheduler) and activations on the GPU", config.offload_dir)
         check_fits(cfg, policy, torch.empty((), dtype=self.dtype).element_size(), 1, self.device)
         self.executor = OffloadExecutor(source, policy, self.device, self.dtype, config.offload_dir)
-        per_block = PagedKV.bytes_per_block(cfg, config.block_size, self.dtype)
-        num_gpu = config.num_gpu_blocks or self._default_gpu_blocks(per_block)
-        num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
-            1, (4 * GiB if self.device.type == "cuda" else GiB) // per_block)
+        self.streaming = config.streaming
+        if self.streaming is not None and self.executor.inv_freq is None:
+            raise PolicyError("a sliding window with attention sinks needs rotary positions; this model's "
+                              "positions are learned (a fixed table)")
+        self.settings = self._settings(config, PagedKV.bytes_per_block(cfg, config.block_size, self.dtype))
+        num_gpu, num_cpu = self.settings.num_gpu_blocks, self.settings.num_cpu_blocks
         if group is not None:  # block ids must mean the same on every rank
             num_gpu, num_cpu = group.agree_min(num_gpu, self.device), group.agree_min(num_cpu, self.device)
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu, num_cpu
@@ -133,14 +136,21 @@ class ModelRunner:
                 and kernel_supports(self.device, self.model_config.head_dim)):
             return None
         max_blocks = -(-self.model_config.max_position // self.config.block_size)
-        return DecodeGraphs(self.forward, self.config.max_num_seqs, max_blocks, self.config.block_size,
-                            self.kv.scratch_block, self.device)
+        return DecodeGraphs(self.forward, self.settings.max_num_seqs, max_blocks, self.config.block_size,
+                            self.kv.scratch_block, self.device, streaming=self.streaming,
+                            inv_freq=self.executor.inv_freq)
 
-    def _default_gpu_blocks(self, per_block: int) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(16, int(free * 0.85) // per_block)
-        return max(16, GiB // per_block)
+    def _settings(self, config: EngineConfig, per_block: int) -> ServingDefaults:
+        """The settings the config leaves open, derived from this device (see `defaults.py`)."""
+        cuda = self.device.type == "cuda"
+        num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
+            1, (4 * GiB if cuda else GiB) // per_block)
+        rates = measure_rates(self.device, self.dtype) if cuda else None
+        free = torch.cuda.mem_get_info(self.device)[0] if cuda else 0
+        return derive_defaults(self.model_config, per_block, config.block_size, free, rates, num_cpu,
+                               max_num_seqs=config.max_num_seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens,
+                               prefill_chunk_size=config.prefill_chunk_size, num_gpu_blocks=config.num_gpu_blocks)
 
     # --- the step --------------------------------------------------------------------------------------------
     def forward(self, batch: PagedBatch, rows: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -169,7 +179,8 @@ class ModelRunner:
         before_forward = kv.mark()
         batch, logits = None, None
         if plan.seqs:
-            batch = PagedBatch.build(plan.seqs, self.config.block_size, self.device)
+            batch = PagedBatch.build(plan.seqs, self.config.block_size, self.device, self.streaming,
+                                     self.executor.inv_freq)
             rows = batch.sample_rows if sample else batch.sample_rows[:0]
             if self.graphs is not None and self.graphs.applies(batch):
                 logits = self.graphs.run(batch)[rows]

@@ -125,15 +125,18 @@ def make_generator(seed: int | None, fallback: torch.Generator) -> torch.Generat
     return torch.Generator().manual_seed(seed)
 
 
-def fit_prompt(config, ids: list[int], params: SamplingParams) -> SamplingParams:
+def fit_prompt(config, ids: list[int], params: SamplingParams, unbounded: bool = False) -> SamplingParams:
     """Reject prompts that cannot run (empty, out of vocabulary, no room for one new token in the context
-    window) and clip max_tokens to the room left. Shared by the offline `LLM` and the serving engine."""
+    window) and clip max_tokens to the room left. Shared by the offline `LLM` and the serving engine.
+    `unbounded`: a sliding window (StreamingLLM) keeps the cache bounded, so no context limit applies."""
     from ..errors import PromptTooLongError
 
     if not ids:
         raise RequestError("the prompt is empty")
     if min(ids) < 0 or max(ids) >= config.vocab_size:
         raise RequestError(f"prompt token ids must be in 0..{config.vocab_size - 1}")
+    if unbounded:
+        return params
     room = config.max_position - len(ids)
     if room < 1:
         raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the context window is {config.max_position} "

@@ -52,10 +52,12 @@ class AsyncEngine(EngineFront):
         self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
         self.model_name = self.model_path.rstrip("/").split("/")[-1]
         self.outputs = OutputProcessor(self.tokenizer, self._lost)
-        self.blocks = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.block_size)
-        sched_cfg = SchedulerConfig(max_num_seqs=config.max_num_seqs,
-                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                    prefill_chunk_size=config.prefill_chunk_size, max_queue_len=config.max_queue_len,
+        self.settings = settings = self.runner.settings
+        self.blocks = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.block_size,
+                                   sinks=config.attention_sinks, window=config.sliding_window)
+        sched_cfg = SchedulerConfig(max_num_seqs=settings.max_num_seqs,
+                                    max_num_batched_tokens=settings.max_num_batched_tokens,
+                                    prefill_chunk_size=settings.prefill_chunk_size, max_queue_len=config.max_queue_len,
                                     **config.scheduler_options)
         self.scheduler = make_scheduler(config.scheduler, sched_cfg, self.blocks)
         self._live: dict[str, LiveRequest] = {}

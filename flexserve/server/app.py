@@ -191,6 +191,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
         exit_worker(0)
     app = build_app(engine, api_key, options.served_model_name, drain_timeout=options.drain_timeout)
     name = app.state.flexserve.model_name
+    print(engine.settings.summary(), flush=True)  # the pool, seats and token budget it chose, and why
     print(f"flexserve: serving {name!r} ({engine.config.scheduler}) at http://{options.host}:{options.port}/v1"
           f"{' (API key required)' if api_key else ''}; Ctrl-C drains and stops", flush=True)
     uv_config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
