@@ -107,10 +107,36 @@ def _launch_one(bench: ServeBenchSettings, scheduler: str, shared: dict) -> dict
         shared["prompts"] = prompt_ids(trace, spec.seed, *token_range(cfg.vocab_size))
     try:
         with ServerThread(build_app(engine)) as srv:
-            return http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
+            run = http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
+        run["row"].update(_bound_columns(engine, config, shared, run["row"]["makespan_s"]))
+        return run
     finally:
         with contextlib.suppress(RuntimeError):  # a step still running after the drain keeps its memory
             engine.release_memory()
+
+
+def _bound_columns(engine, config, shared: dict, makespan_s: float) -> dict:
+    """The run's fraction of the GPU's bound (see `bounds.py`), for resident weights on a GPU; the rates are
+    measured once per benchmark, here."""
+    import torch
+
+    from ..engine.defaults import measure_rates
+    from .bounds import workload_bound
+
+    placed = config.policy is None or config.policy.w_gpu_percent == 100
+    device = torch.device(str(engine.device))
+    if device.type != "cuda" or not placed:
+        return {}
+    if "rates" not in shared:
+        shared["rates"] = measure_rates(device, engine.dtype)
+    rates, cfg = shared["rates"], engine.model_config
+    dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
+    trace = shared["trace"]
+    bound = workload_bound(cfg, dtype_bytes, cfg.stored_weight_bytes(dtype_bytes), [r.prompt_len for r in trace],
+                           [r.output_len for r in trace], engine.settings.max_num_seqs, rates.matmul_flops,
+                           rates.memory_bw)
+    return {**bound.row(makespan_s), "matmul_tflops": round(rates.matmul_flops / 1e12, 1),
+            "memory_gbps": round(rates.memory_bw / 1e9, 1)}
 
 
 def sim_cost(step_overhead_ms: float | None = None, seq_overhead_us: float | None = None) -> LinearCostModel:

@@ -11,7 +11,7 @@ from ..scheduler.metrics import RequestRecord
 
 TABLE_COLUMNS = ["scheduler", "finished", "failed", "throughput_tok_s", "throughput_req_s", "ttft_mean_s",
                  "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "tpot_p50_s", "tpot_p99_s", "jct_mean_s", "jct_p50_s",
-                 "jct_p99_s", "queueing_frac"]
+                 "jct_p99_s", "queueing_frac", "fraction_of_bound"]
 
 
 def format_table(rows: list[dict]) -> str:
