@@ -14,10 +14,12 @@ from ..offload.executor import OffloadExecutor
 from ..offload.policy import Policy
 from ..tokenizer import Tokenizer
 from .block import run_block
+from .config import EngineConfig
 from .detokenize import IncrementalText, find_stop
 from .generation import Sequence
 from .outputs import CompletionOutput, RequestOutput
 from .sampling import SamplingParams, fit_prompt, make_generator, stop_token_ids
+from .windowed import WindowedGenerator, WindowedRequest
 
 DEFAULT_MAX_BATCH = 64
 
@@ -30,11 +32,28 @@ class LLM:
     every prompt of a `generate` call in one batch (up to 64 at a time).
     `gpu_limit` / `cpu_limit`: byte caps on top of what is free (to mimic a smaller machine); a policy that
     does not fit raises `PolicyError` before anything is allocated.
+    `sliding_window` / `attention_sinks`: StreamingLLM (each query sees the first `attention_sinks` tokens and
+    its last `sliding_window` ones), so generation can run past the context window with a bounded cache; the
+    prompts then run through the paged serving engine (see `windowed.py`).
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
                  offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
-                 progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None):
+                 progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None,
+                 sliding_window: int = 0, attention_sinks: int = 0):
+        self._windowed: WindowedGenerator | None = None
+        self._seed = seed
+        self._ids = itertools.count()
+        if sliding_window or attention_sinks:
+            self._windowed = WindowedGenerator(EngineConfig(
+                model=model, dtype=dtype, device=None if device is None else str(device), scheduler="fcfs",
+                policy=policy, offload_dir=offload_dir, seed=seed, sliding_window=sliding_window,
+                attention_sinks=attention_sinks))
+            engine = self._windowed.engine
+            self.model, self.device, self.dtype, self.config = (engine.model_path, engine.device, engine.dtype,
+                                                                engine.model_config)
+            self.policy, self.tokenizer, self.executor = policy, engine.tokenizer, None
+            return
         opened = open_model(model, dtype, device)
         self.model, self.device, self.dtype, self.config = opened.path, opened.device, opened.dtype, opened.config
         self.policy = policy
@@ -50,8 +69,6 @@ class LLM:
         except BaseException:
             self.executor.close()
             raise
-        self._seed = seed
-        self._ids = itertools.count()
 
     def _dtype_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
@@ -68,8 +85,9 @@ class LLM:
         raise RequestError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
     def check_prompt(self, ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Reject prompts that cannot run; returns the params with max_tokens clipped to the context."""
-        return fit_prompt(self.config, ids, params)
+        """Reject prompts that cannot run; returns the params with max_tokens clipped to the context (not with
+        a sliding window, whose cache stays bounded)."""
+        return fit_prompt(self.config, ids, params, unbounded=self._windowed is not None)
 
     def _stop_check(self, seq: Sequence) -> bool:
         """Did the newest token complete a stop string? (Incremental: only the text's tail is searched.)"""
@@ -97,6 +115,10 @@ class LLM:
         if len(params_list) != len(prompts):
             raise RequestError("give one SamplingParams, or one per prompt")
         params_list = [p if p is not None else SamplingParams() for p in params_list]
+        if self._windowed is not None:
+            reqs = [WindowedRequest(text, ids, self.check_prompt(ids, params))
+                    for (text, ids), params in ((self._prompt_ids(p), q) for p, q in zip(prompts, params_list))]
+            return self._windowed.generate(reqs, self._ids)
         fallback = torch.Generator().manual_seed(self._seed)
         requests, seqs = [], []
         for prompt, params in zip(prompts, params_list):
@@ -149,7 +171,10 @@ class LLM:
         return RequestOutput(str(next(self._ids)), text, ids, outs, seqs[0].prompt_logprobs)
 
     def close(self) -> None:
-        self.executor.close()
+        if self._windowed is not None:
+            self._windowed.close()
+        else:
+            self.executor.close()
 
     def __enter__(self) -> "LLM":
         return self

@@ -65,3 +65,21 @@ def test_streaming_needs_rotary_positions_and_a_window(tiny_model):
         engine = AsyncEngine(EngineConfig(model=tiny_model("llama-gqa")[0], dtype="float32", device="cpu",
                                           num_gpu_blocks=64))
         engine.validate(list(range(3, 93)) * 2, _greedy(4))
+
+
+def test_llm_with_a_window_streams_past_the_context(tiny_model):
+    folder, _ = tiny_model("llama-gqa")
+    with LLM(folder, dtype="float32", device="cpu") as full:
+        want = full.generate({"prompt_token_ids": PROMPT}, _greedy(30))[0].outputs[0].token_ids
+    with LLM(folder, dtype="float32", device="cpu", sliding_window=64, attention_sinks=4) as wide:
+        assert wide.generate({"prompt_token_ids": PROMPT}, _greedy(30))[0].outputs[0].token_ids == want
+    with LLM(folder, dtype="float32", device="cpu", sliding_window=16, attention_sinks=4) as llm:
+        outs = llm.generate([{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[:5]}],
+                            [_greedy(200), SamplingParams(max_tokens=150, n=2, seed=3, logprobs=1, ignore_eos=True)])
+        assert len(outs[0].outputs[0].token_ids) == 200  # 220 positions: past the window of 128
+        assert outs[0].outputs[0].finish_reason == "length"
+        a, b = outs[1].outputs
+        assert len(a.token_ids) == len(b.token_ids) == 150 and a.token_ids != b.token_ids  # two seeded samples
+        assert len(a.logprobs) == 150 and a.cumulative_logprob < 0
+        again = llm.generate({"prompt_token_ids": PROMPT}, _greedy(200))[0].outputs[0].token_ids
+        assert again == outs[0].outputs[0].token_ids  # the engine keeps serving across calls
