@@ -108,7 +108,10 @@ def _launch_one(bench: ServeBenchSettings, scheduler: str, shared: dict) -> dict
     try:
         with ServerThread(build_app(engine)) as srv:
             run = http_run_isolated(scheduler, srv.url, shared["trace"], shared["prompts"], engine.model_name)
-        run["row"].update(_bound_columns(engine, config, shared, run["row"]["makespan_s"]))
+        st = engine.settings
+        run["row"].update(_bound_columns(engine, config, shared, run["row"]["makespan_s"]),
+                          max_num_seqs=st.max_num_seqs, max_num_batched_tokens=st.max_num_batched_tokens,
+                          prefill_chunk_size=st.prefill_chunk_size, num_gpu_blocks=st.num_gpu_blocks)
         return run
     finally:
         with contextlib.suppress(RuntimeError):  # a step still running after the drain keeps its memory
