@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from flexserve import SamplingParams  # noqa: E402
-from flexserve.engine import paged_batch, serving  # noqa: E402
+from flexserve.engine import paged_batch, runner  # noqa: E402
 from flexserve.engine.serving import AsyncEngine, EngineConfig  # noqa: E402
 
 
@@ -55,7 +55,10 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="prompts of uniform random length in [LO, HI] instead of 64/128/256/512 cycling")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's own")
+    p.add_argument("--prefill-chunk-size", type=int, default=None, help="default: the engine's own")
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--profile-after", type=int, default=30, help="steps to run before profiling")
     p.add_argument("--scheduler", default="fcfs", help="fcfs | mlfq | skip-join-mlfq")
@@ -68,6 +71,7 @@ def main() -> None:
     engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       scheduler=args.scheduler, max_num_seqs=args.max_num_seqs or args.requests,
                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                      prefill_chunk_size=args.prefill_chunk_size,
                                       num_gpu_blocks=args.num_gpu_blocks, max_queue_len=args.requests + 1))
     acc: collections.Counter = collections.Counter()
     prof_state = {"prof": None, "done": False}
@@ -76,14 +80,13 @@ def main() -> None:
                                                            lambda: prof_state["prof"] is not None
                                                            and not prof_state["done"]))
     sched.on_step_done = _timed(acc, "on_step_done", sched.on_step_done)
-    engine._execute = _timed(acc, "forward", engine._execute)
-    engine._deliver_many = _timed(acc, "deliver", engine._deliver_many)
-    engine._hit_stop_string = _timed(acc, "detokenize", engine._hit_stop_string)
+    engine.runner.execute = _timed(acc, "forward", engine.runner.execute)
+    engine.outputs.deliver = _timed(acc, "deliver", engine.outputs.deliver)
+    engine.outputs._advance_text = _timed(acc, "detokenize", engine.outputs._advance_text)
     build = paged_batch.PagedBatch.build
     paged_batch.PagedBatch.build = _timed(acc, "batch_build", build)
-    serving.PagedBatch = paged_batch.PagedBatch
-    sample = serving.sample
-    serving.sample = _timed(acc, "sample", sample)
+    runner.PagedBatch = paged_batch.PagedBatch
+    runner.sample = _timed(acc, "sample", runner.sample)
 
     step_times: list[tuple[int, float]] = []  # (tokens sampled, seconds)
     orig_step = engine.step
@@ -112,8 +115,10 @@ def main() -> None:
     engine.step = step
 
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, min(10_000, engine.model_config.vocab_size), ((64, 128, 256, 512)[i % 4],), generator=g).tolist()
-               for i in range(args.requests)]
+    lens = [(64, 128, 256, 512)[i % 4] for i in range(args.requests)] if args.prompt_range is None else \
+        torch.randint(args.prompt_range[0], args.prompt_range[1] + 1, (args.requests,), generator=g).tolist()
+    prompts = [torch.randint(10, min(10_000, engine.model_config.vocab_size), (n,), generator=g).tolist()
+               for n in lens]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(prompt):
@@ -146,6 +151,8 @@ def main() -> None:
         if args.trace_out:
             prof.export_chrome_trace(args.trace_out)
             result["copy_overlap"] = copy_overlap(args.trace_out)
+    result["settings"] = {k: getattr(engine.settings, k) for k in ("max_num_seqs", "max_num_batched_tokens",
+                                                                   "prefill_chunk_size", "num_gpu_blocks")}
     print("PROFILE_RESULT " + json.dumps(result))
 
 
