@@ -1,7 +1,7 @@
 """`ModelConfig`: one dataclass that describes every supported model family.
 
 A family is a handful of switches here (norm kind, activation, biases, positional encoding), not a forked
-model file. Configs come from a Hugging Face `config.json`, from GGUF metadata (see `weights/gguf.py`), or
+model file. Configs come from a Hugging Face `config.json`, from GGUF metadata (see `weights/gguf_reader.py`), or
 from a named preset shape (`opt-30b`, `llama-3-70b`, ...) used with dummy weights for benchmarks.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ModelConfig:
     positional: str = "rope"  # "rope" | "learned"
     learned_pos_offset: int = 2  # OPT's learned positions start at index 2
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # linear or llama3 (HF's keys); GGUF files may add "freq_factors"
     pre_norm: bool = True  # OPT-350m is post-norm
     word_embed_proj_dim: int = 0  # OPT-350m projects embeddings; 0 means hidden_size
     bos_token_id: int | None = None

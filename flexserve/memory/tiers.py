@@ -3,14 +3,16 @@
 Three tiers: GPU (the compute device's own memory), CPU (pinned host memory, allocated once and reused) and
 DISK (one file per tensor under the offload directory, read and written with positional I/O on the offload
 executor's loader and storer threads, so disk traffic overlaps compute; reads go through the page cache).
-A `Handle` says where one tensor lives; `copy_to_device` moves it to a buffer on the compute device. This
-module knows nothing of models. On a machine without CUDA the compute device is the CPU: the "GPU" tier is then
-ordinary memory of the compute device and the CPU and disk tiers stay real, so every path runs in CI.
+A `Handle` says where one tensor lives; `Tiers.read_rows` copies rows of it into a buffer on the compute device
+and `Tiers.write_rows` copies rows of such a buffer back into it. This module knows nothing of models. On a
+machine without CUDA the compute device is the CPU: the "GPU" tier is then ordinary memory of the compute device
+and the CPU and disk tiers stay real, so every path runs in CI.
 """
 from __future__ import annotations
 
 import atexit
 import enum
+import functools
 import os
 import shutil
 import signal
@@ -67,7 +69,8 @@ def _raw_view(t: torch.Tensor):
 
 
 class DiskTier:
-    """Tensors stored as raw files in a private directory; removed on close, at exit and on SIGINT/SIGTERM."""
+    """Tensors stored as raw files in a private directory; removed on close, at exit and when SIGINT or SIGTERM
+    ends the process (an ignored signal, or a handler that lets the process go on, leaves them)."""
 
     _live: "weakref.WeakSet[DiskTier]" = weakref.WeakSet()
     _hooks_installed = False
@@ -89,19 +92,37 @@ class DiskTier:
         if cls._hooks_installed:
             return
         cls._hooks_installed = True
-        atexit.register(lambda: [t.close() for t in list(cls._live)])
+        atexit.register(cls._close_all)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous = signal.getsignal(sig)
+                # An ignored signal stays ignored (the process goes on and still uses its files), and a handler
+                # installed outside Python (None) cannot be chained: both are left as they are.
+                if previous is signal.SIG_IGN or previous is None:
+                    continue
+                signal.signal(sig, functools.partial(cls._on_signal, previous))
 
-                def handler(signum, frame, previous=previous):
-                    for t in list(cls._live):
-                        t.close()
-                    if callable(previous):
-                        previous(signum, frame)
-                    else:
-                        raise KeyboardInterrupt
-                signal.signal(sig, handler)
+    @classmethod
+    def _on_signal(cls, previous, signum, frame) -> None:
+        """The files go only when the signal ends the process. The default action (SIG_DFL) ends it without
+        exit handlers: remove them, then die of the same signal. A Python handler runs first; if it returns,
+        the process carries on (a graceful drain, say) and keeps its files; if it raises (KeyboardInterrupt,
+        SystemExit), they are removed before the exception goes on."""
+        if previous is signal.SIG_DFL:
+            cls._close_all()
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        try:
+            previous(signum, frame)
+        except BaseException:
+            cls._close_all()
+            raise
+
+    @classmethod
+    def _close_all(cls) -> None:
+        for t in list(cls._live):
+            t.close()
 
     def new_path(self, name: str) -> str:
         return os.path.join(self.root, f"{name}-{uuid.uuid4().hex[:8]}.bin")

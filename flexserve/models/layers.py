@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..errors import ModelLoadError
 
 Weights = Mapping[str, torch.Tensor]
 # attend(q: [B, S, H, hd], k: [B, S, Hkv, hd], v: [B, S, Hkv, hd]) -> [B, S, H * hd]
@@ -40,17 +41,29 @@ def _activation(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
 
 # --- rotary embedding ----------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [hd/2], with linear or llama3-style scaling when the config asks for it."""
+    """Inverse frequencies [hd/2], with linear or llama3-style scaling when the config asks for it, then divided
+    by per-frequency factors where the config carries them (`freq_factors`: how GGUF files store Llama 3.1's
+    scaling)."""
     hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     sc = cfg.rope_scaling
     if not sc:
         return inv
     kind = sc.get("rope_type", sc.get("type"))
-    factor = float(sc["factor"])
     if kind == "linear":
-        return inv / factor
-    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between.
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        inv = _llama3_inv_freq(inv, sc)
+    elif kind not in ("default", None) or "factor" in sc:
+        raise ModelLoadError(f"rope scaling {kind!r} is not supported (default, linear and llama3 are)")
+    if sc.get("freq_factors") is not None:
+        inv = inv / torch.tensor(sc["freq_factors"], dtype=torch.float32)
+    return inv
+
+
+def _llama3_inv_freq(inv: torch.Tensor, sc: dict) -> torch.Tensor:
+    """llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between."""
+    factor = float(sc["factor"])
     low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
     old_len = float(sc.get("original_max_position_embeddings", 8192))
     wavelen = 2 * math.pi / inv

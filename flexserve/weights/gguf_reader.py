@@ -1,5 +1,10 @@
 """GGUF files (llama.cpp's format) through the `gguf` package: metadata into `ModelConfig`, tensors
-dequantised on load (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows)."""
+dequantised on load (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows).
+
+Rotary scaling comes two ways: linear scaling as metadata (`{arch}.rope.scaling.type` and `.factor`), and
+Llama 3.1's frequency-dependent scaling as the tensor `rope_freqs.weight`, one divisor per rotary frequency,
+which llama.cpp's converter computes from the checkpoint's `rope_scaling` and keeps in place of it. The divisors
+are carried in the config as they are (`rope_scaling["freq_factors"]`), so the frequencies are llama.cpp's own."""
 from __future__ import annotations
 
 import os
@@ -47,8 +52,8 @@ class GGUFSource:
         except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError ... on bad files
             raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated?): {e}") from None
         self._dequantize = gguf.quants.dequantize
-        self.config = self._config()
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self.config = self._config()
         self._layers: dict[int, dict[str, str]] = {}
         self._globals: dict[str, str] = {}
         for name in self._tensors:
@@ -76,15 +81,14 @@ class GGUFSource:
             vocab = int(_field(r, f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
             eos = _field(r, "tokenizer.ggml.eos_token_id")
             rope_dim = _field(r, f"{arch}.rope.dimension_count")
-            scaling = None
-            if _field(r, f"{arch}.rope.scaling.type") == "linear":
-                scaling = {"rope_type": "linear", "factor": float(_field(r, f"{arch}.rope.scaling.factor"))}
+            head_dim = int(_field(r, f"{arch}.attention.key_length", rope_dim or hidden // heads))
+            scaling = self._rope_scaling(arch, head_dim)
             return ModelConfig(
                 family="llama", name=os.path.basename(self.path), vocab_size=vocab, hidden_size=hidden,
                 intermediate_size=int(_field(r, f"{arch}.feed_forward_length")),
                 num_layers=int(_field(r, f"{arch}.block_count")), num_heads=heads,
                 num_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", heads)),
-                head_dim=int(_field(r, f"{arch}.attention.key_length", rope_dim or hidden // heads)),
+                head_dim=head_dim,
                 max_position=int(_field(r, f"{arch}.context_length", 2048)),
                 norm="rmsnorm", norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                 qkv_bias=arch == "qwen2", rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
@@ -93,6 +97,27 @@ class GGUFSource:
             )
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from None
+
+    def _rope_scaling(self, arch: str, head_dim: int) -> dict | None:
+        """`ModelConfig.rope_scaling` from the metadata and the `rope_freqs` tensor (see the module docstring);
+        llama.cpp applies both when both are there, and so does `rope_inv_freq`."""
+        kind = _field(self._reader, f"{arch}.rope.scaling.type", "none")
+        if kind == "linear":
+            scaling = {"rope_type": "linear", "factor": float(_field(self._reader, f"{arch}.rope.scaling.factor"))}
+        elif kind == "none":
+            scaling = {"rope_type": "default"}
+        else:
+            raise ModelLoadError(f"{self.path}: GGUF rope scaling {kind!r} is not supported (none and linear are, "
+                                 "and Llama 3.1's as the rope_freqs tensor)")
+        if "rope_freqs.weight" in self._tensors:
+            factors = self._get("rope_freqs.weight").reshape(-1)
+            if factors.numel() != head_dim // 2:
+                raise ModelLoadError(f"{self.path}: rope_freqs has {factors.numel()} factors, the rotary embedding "
+                                     f"has {head_dim // 2} frequencies (head dimension {head_dim})")
+            if not bool((factors > 0).all()):
+                raise ModelLoadError(f"{self.path}: rope_freqs holds a factor that is not positive")
+            scaling["freq_factors"] = tuple(factors.tolist())
+        return None if scaling == {"rope_type": "default"} else scaling
 
     def _get(self, name: str) -> torch.Tensor:
         t = self._tensors[name]

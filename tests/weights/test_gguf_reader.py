@@ -55,7 +55,8 @@ def metadata(hf, arch="llama") -> dict:
 def write_gguf(path, arch: str, meta: dict, tensors: dict[str, torch.Tensor], dtype=np.float32) -> str:
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
+        add = w.add_float32 if isinstance(value, float) else w.add_string if isinstance(value, str) else w.add_uint32
+        add(key, value)
     for name, t in tensors.items():
         w.add_tensor(name, t.numpy().astype(dtype if t.dim() == 2 else np.float32))
     w.write_header_to_file()
@@ -118,9 +119,13 @@ def test_a_file_without_an_output_tensor_ties_the_embeddings(tiny_llama, tmp_pat
     ("arch-gpt2", "GGUF architecture 'gpt2' is not supported"),
     ("no-head-count", "GGUF metadata is incomplete"),
     ("no-layer-1", r"GGUF lacks decoder layers \[1\]"),
+    ("yarn", "GGUF rope scaling 'yarn' is not supported"),
+    ("short-rope-freqs", r"rope_freqs has 3 factors, the rotary embedding has 8 frequencies \(head dimension 16\)"),
+    ("zero-rope-freq", "rope_freqs holds a factor that is not positive"),
 ])
 def test_unusable_files_are_one_clear_error(tiny_llama, tmp_path, change, message):
     _, hf = tiny_llama
+    assert hf.config.head_dim == 16
     arch = "gpt2" if change == "arch-gpt2" else "llama"
     meta = metadata(hf, arch)
     tensors = gguf_tensors(hf, tied=False)
@@ -128,24 +133,75 @@ def test_unusable_files_are_one_clear_error(tiny_llama, tmp_path, change, messag
         del meta["llama.attention.head_count"]
     if change == "no-layer-1":
         tensors = {k: v for k, v in tensors.items() if not k.startswith("blk.1.")}
+    if change == "yarn":  # scaling the frequencies differently: not to be run unscaled without a word
+        meta |= {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
+    if change == "short-rope-freqs":
+        tensors["rope_freqs.weight"] = torch.ones(3)
+    if change == "zero-rope-freq":
+        tensors["rope_freqs.weight"] = torch.tensor([1.0] * 7 + [0.0])
     path = write_gguf(tmp_path / "m.gguf", arch, meta, tensors)
     with pytest.raises(ModelLoadError, match=message):
         GGUFSource(path)
 
 
-@pytest.mark.xfail(strict=True, reason="the GGUF reader ignores `rope_freqs.weight`, where llama.cpp's converter "
-                                       "stores Llama 3.1's rope scaling: such files run with unscaled frequencies")
-def test_llama3_rope_factors_stored_as_a_tensor_are_applied(tiny_model, tmp_path):
+def llama3_rope_freqs(hf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(transformers' scaled frequencies, the unscaled ones, the converter's `rope_freqs` tensor: one divisor per
+    frequency, scaled = plain / factor)."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    _, hf = tiny_model("llama3-scaled")
     scaled = LlamaRotaryEmbedding(hf.config).inv_freq
     plain = LlamaRotaryEmbedding(hf.config).compute_default_rope_parameters(hf.config)[0]
+    return scaled, plain, plain / scaled
+
+
+def test_llama3_rope_factors_stored_as_a_tensor_are_applied(tiny_model, tmp_path):
+    _, hf = tiny_model("llama3-scaled")
+    scaled, plain, factors = llama3_rope_freqs(hf)
     assert not torch.allclose(scaled, plain)
-    # the converter's tensor: one divisor per frequency (scaled = plain / factor)
-    tensors = {**gguf_tensors(hf, tied=False), "rope_freqs.weight": plain / scaled}
+    tensors = {**gguf_tensors(hf, tied=False), "rope_freqs.weight": factors}
     src = GGUFSource(write_gguf(tmp_path / "m.gguf", "llama", metadata(hf), tensors))
+    assert src.config.rope_scaling == {"rope_type": "default", "freq_factors": tuple(factors.tolist())}
     torch.testing.assert_close(rope_inv_freq(src.config), scaled, atol=0, rtol=1e-6)
+    assert "rope_freqs.weight" not in src.global_parts()  # a rotary setting, not a weight
+
+
+def test_linear_scaling_metadata_and_rope_factors_both_apply(tiny_llama, tmp_path):
+    """As in llama.cpp: the linear factor scales every frequency, the tensor's factors each their own."""
+    _, hf = tiny_llama
+    factors = torch.linspace(1.0, 8.0, hf.config.head_dim // 2)
+    meta = metadata(hf) | {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    linear = GGUFSource(write_gguf(tmp_path / "linear.gguf", "llama", meta, gguf_tensors(hf, tied=False)))
+    assert linear.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    both = GGUFSource(write_gguf(tmp_path / "both.gguf", "llama", meta,
+                                 {**gguf_tensors(hf, tied=False), "rope_freqs.weight": factors}))
+    plain = rope_inv_freq(both.config.replace(rope_scaling=None))
+    torch.testing.assert_close(rope_inv_freq(linear.config), plain / 4, atol=0, rtol=1e-6)
+    torch.testing.assert_close(rope_inv_freq(both.config), plain / 4 / factors, atol=0, rtol=1e-6)
+    none = GGUFSource(write_gguf(tmp_path / "none.gguf", "llama", metadata(hf) | {"llama.rope.scaling.type": "none"},
+                                 gguf_tensors(hf, tied=False)))
+    assert none.config.rope_scaling is None and torch.equal(rope_inv_freq(none.config), plain)
+
+
+def test_a_llama3_gguf_gives_the_logits_of_the_checkpoint_it_came_from(tiny_model, tmp_path):
+    """The whole model through the executor, at positions past the original context the scaling is for."""
+    from flexserve.offload.executor import OffloadExecutor
+    from flexserve.offload.policy import Policy
+
+    _, hf = tiny_model("llama3-scaled")
+    _, _, factors = llama3_rope_freqs(hf)
+    tensors = {**gguf_tensors(hf, tied=False), "rope_freqs.weight": factors}
+    src = GGUFSource(write_gguf(tmp_path / "m.gguf", "llama", metadata(hf), tensors))
+    n = 48  # the tiny model's original_max_position_embeddings is 32
+    ids = torch.randint(3, hf.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    ex = OffloadExecutor(src, Policy(), "cpu", torch.float32)
+    try:
+        state = ex.new_block([1], n)
+        got = ex.forward(state, [ids], [torch.arange(n)[None]], [None], all_logits=True)[0][0]
+    finally:
+        ex.close()
+    with torch.no_grad():
+        want = hf(ids).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 # --- the real SmolLM2-135M-Instruct Q4_1 file ----------------------------------------------------------------
