@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..kernels.fused import rms_norm, rope, silu_mul
 from ..errors import ModelLoadError
 
 Weights = Mapping[str, torch.Tensor]
@@ -25,10 +26,7 @@ def apply_norm(cfg: ModelConfig, x: torch.Tensor, w: Weights, prefix: str) -> to
     weight = w[f"{prefix}.weight"]
     if cfg.norm == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, w.get(f"{prefix}.bias"), cfg.norm_eps)
-    # RMSNorm in fp32, as the reference implementation does, then back to the activation dtype.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-    return weight * x32.to(x.dtype)
+    return rms_norm(x, weight, cfg.norm_eps)  # in fp32, then back to the activation dtype (one kernel on a GPU)
 
 
 def _activation(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +80,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """Rotary embedding of x [B, S, H, hd] at the positions cos, sin [B, S, 1, hd] were made for."""
+    return rope(x, cos, sin)
 
 
 # --- the decoder layer ---------------------------------------------------------------------------------------
@@ -124,8 +121,7 @@ def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Ten
     h = apply_norm(cfg, x, w, "mlp_norm") if cfg.pre_norm else x
     u = F.linear(h, w["up.weight"], w.get("up.bias"))
     if cfg.gated_mlp:
-        gate, up = u.chunk(2, dim=-1)
-        u = F.silu(gate) * up
+        u = silu_mul(u)  # silu(gate) * up
     else:
         u = _activation(cfg, u)
     x = x + _row_linear(u, w["down.weight"], w.get("down.bias"), reduce)
