@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flexserve.errors import PolicyError
+from flexserve.memory import tiers as tiers_mod
 from flexserve.memory.tiers import DiskTier, Tier, Tiers, nbytes
 
 CPU = torch.device("cpu")
@@ -89,6 +90,30 @@ def test_memory_tiers_copy_along_another_dimension(tiers, tier):
     dst = torch.zeros(3, 10, 2)
     tiers.read_rows(h, dst, 2, 7, dim=1)
     assert same_bits(dst[:, 2:7], src[:, 2:7]) and (dst[:, :2] == 0).all() and (dst[:, 7:] == 0).all()
+
+
+def test_device_copies_go_in_pieces_that_cover_every_row(monkeypatch):
+    """The chunked host->device weight copy (so small copies on other streams are not held back) moves
+    exactly the requested rows, whatever the chunk size."""
+    t = Tiers(CPU)
+    t.is_cuda = True  # the chunked path; the copies themselves are ordinary CPU copies here
+    src = t.store(Tier.CPU, torch.arange(70 * 6, dtype=torch.float32).view(70, 6))
+    copies = []
+    real_copy = torch.Tensor.copy_
+
+    def copy_(dst, other, non_blocking=False):
+        copies.append(dst.shape[0])
+        return real_copy(dst, other, non_blocking=non_blocking)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    # 64 rows of 24 bytes: a chunk under one row, exactly four rows, ten rows and a bit (the last piece is
+    # short), all at once
+    for chunk, pieces in [(4, [1] * 64), (96, [4] * 16), (250, [10] * 6 + [4]), (1 << 20, [64])]:
+        monkeypatch.setattr(tiers_mod, "COPY_CHUNK_BYTES", chunk)
+        copies.clear()
+        dst = torch.full((70, 6), -1.0)
+        t.read_rows(src, dst, 3, 67)
+        assert copies == pieces, chunk
+        assert torch.equal(dst[3:67], src.data[3:67]) and (dst[:3] == -1).all() and (dst[67:] == -1).all()
 
 
 def test_disk_files_live_in_a_private_folder_of_the_offload_dir_and_go_on_close(tmp_path):

@@ -1,7 +1,8 @@
 """`pinned_empty`'s choice of allocator and the life of a registration, with the CUDA runtime replaced by a
-recorder (CI has no CUDA): large buffers are registered exactly once on the device asked for and unregistered
-exactly once when their memory is no longer used, so freed memory can be allocated again; small, empty or
-unpinned buffers never reach `cudaHostRegister`; a refused registration leaves nothing behind."""
+recorder (CI has no CUDA): large buffers are registered exactly once, exactly sized, on the device asked for and
+unregistered exactly once when their memory is no longer used (not while a view of it lives), so freed memory
+can be allocated again; small, empty or unpinned buffers, and any buffer without CUDA, never reach
+`cudaHostRegister`; a refused registration leaves nothing behind."""
 import contextlib
 import gc
 
@@ -63,6 +64,14 @@ def test_unpinned_buffers_are_plain_memory(runtime):
     assert runtime.calls == [("alloc", "zeros", False)]
 
 
+@pytest.mark.parametrize("zeroed, fn", [(False, "empty"), (True, "zeros")])
+def test_without_cuda_nothing_is_pinned(runtime, monkeypatch, zeroed, fn):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t = pinned.pinned_empty((300, 300), torch.float16, zeroed=zeroed, min_register_bytes=0)
+    assert t.shape == (300, 300) and t.dtype == torch.float16 and (not zeroed or (t == 0).all())
+    assert runtime.calls == [("alloc", fn, False)]
+
+
 @pytest.mark.parametrize("shape, zeroed, fn", [((10, 10), False, "empty"), ((10, 10), True, "zeros"),
                                                ((0, 64), False, "empty")])
 def test_small_and_empty_buffers_use_the_pinned_caching_allocator(runtime, shape, zeroed, fn):
@@ -103,6 +112,23 @@ def test_each_registration_is_undone_once_and_freed_memory_can_be_allocated_agai
         elif call[0] == "unregister":
             open_.remove(call[1])
     assert not open_ and not runtime.of("alloc")
+
+
+def test_a_view_keeps_the_registration_until_it_is_gone(runtime):
+    t = pinned.pinned_empty((7, 1000, 3), torch.bfloat16, min_register_bytes=0)
+    assert t.shape == (7, 1000, 3) and t.dtype == torch.bfloat16 and (t == 0).all()
+    ((_, ptr, size, _),) = runtime.of("register")
+    assert ptr == t.data_ptr() and size == 7 * 1000 * 3 * 2
+    t.copy_(torch.arange(21000, dtype=torch.bfloat16).view(7, 1000, 3))  # the memory is usable
+    assert float(t[6, 999, 2]) == float(torch.tensor(20999, dtype=torch.bfloat16))
+    view = t[2:].view(torch.uint8)
+    del t
+    gc.collect()
+    assert runtime.of("unregister") == []  # a view still uses the memory: it stays registered
+    assert view.numel() == 5 * 1000 * 3 * 2
+    del view
+    gc.collect()
+    assert runtime.of("unregister") == [("unregister", ptr)]
 
 
 def test_a_refused_registration_falls_back_and_clears_the_cuda_error(runtime, monkeypatch):
