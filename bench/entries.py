@@ -241,10 +241,46 @@ ENTRIES = [
                            "--profile-steps 20 --trace-out {out}/swap_demand_trace.json")),
           writes=("swap_ahead_trace.json", "swap_demand_trace.json")),
     Entry("gpu-tests-serving",
-          "Do the GPU-only tests pass on this GPU: paged-attention kernel, CUDA-graph decode, copy stream, swaps",
-          "1 GPU", 90,
-          (Cmd("pytest -q tests/engine/test_paged_attention.py tests/engine/test_serving.py "
-               "tests/engine/test_paged_swap.py -k 'kernel or captured or copy_stream or swap'", 200),)),
+          "Do the GPU-only tests pass on this GPU: paged-attention kernel (prefill tiles, split decode, sliding "
+          "window) against the portable path, CUDA-graph decode, copy stream, swaps",
+          "1 GPU", 120,
+          (Cmd("pytest -q tests/kernels tests/engine/test_streaming_attention.py", 200),
+           Cmd("pytest -q tests/engine/test_paged_attention.py tests/engine/test_serving.py "
+               "tests/engine/test_paged_swap.py -k 'kernel or captured or copy_stream or swap'", 200))),
+    Entry("paged-attention-kernel",
+          "How close the paged-attention kernel comes to the GPU: prefill TFLOP/s beside PyTorch's FlashAttention "
+          "on the same shapes, decode GB/s of KV read beside the HBM copy rate; prefill launch settings swept",
+          "1 GPU", 170, (Cmd("python bench/attention_kernel.py --sweep", 240),)),
+    Entry("serving-defaults-vs-transformers-llama3-8b",
+          "The 256-request serving batch with no engine flags (pool, seats, token budget derived at start) "
+          "against transformers' continuous batching, same call; fraction of the GPU bound",
+          "1 GPU", 200,
+          (Cmd("python bench/peer_transformers_serving.py 256", 200),
+           launch("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs "
+                  "--engine-process", 150),
+           launch("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs "
+                  "--no-engine-process", 150)),
+          peer="transformers generate_batch (bench/peer_transformers_serving.py)"),
+    Entry("prefill-heavy-batch-llama3-8b",
+          "Prefill-heavy offline batch (128 prompts of 1k-3k tokens, 32 out): prompt tokens per second against "
+          "the measured matmul rate, with the derived token budget and with 8,192",
+          "1 GPU", 150,
+          (launch("--trace bench/traces/prefill128_1k-3k.csv --num-requests 128 --schedulers fcfs "
+                  "--no-engine-process", 120),
+           launch("--trace bench/traces/prefill128_1k-3k.csv --num-requests 128 --schedulers fcfs "
+                  "--no-engine-process --max-num-batched-tokens 8192", 120))),
+    Entry("prefill-heavy-online-llama3-8b",
+          "Prefill-heavy online trace (Poisson arrivals, prompts log-normal around 2k tokens, ~25 out): "
+          "saturation throughput (20 req/s, faster than service) and TPOT at ~70% of it (9 req/s)",
+          "1 GPU", 200,
+          (launch("--trace poisson --rate 20 --num-requests 300 --prompt-len 2048 --output-len 25 "
+                  "--schedulers fcfs --engine-process", 150),
+           launch("--trace poisson --rate 9 --num-requests 300 --prompt-len 2048 --output-len 25 "
+                  "--schedulers fcfs --engine-process", 150))),
+    Entry("profile-serving-prefill-llama3-8b",
+          "Where a prefill-heavy serving step spends its time without HTTP (128 prompts of 1k-3k tokens)",
+          "1 GPU", 60, (profile_serving("--requests 128 --prompt-range 1024 3072 --max-tokens 32 --profile-after 4 "
+                                        "--profile-steps 3"),)),
     # ----------------------------------------------------------------------------- 4b. schedulers
     Entry("scheduler-kv-limited",
           "Where KV memory limits the batch (64 seats, 192 KV blocks, heavy-tailed trace at 8 req/s): skip-join "
