@@ -207,8 +207,27 @@ def test_run_of_a_cpu_entry_writes_its_log_and_result_records(tmp_path):
     assert re.search(r"^--- \d+ s, exit 0$", log, re.M)
     assert not re.search(r"\d+/\d+ \[|/s\]", log), "progress bars belong out of the log"
     result = json.loads(re.search(r"^FLEXSERVE_RESULT (\{.*\})$", log, re.M).group(1))
-    assert result["model"] == "dummy:opt-125m" and result["gen_len"] == 4 and result["device"] == "cpu"
-    assert result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0
+    assert result["model"] == "dummy:opt-125m" and result["device"] == "cpu" and result["dtype"] == "float32"
+    # the run is the one the entry asks for: its policy, block, lengths and link rate
+    argv = words(BY_NAME["cpu-smoke-throughput"].steps[0])
+
+    def flag(name: str, n: int = 1) -> list[str]:
+        return argv[argv.index(name) + 1:argv.index(name) + 1 + n]
+    policy = " ".join(["--percent", *flag("--percent", 6), "--gpu-batch-size", *flag("--gpu-batch-size"),
+                       "--num-gpu-batches", *flag("--num-gpu-batches")])
+    assert result["policy"] == policy
+    block = int(flag("--gpu-batch-size")[0]) * int(flag("--num-gpu-batches")[0])
+    p, g = int(flag("--prompt-len")[0]), int(flag("--gen-len")[0])
+    assert (result["block"], result["prompt_len"], result["gen_len"]) == (block, p, g) == (2, 16, 4)
+    assert result["h2d_gbps"] == float(flag("--h2d-gbps")[0])
+    # all weights resident: nothing crosses the link, so there is no transfer bound to compare with
+    assert result["offloaded_cpu_bytes"] == result["offloaded_disk_bytes"] == result["bound_step_s"] == 0
+    assert result["bound_decode_tok_s"] is None and result["fraction_of_bound"] is None
+    # each rate is the block's tokens over its phase's time, one pair of times for all three, within the run
+    prefill_s, decode_s = block * p / result["prefill_tok_s"], block * (g - 1) / result["decode_tok_s"]
+    assert result["total_tok_s"] == pytest.approx(block * g / (prefill_s + decode_s), rel=1e-9)
+    seconds = int(re.search(r"^--- (\d+) s, exit 0$", log, re.M).group(1))
+    assert 0 < result["load_s"] + prefill_s + decode_s < seconds + 0.51  # the log rounds to the second
     records = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["entry"] == "cpu-smoke-throughput" and records[0]["rc"] == 0
     assert records[0]["results"][0]["FLEXSERVE_RESULT"]["decode_tok_s"] == result["decode_tok_s"]

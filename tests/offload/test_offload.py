@@ -114,42 +114,92 @@ def test_policy_that_cannot_fit(tiny_model):
             llm.generate({"prompt_token_ids": [1] * 100}, SamplingParams(max_tokens=20))
 
 
-def test_cli_percent_flags_and_bad_percent(capsys, tmp_path):
-    rc = main(["generate", "--model", "dummy:opt-125m", "--device", "cpu", "--raw", "--max-tokens", "3",
-               "--percent", "0", "50", "0", "100", "100", "0", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
-               "--offload-dir", str(tmp_path), "hello"])
-    assert rc == 0
+def test_cli_percent_flags_and_bad_percent(capsys, tmp_path, monkeypatch):
+    """The flags become the executor's policy, the disk share lives in --offload-dir while the model is loaded
+    and is gone after; the text is the resident model's."""
+    import flexserve.engine
+
+    seen = []
+
+    class Recording(LLM):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            seen.append({"policy": self.executor.policy, "files": glob.glob(str(tmp_path / "flexserve-*" / "*"))})
+
+        def generate(self, *args, **kw):
+            outs = super().generate(*args, **kw)
+            seen[-1]["tokens"] = [c.token_ids for o in outs for c in o.outputs]
+            return outs
+    monkeypatch.setattr(flexserve.engine, "LLM", Recording)
+    run = ["generate", "--model", "dummy:opt-125m", "--device", "cpu", "--raw", "--max-tokens", "3", "hello"]
+    rc = main(run + ["--percent", "0", "50", "0", "100", "100", "0", "--gpu-batch-size", "2",
+                     "--num-gpu-batches", "2", "--offload-dir", str(tmp_path)])
+    offloaded = capsys.readouterr().out
+    assert rc == 0 and seen[0]["policy"] == Policy.from_percent((0, 50, 0, 100, 100, 0), gpu_batch_size=2,
+                                                                num_gpu_batches=2)
+    assert seen[0]["files"] and os.listdir(tmp_path) == []  # weights were on disk there, and are gone
+    assert main(run) == 0
+    assert seen[1]["policy"].percent == (100, 0, 100, 0, 100, 0)  # no flags: resident
+    assert capsys.readouterr().out == offloaded and len(seen[0]["tokens"][0]) == 3
+    assert seen[0]["tokens"] == seen[1]["tokens"]
     rc = main(["generate", "--model", "dummy:opt-125m", "--percent", "50", "60", "0", "100", "100", "0", "hi"])
     err = capsys.readouterr().err
     assert rc == 1 and "exceeds 100" in err
+    assert len(seen) == 2  # refused before any model was built
+
+
+def bench_result(capsys, argv: list[str]) -> tuple[int, dict, str]:
+    """Run `flexserve bench throughput ... --json` and check what every such run must report: each rate is
+    the block's tokens over its phase's time, one prefill and one decode time for all three rates (total =
+    block x G / (prefill + decode)), times that fit in the call's own wall time after the model load, and
+    printed lines that show the JSON's figures."""
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    rc = main(argv)
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
+    block, p, g = res["block"], res["prompt_len"], res["gen_len"]
+    prefill_s = block * p / res["prefill_tok_s"]
+    decode_s = block * (g - 1) / res["decode_tok_s"]
+    assert prefill_s > 0 and decode_s > 0
+    assert res["total_tok_s"] == pytest.approx(block * g / (prefill_s + decode_s), rel=1e-9)
+    assert res["load_s"] + prefill_s + decode_s < wall + 0.01  # load_s is rounded to 0.01 s
+    printed = dict(line.strip().split(": ", 1) for line in out.splitlines() if line.strip().endswith(
+        tuple("0123456789")) and ": " in line and not line.startswith("FLEXSERVE_RESULT"))
+    for k in ("prefill_tok_s", "decode_tok_s", "total_tok_s"):
+        assert float(printed[k].replace(",", "")) == pytest.approx(res[k], abs=0.006), k
+    return rc, res, out
 
 
 def test_bench_throughput_reports(capsys):
-    rc = main(["bench", "throughput", "--model", "dummy:opt-125m", "--device", "cpu", "--prompt-len", "16",
-               "--gen-len", "4", "--percent", "0", "100", "0", "100", "100", "0", "--gpu-batch-size", "2",
-               "--num-gpu-batches", "2", "--json"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    import json
+    from flexserve.config import preset
 
-    res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
-    assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and 0 < res["fraction_of_bound"]
-    assert res["offloaded_cpu_bytes"] > 0 and res["block"] == 4 and res["weight_placement"] == "flexgen"
+    flags = "--percent 0 100 0 100 100 0 --gpu-batch-size 2 --num-gpu-batches 2"
+    rc, res, _ = bench_result(capsys, ["bench", "throughput", "--model", "dummy:opt-125m", "--device", "cpu",
+                                       "--prompt-len", "16", "--gen-len", "4", *flags.split(), "--json"])
+    assert rc == 0 and res["policy"] == flags and res["weight_placement"] == "flexgen"
+    assert (res["block"], res["prompt_len"], res["gen_len"], res["dtype"]) == (4, 16, 4, "float32")
+    # every weight byte is on the CPU tier (float32 on the CPU device), none on disk
+    assert res["offloaded_cpu_bytes"] == preset("opt-125m").stored_weight_bytes(4) and res["offloaded_disk_bytes"] == 0
+    # the bound: those bytes over the measured host-to-device rate, once per decode step for the whole block
+    assert res["bound_step_s"] == pytest.approx(res["offloaded_cpu_bytes"] / (res["h2d_gbps"] * 1e9), rel=1e-9)
+    assert res["bound_decode_tok_s"] == pytest.approx(res["block"] / res["bound_step_s"], rel=1e-9)
+    assert res["fraction_of_bound"] == pytest.approx(res["decode_tok_s"] / res["bound_decode_tok_s"], rel=1e-9)
 
 
 def test_bench_throughput_on_the_paged_engine(capsys):
     """The same benchmark through the serving engine: every sequence gets its tokens, figures are reported;
     weights-only offloading works there too, cache offloading is refused."""
-    rc = main(["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m", "--device", "cpu",
-               "--dtype", "float32", "--prompt-len", "16", "--gen-len", "4", "--percent", "50", "50", "100", "0",
-               "100", "0", "--gpu-batch-size", "3", "--json"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    import json
-
-    res = json.loads(out.split("FLEXSERVE_RESULT ", 1)[1])
-    assert res["engine"] == "paged" and res["block"] == 3 and res["generated_tokens"] == 12
-    assert res["decode_tok_s"] > 0 and res["prefill_tok_s"] > 0 and not res["cuda_graphs"]
+    flags = "--percent 50 50 100 0 100 0 --gpu-batch-size 3 --num-gpu-batches 1"
+    rc, res, _ = bench_result(capsys, ["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m",
+                                       "--device", "cpu", "--dtype", "float32", "--prompt-len", "16", "--gen-len",
+                                       "4", *flags.split(), "--json"])
+    assert rc == 0 and res["engine"] == "paged" and res["policy"] == flags and not res["cuda_graphs"]
+    assert (res["block"], res["prompt_len"], res["gen_len"], res["dtype"]) == (3, 16, 4, "float32")
+    assert res["generated_tokens"] == res["block"] * res["gen_len"] == 12  # every sequence got all its tokens
     rc = main(["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m", "--device", "cpu",
                "--percent", "100", "0", "0", "100", "100", "0"])
     assert rc == 1 and "paged pools" in capsys.readouterr().err

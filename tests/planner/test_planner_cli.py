@@ -1,14 +1,20 @@
 """`flexserve plan` / `flexserve calibrate` hooks, driven through argparse as the main CLI will."""
 import argparse
 import json
+import shutil
 import time
 
+import psutil
 import pytest
 
 from flexserve.config import preset
 from flexserve.errors import ModelLoadError, PolicyError
 from flexserve.cli.plan import add_calibrate_arguments, add_plan_arguments, run_calibrate, run_plan
+from flexserve.offload.policy import Policy
+from flexserve.planner import profile
+from flexserve.planner.cost_model import estimate
 from flexserve.planner.hardware import load_hardware
+from flexserve.planner.report import format_hardware
 from flexserve.planner.shapes import resolve_model_config
 
 
@@ -36,8 +42,29 @@ def test_plan_json_is_one_object_whose_flags_rebuild_the_policy(capsys):
     assert data["peak_bytes"]["gpu"] <= data["limits"]["gpu"]
     pct = data["flags"].split("--percent ")[1].split(" --")[0].split()
     assert [float(v) for v in pct] == data["percent"]
-    assert data["total_tok_s"] > 0 and data["decode_tok_s"] > data["total_tok_s"]
+    policy = Policy(**data["policy"])
+    assert policy.percent_flags() == data["flags"] and list(policy.percent) == data["percent"]
+    # the figures are the cost model's for that very policy as the executor places it, on the profile asked for
+    est = estimate(preset("opt-30b"), policy, profile("t4"), 512, 32, dtype_bytes=2, placed=True)
+    for key in ("prefill_tok_s", "decode_tok_s", "total_tok_s", "prefill_s", "decode_s_per_step", "total_s"):
+        assert data[key] == pytest.approx(getattr(est, key), rel=1e-12), key
+    assert data["peak_bytes"] == pytest.approx({"gpu": est.peak_gpu_bytes, "cpu": est.peak_cpu_bytes,
+                                                "disk": est.peak_disk_bytes}, rel=1e-12)
+    # and they add up: one block of gpu_batch_size x num_gpu_batches sequences, a prefill then G - 1 steps
+    blk, p, g = data["block_size"], data["prompt_len"], data["gen_len"]
+    assert (blk, p, g) == (policy.gpu_batch_size * policy.num_gpu_batches, 512, 32)
+    assert data["total_s"] == pytest.approx(data["prefill_s"] + (g - 1) * data["decode_s_per_step"], rel=1e-12)
+    assert data["prefill_tok_s"] == pytest.approx(blk * p / data["prefill_s"], rel=1e-12)
+    assert data["decode_tok_s"] == pytest.approx(blk / data["decode_s_per_step"], rel=1e-12)
+    assert data["total_tok_s"] == pytest.approx(blk * g / data["total_s"], rel=1e-12)
+    # a decode step overlaps loads, stores and compute: no shorter than the busiest, no longer than all three
+    parts = {r: sum(v for k, v in data["breakdown"].items() if k.startswith(f"decode.{r}.")) for r in
+             ("load", "store", "compute")}
+    overhead = data["breakdown"]["decode.overhead"]
+    assert max(parts.values()) + overhead <= data["decode_s_per_step"] * (1 + 1e-12)
+    assert data["decode_s_per_step"] <= (sum(parts.values()) + overhead) * (1 + 1e-12)
     assert data["bottleneck"] and data["decode_bottleneck"]
+    assert data["placed"]["overflows"] == [] and all(data["peak_bytes"][t] <= data["limits"][t] for t in data["limits"])
 
 
 def test_plan_with_a_hand_written_profile_and_float32(tmp_path, capsys):
@@ -81,14 +108,19 @@ def test_calibrate_quick_saves_a_positive_profile(tmp_path, capsys):
     assert run_calibrate(parser.parse_args(["--quick", "--output", str(out), "--disk-dir", str(tmp_path)])) == 0
     assert time.perf_counter() - start < 20
     printed = capsys.readouterr().out
-    assert str(out) in printed and "GB/s" in printed
     hw = load_hardware(str(out))
+    assert printed == format_hardware(hw) + f"\nsaved to {out}\n"  # what was printed is what was saved
     for name, value in hw.to_dict().items():
         if name in ("gpu_link_bw", "gpu_link_latency_s"):  # one device: no GPU link to measure (0 = unknown)
             assert value == 0, name
         elif isinstance(value, float):
             assert value > 0, name
     assert "disk" in hw.notes and "no CUDA" in hw.notes  # CI has no GPU: says what the numbers are
-    assert hw.h2d_pinned_bw > 1e8 and hw.cpu_mem_bw > 1e8 and hw.cpu_flops > 1e8
+    # ... and the "GPU" is this CPU: one RAM, one memcpy rate for every host<->device copy, the CPU's rates
+    assert hw.gpu_mem == hw.cpu_mem <= psutil.virtual_memory().total
+    assert hw.h2d_pinned_bw == hw.d2h_pinned_bw == hw.h2d_pageable_bw == hw.d2h_pageable_bw
+    assert hw.gpu_mem_bw == hw.cpu_mem_bw and hw.gpu_flops_fp32 == hw.cpu_flops
+    assert hw.disk <= shutil.disk_usage(tmp_path).total  # the free space of the --disk-dir
+    assert hw.h2d_pinned_bw > 1e8 and hw.cpu_mem_bw > 1e8 and hw.cpu_flops > 1e8 and hw.disk_read_bw > 1e6
     assert hw.layer_overhead_s < 0.1
     assert not list(tmp_path.glob("flexserve-calibrate-*"))  # temp file removed

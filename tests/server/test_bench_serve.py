@@ -1,6 +1,8 @@
 """`flexserve bench serve`: the simulator mode and an in-process launch on a tiny model."""
 import json
 
+import pytest
+
 from flexserve.cli import main
 
 
@@ -8,17 +10,58 @@ def _results(out: str) -> list[dict]:
     return [json.loads(line[len("SERVE_RESULT "):]) for line in out.splitlines() if line.startswith("SERVE_RESULT ")]
 
 
+def _trace(argv: list[str], max_context: int):
+    """The requests a `bench serve` command line asks for (its trace flags, generated again here)."""
+    import argparse
+
+    from flexserve.benchmarks.serve import load_trace
+    from flexserve.cli.bench import add_serve_bench_arguments, trace_settings
+
+    p = argparse.ArgumentParser()
+    add_serve_bench_arguments(p)
+    args, _ = p.parse_known_args(["--simulate", *(a for a in argv if a not in ("--simulate", "--launch"))])
+    return load_trace(trace_settings(args), max_context)
+
+
+def _check_run(row: dict, records: list, trace) -> None:
+    """A run's summary is its records', and its records are the trace's requests, each with every output token
+    it asked for: throughput is those tokens (and requests) over the reported makespan, the means are the
+    records' means, every request's first token comes before its last and within the makespan."""
+    assert len(records) == row["finished"] == len(trace) and row["failed"] == 0
+    for rec in records:  # record i is request i of the trace (sorted by arrival)
+        req = trace[int(rec.request_id)]
+        assert (rec.prompt_len, rec.output_len) == (req.prompt_len, req.output_len), rec
+        assert 0 < rec.ttft_s <= rec.jct_s <= row["makespan_s"] + 1e-9 and 0 <= rec.queueing_s <= rec.jct_s
+    assert sorted(int(r.request_id) for r in records) == list(range(len(trace)))
+    tokens = sum(r.output_len for r in trace)
+    assert row["throughput_tok_s"] == pytest.approx(tokens / row["makespan_s"], rel=1e-9)
+    assert row["throughput_req_s"] == pytest.approx(len(trace) / row["makespan_s"], rel=1e-9)
+    assert row["ttft_mean_s"] == pytest.approx(sum(r.ttft_s for r in records) / len(records), rel=1e-9)
+    assert row["jct_mean_s"] == pytest.approx(sum(r.jct_s for r in records) / len(records), rel=1e-9)
+    assert row["queueing_frac"] == pytest.approx(sum(r.queueing_s for r in records) /
+                                                 sum(r.jct_s for r in records), rel=1e-9, abs=1e-12)
+    assert row["ttft_p50_s"] <= row["ttft_p99_s"] and row["jct_p50_s"] <= row["jct_p99_s"]
+
+
 def test_bench_serve_simulate(capsys, tmp_path):
-    plot = tmp_path / "cdf.png"
-    assert main(["bench", "serve", "--simulate", "--trace", "gamma", "--rate", "20", "--num-requests", "200",
-                 "--max-num-seqs", "8", "--schedulers", "fcfs,skip-join-mlfq", "--json", "--plot", str(plot)]) == 0
+    from flexserve.benchmarks.serve import SIM_MAX_CONTEXT, read_records
+
+    plot, records = tmp_path / "cdf.png", tmp_path / "runs.csv"
+    argv = ["--simulate", "--trace", "gamma", "--rate", "20", "--num-requests", "200"]
+    assert main(["bench", "serve", *argv, "--max-num-seqs", "8", "--schedulers", "fcfs,skip-join-mlfq", "--json",
+                 "--plot", str(plot), "--records", str(records)]) == 0
     out = capsys.readouterr().out
     rows = _results(out)
     assert [r["scheduler"] for r in rows] == ["fcfs", "skip-join-mlfq"]
-    for r in rows:
-        assert r["mode"] == "simulate" and r["finished"] == 200 and r["failed"] == 0
-        assert r["throughput_tok_s"] > 0 and 0 <= r["queueing_frac"] <= 1
-        assert r["ttft_p50_s"] <= r["ttft_p99_s"] and r["jct_mean_s"] >= r["ttft_mean_s"]
+    trace = sorted(_trace(argv, SIM_MAX_CONTEXT), key=lambda r: r.arrival_s)
+    runs = read_records([str(records)])
+    for r, run in zip(rows, runs, strict=True):
+        assert r["mode"] == "simulate" and run["row"]["scheduler"] == r["scheduler"]
+        _check_run(r, run["records"], trace)
+        # simulated time is exact: the run ends when its last request finishes, timed from the first arrival
+        ends = [rec.arrival_s + rec.jct_s for rec in run["records"]]
+        assert r["makespan_s"] == pytest.approx(max(ends) - trace[0].arrival_s, rel=1e-9)
+    assert rows[0]["jct_mean_s"] != rows[1]["jct_mean_s"]  # the two policies did schedule differently
     assert "jct_p99_s" in out.splitlines()[0] and plot.stat().st_size > 10_000
 
 
@@ -59,18 +102,30 @@ def test_bench_serve_csv_trace(capsys, tmp_path):
 
 
 def test_bench_serve_launch_tiny_model(capsys, tmp_path, tiny_model):
+    import time
+
+    from flexserve.benchmarks.serve import read_records
+
     folder, _ = tiny_model("llama-gqa")
-    plot = tmp_path / "cdf.png"
-    assert main(["bench", "serve", "--launch", "--model", folder, "--dtype", "float32", "--device", "cpu",
-                 "--trace", "poisson", "--rate", "50", "--num-requests", "8", "--max-context", "64",
-                 "--prompt-len", "16", "--output-len", "8", "--schedulers", "fcfs,skip-join-mlfq",
-                 "--num-gpu-blocks", "64", "--json", "--plot", str(plot)]) == 0
+    plot, records = tmp_path / "cdf.png", tmp_path / "runs.csv"
+    argv = ["--launch", "--trace", "poisson", "--rate", "50", "--num-requests", "8", "--max-context", "64",
+            "--prompt-len", "16", "--output-len", "8"]
+    t0 = time.perf_counter()
+    assert main(["bench", "serve", *argv, "--model", folder, "--dtype", "float32", "--device", "cpu",
+                 "--schedulers", "fcfs,skip-join-mlfq", "--num-gpu-blocks", "64", "--json", "--plot", str(plot),
+                 "--records", str(records)]) == 0
+    wall = time.perf_counter() - t0
     rows = _results(capsys.readouterr().out)
     assert [r["scheduler"] for r in rows] == ["fcfs", "skip-join-mlfq"]
-    for r in rows:
-        assert r["mode"] == "http" and r["finished"] == 8 and r["failed"] == 0
-        assert r["throughput_tok_s"] > 0 and r["ttft_mean_s"] > 0 and r["jct_p99_s"] >= r["jct_p50_s"]
+    trace = _trace(argv, 64)  # clipped to --max-context (the model's window is 128)
+    runs = read_records([str(records)])
+    for r, run in zip(rows, runs, strict=True):
+        assert r["mode"] == "http" and run["row"]["scheduler"] == r["scheduler"]
+        _check_run(r, run["records"], trace)  # every request streamed all the tokens it asked for
         assert {"preemptions", "swaps", "recomputes"} <= set(r)
+        assert all(r[c] >= 0 and r[c] == int(r[c]) for c in ("preemptions", "swaps", "recomputes"))
+    assert sum(r["makespan_s"] for r in rows) < wall  # the two runs, one after the other, within this call
+    assert [r["num_gpu_blocks"] for r in rows] == [64, 64]  # each engine had the pool it was given
     assert plot.stat().st_size > 10_000
 
 

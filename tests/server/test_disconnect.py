@@ -17,7 +17,7 @@ def _metric(server, name: str) -> float:
 
 
 def test_stream_disconnect_frees_blocks(smol_server):
-    smol_server.wait_idle()
+    before = smol_server.wait_idle()["generated_tokens"]  # the counter runs over the server's whole life
     aborted = _metric(smol_server, 'flexserve_requests_finished_total{reason="abort"}') \
         if 'reason="abort"' in httpx.get(smol_server.url + "/metrics").text else 0.0
     body = {"model": smol_server.model, "prompt": "Tell me a long story.", "max_tokens": 2000,
@@ -32,7 +32,9 @@ def test_stream_disconnect_frees_blocks(smol_server):
                 break  # leaving the block closes the connection mid-stream
         assert smol_server.engine.stats()["kv_blocks_used"] > 0
     stats = smol_server.wait_idle(timeout=20)
-    assert stats["kv_blocks_used"] == 0 and stats["generated_tokens"] < 10**6
+    # at least the tokens of the three chunks read (each carries one or more), and the request was cancelled
+    # rather than run to its 2000 tokens
+    assert stats["kv_blocks_used"] == 0 and 3 <= stats["generated_tokens"] - before < 2000
     assert _metric(smol_server, 'flexserve_kv_blocks_used{tier="gpu"}') == 0
     assert _metric(smol_server, 'flexserve_requests_finished_total{reason="abort"}') == aborted + 1
     assert httpx.get(smol_server.url + "/health").json()["status"] == "ok"
