@@ -179,29 +179,27 @@ class BlockManager:
 
     def swap_out(self, request_id: str) -> list[tuple[int, int]]:
         """Move the request's table to host blocks; returns the (gpu_block, cpu_block) copies to perform."""
-        gpu_table = self._gpu_tables.pop(request_id, [])
-        held = _num_held(gpu_table, self.window)
-        if held > self.num_free_cpu_blocks:
-            self._gpu_tables[request_id] = gpu_table
-            raise NoFreeBlocksError(f"request {request_id!r} needs {held} host blocks, "
-                                    f"{self.num_free_cpu_blocks} free")
-        cpu_table = [HOLE if b == HOLE else self._free_cpu.popleft() for b in gpu_table]
-        self._cpu_tables[request_id] = cpu_table
-        self._free_gpu.extend(b for b in gpu_table if b != HOLE)
-        return [(g, c) for g, c in zip(gpu_table, cpu_table) if g != HOLE]
+        return self._move(request_id, self._gpu_tables, self._cpu_tables, self._free_cpu, self._free_gpu, "host")
 
     def swap_in(self, request_id: str) -> list[tuple[int, int]]:
-        """Move the request's table back to GPU blocks; returns the (cpu_block, gpu_block) copies to perform."""
-        cpu_table = self._cpu_tables.pop(request_id, [])
-        held = _num_held(cpu_table, self.window)
-        if held > self.num_free_gpu_blocks:
-            self._cpu_tables[request_id] = cpu_table
-            raise NoFreeBlocksError(f"request {request_id!r} needs {held} GPU blocks, "
-                                    f"{self.num_free_gpu_blocks} free")
-        gpu_table = [HOLE if b == HOLE else self._free_gpu.popleft() for b in cpu_table]
-        self._gpu_tables[request_id] = gpu_table
-        self._cpu_released_this_step.extend(b for b in cpu_table if b != HOLE)
-        return [(c, g) for c, g in zip(cpu_table, gpu_table) if c != HOLE]
+        """Move the request's table back to GPU blocks; returns the (cpu_block, gpu_block) copies to perform.
+        The host blocks it leaves return to the free list only at the next `begin_step` (module docstring)."""
+        return self._move(request_id, self._cpu_tables, self._gpu_tables, self._free_gpu,
+                          self._cpu_released_this_step, "GPU")
+
+    def _move(self, request_id: str, src_tables: dict, dst_tables: dict, dst_free: deque, src_released,
+              dst_name: str) -> list[tuple[int, int]]:
+        """Give the request's held blocks new ids from `dst_free` (holes stay holes), release the old ones into
+        `src_released`; returns the (old, new) copies to perform."""
+        src = src_tables.pop(request_id, [])
+        held = _num_held(src, self.window)
+        if held > len(dst_free):
+            src_tables[request_id] = src
+            raise NoFreeBlocksError(f"request {request_id!r} needs {held} {dst_name} blocks, {len(dst_free)} free")
+        dst = [HOLE if b == HOLE else dst_free.popleft() for b in src]
+        dst_tables[request_id] = dst
+        src_released.extend(b for b in src if b != HOLE)
+        return [(a, b) for a, b in zip(src, dst) if a != HOLE]
 
     def begin_step(self) -> None:
         """Return host blocks read by the previous step's swap-ins to the free list (their copies are done)."""
