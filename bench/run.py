@@ -17,6 +17,9 @@ The environment is set up once per `run`, the same for every entry (`setup_envir
     This is how packages a GPU machine lacks travel, e.g. flexgen==0.1.8, pulp and orloge for FlexGen;
   - peers: other projects' benchmark scripts that are not part of this repository (FlexGen's runner,
     run_flexgen.py) are read from .peers/ (or FLEXSERVE_PEERS_DIR): copy them there before a device call.
+
+One file past the usual size on purpose: it is copied onto bare GPU machines and must run there with the
+standard library alone, before anything else is installed.
 """
 from __future__ import annotations
 
