@@ -88,7 +88,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """`--host/--port/--api-key/--served-model-name` plus the engine flags."""
     g = p.add_argument_group("HTTP server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on (1..65535)")
     g.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every /v1 route (also read from FLEXSERVE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")

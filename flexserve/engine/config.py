@@ -9,6 +9,34 @@ from .paged_batch import StreamingWindow
 from .rank_group import JoinGroup
 
 
+def flag(name: str) -> str:
+    """The command-line flag that sets the config field `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def check_int(name: str, value, least: int) -> None:
+    """Refuse a field that is set (not None) but not an integer >= `least`, naming its flag."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{flag(name)} ({name}) must be an integer >= {least}, got {value!r}")
+
+
+def check_scheduler_options(options: dict) -> None:
+    """Refuse scheduler options out of range now, naming their flags, rather than when the engine starts."""
+    import re
+
+    from ..scheduler.config import SchedulerConfig
+
+    try:
+        SchedulerConfig(**options)
+    except TypeError as e:
+        raise ConfigError(f"unknown scheduler option: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(re.sub(r"SchedulerConfig\.(\w+)", lambda m: f"{flag(m.group(1))} ({m.group(1)})",
+                                 str(e))) from None
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -37,6 +65,12 @@ class EngineConfig:
     join_group: JoinGroup | None = None  # how to join that group: `ServingGroup.join` (see rank_group.py)
 
     def __post_init__(self) -> None:
+        for name, least in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
+                            ("prefill_chunk_size", 1), ("num_gpu_blocks", 1), ("num_cpu_blocks", 0),
+                            ("attention_sinks", 0), ("sliding_window", 0), ("max_queue_len", 1),
+                            ("tensor_parallel", 1), ("pipeline_parallel", 1)):
+            check_int(name, getattr(self, name), least)
+        check_scheduler_options(self.scheduler_options)
         if self.sliding_window < 0 or self.attention_sinks < 0 or (self.attention_sinks and not self.sliding_window):
             raise ConfigError(f"attention sinks need a sliding window (--sliding-window W > 0); got "
                               f"sinks={self.attention_sinks}, window={self.sliding_window}")

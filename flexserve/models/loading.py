@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig, load_hf_config, preset
 from ..errors import ModelLoadError, PolicyError
-from ..weights import DummySource, WeightSource, default_model_path, open_source
+from ..weights import DummySource, WeightSource, open_source, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -91,7 +91,7 @@ def open_model(model: str | None, dtype: str | torch.dtype = "auto",
 
     Random weights are generated straight in the runtime dtype, on the GPU when there is one: filling there runs
     at memory bandwidth, and a 175B shape never exists as a full fp32 copy on the host."""
-    path = model if model is not None else default_model_path()
+    path = resolve_model(model)
     dev = resolve_device(device)
     source = open_source(path, dtype=torch.float32, device="cpu")
     dt = resolve_dtype(dtype, dev, source.config.family)

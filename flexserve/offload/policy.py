@@ -50,16 +50,17 @@ class Policy:
     weight_placement: str = "flexgen"
 
     def __post_init__(self) -> None:
-        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
-            raise PolicyError(f"gpu_batch_size and num_gpu_batches must be >= 1, got "
-                              f"{self.gpu_batch_size} and {self.num_gpu_batches}")
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyError(f"--{name.replace('_', '-')} ({name}) must be an integer >= 1, got {value!r}")
         for kind in ("w", "cache", "act"):
             gpu, cpu = getattr(self, f"{kind}_gpu_percent"), getattr(self, f"{kind}_cpu_percent")
             for label, v in (("gpu", gpu), ("cpu", cpu)):
                 if not 0 <= v <= 100:
-                    raise PolicyError(f"{kind}_{label}_percent must be within 0..100, got {v}")
+                    raise PolicyError(f"--percent: {kind}_{label}_percent must be within 0..100, got {v}")
             if gpu + cpu > 100 + 1e-9:
-                raise PolicyError(f"{kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100")
+                raise PolicyError(f"--percent: {kind}_gpu_percent + {kind}_cpu_percent = {gpu + cpu} exceeds 100")
         if self.comp_num_bits not in (4, 8):
             raise PolicyError(f"comp_num_bits must be 4 or 8, got {self.comp_num_bits}")
         if self.comp_group_size < 2 or self.comp_group_size % 2:
@@ -115,7 +116,7 @@ class Policy:
             raise PolicyError(f"{why}: only the weight percentages (--percent W_GPU W_CPU 100 0 100 0) and "
                               f"--compress-weight apply")
         if self.uses_disk and not offload_dir:
-            raise PolicyError("the policy puts weights on disk: give an offload dir")
+            raise PolicyError("the policy puts weights on disk: give a folder for them with --offload-dir (offload_dir)")
 
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)

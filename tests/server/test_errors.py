@@ -66,16 +66,39 @@ def test_unknown_model_is_404(smol_server, client):
     _assert_error(_post(smol_server, "/v1/nothing-here", b"{}"), 404)
 
 
-def test_prompt_over_context_is_413(smol_server, client):
+def test_prompt_over_context_is_400_context_length_exceeded(smol_server, client):
+    """OpenAI's convention: 400 with code `context_length_exceeded`, so its client raises `BadRequestError`."""
     window = smol_server.engine.model_config.max_position
     for prompt in ([100] * (window + 5), "hello " * (window + 5)):
-        with pytest.raises(openai.APIStatusError) as e:
+        with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=smol_server.model, prompt=prompt, max_tokens=4)
-        assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.APIStatusError) as e:  # streaming too: the status comes before any chunk
+        assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
+        assert e.value.body["param"] == "prompt" and str(window) in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=smol_server.model, messages=[{"role": "user", "content": "hi " * window}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:  # streaming too: the status comes before any chunk
         client.completions.create(model=smol_server.model, prompt=[100] * window, max_tokens=4, stream=True)
-    assert e.value.status_code == 413
+    assert e.value.body["code"] == "context_length_exceeded"
     _assert_healthy(smol_server)
+
+
+@pytest.mark.parametrize("body", [{"prompt": ""}, {"prompt": []}, {"prompt": ["hi", ""]}, {"prompt": [[]]},
+                                  {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": -1},
+                                  {"prompt": "hi", "n": 0}, {"prompt": [10**9]}, {"prompt": "hi", "echo": True},
+                                  {"prompt": 5}, {}])
+def test_every_400_has_a_code_and_a_param(smol_server, body):
+    err = _assert_error(_post(smol_server, "/v1/completions",
+                              httpx.Request("POST", "/", json={"model": smol_server.model, **body}).read()), 400)
+    assert err["code"] and err["param"], err
+
+
+def test_every_chat_400_has_a_code_and_a_param(smol_server):
+    for body in ({"messages": []}, {"messages": [{"role": "wizard", "content": "hi"}]}, {"messages": "hi"},
+                 {"messages": [{"role": "user", "content": "hi"}], "top_p": 2}):
+        err = _assert_error(_post(smol_server, "/v1/chat/completions",
+                                  httpx.Request("POST", "/", json={"model": smol_server.model, **body}).read()), 400)
+        assert err["code"] and err["param"], (body, err)
 
 
 def test_api_key(smol_server):
@@ -125,5 +148,23 @@ def test_queue_full_is_429_and_server_recovers(tiny_model, separate_process):
         r = server.client().completions.create(model=server.model, prompt=[5, 6], max_tokens=3, temperature=0)
         assert r.usage.completion_tokens == 3 or r.choices[0].finish_reason == "stop"
         assert 'flexserve_request_errors_total{status="429"}' in httpx.get(server.url + "/metrics").text
+    finally:
+        server.stop()
+
+
+def test_request_larger_than_the_kv_pool_says_what_to_lower(tiny_model):
+    folder, _ = tiny_model("llama-gqa")
+    server = Served(AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=4,
+                                             block_size=16, num_cpu_blocks=4)))
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            server.client().completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=500)
+        body = e.value.body
+        assert body["code"] == "request_too_large" and body["param"] == "max_tokens"
+        assert "lower max_tokens" in body["message"] and "cmpl-" not in body["message"]
+        assert "64" in body["message"]  # what the pool holds, in tokens
+        r = server.client().completions.create(model=server.model, prompt=[5, 6, 7], max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8  # and the server still serves
     finally:
         server.stop()
