@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import ModelConfig
 from ..errors import PolicyError
@@ -41,12 +42,7 @@ def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None
     """The `Policy` the flags describe, or None (fully resident, automatic batch) when none were given.
     `--policy auto` asks the planner for one, which needs the model's `config`."""
     if getattr(args, "policy", None) == "auto":
-        from ..planner import auto_policy
-
-        if args.percent is not None:
-            raise PolicyError("give either --policy auto or --percent, not both")
-        return auto_policy(config, prompt_len, gen_len, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
-                           disk=args.disk)
+        return auto_plan_from_args(args, config, prompt_len, gen_len).policy
     placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
                        args.compress_weight or None, args.compress_cache or None,
                        args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype,
@@ -58,6 +54,33 @@ def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None
               compress_weight=args.compress_weight, compress_cache=args.compress_cache,
               cpu_attention_dtype=args.cpu_attention_dtype, weight_placement=args.weight_placement or "flexgen")
     return Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), **kw)
+
+
+def auto_plan_from_args(args: argparse.Namespace, config: ModelConfig, prompt_len: int = 512, gen_len: int = 32):
+    """`--policy auto`: the planner's plan for the model on the device and dtype the run will use, under the
+    memory flags; its policy and predicted throughput are printed on one stderr line before anything runs."""
+    from ..models.loading import resolve_device, resolve_dtype
+    from ..planner import auto_plan
+
+    if args.percent is not None:
+        raise PolicyError("give either --policy auto or --percent, not both")
+    if config is None:
+        raise PolicyError("--policy auto needs the model's config")
+    device = resolve_device(getattr(args, "device", None))
+    dtype = resolve_dtype(getattr(args, "dtype", None) or "auto", device, config.family)
+    dtype_bytes = dtype.itemsize
+    plan = auto_plan(config, prompt_len, gen_len, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk,
+                     dtype_bytes=dtype_bytes, device=str(device), progress=True)
+    print(format_auto_line(plan, prompt_len, gen_len), file=sys.stderr, flush=True)
+    return plan
+
+
+def format_auto_line(plan, prompt_len: int, gen_len: int) -> str:
+    """One line: the chosen policy as flags (the batch shape among them) and what the planner predicts."""
+    e, p = plan.estimate, plan.policy
+    return (f"policy auto: {p.percent_flags()} (block {p.block_size} sequences, prompt {prompt_len} + "
+            f"{gen_len} tokens): predicted {e.total_tok_s:,.2f} tok/s total, {e.decode_tok_s:,.2f} tok/s decode, "
+            f"bound by {e.bottleneck}, on the '{plan.hardware.name}' profile")
 
 
 def policy_for_model(args: argparse.Namespace, model: str | None, prompt_len: int = 512,

@@ -21,6 +21,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default=None,
                         help="profile: h100, t4, saved, or a JSON/TOML file (default: the saved profile, else "
                              "h100 with CUDA, else a quick calibration)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="measure this machine again (and save it) instead of reading the saved profile")
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPE_BYTES))
     parser.add_argument("--compress", action="store_true", help="allow 4-bit weight/cache compression")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -74,7 +76,9 @@ def run_plan(args: argparse.Namespace) -> int:
     tp, pp = args.tensor_parallel, args.pipeline_parallel
     grid = tp > 1 or pp > 1
     config = rank_config(full, tp, pp) if grid else full  # one rank's share: 1/tp of every layer, 1/pp of them
-    hw = resolve_hardware(args.hardware) or default_hardware(progress=not args.json)
+    if args.recalibrate and args.hardware is not None:
+        raise PolicyError("give either --hardware or --recalibrate (which measures this machine), not both")
+    hw = resolve_hardware(args.hardware) or default_hardware(progress=True, recalibrate=args.recalibrate)
     dtype_bytes = DTYPE_BYTES[args.dtype]
     plan = search(config, hw, args.prompt_len, args.gen_len, dtype_bytes,
                   gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),

@@ -56,13 +56,27 @@ def available(device: torch.device) -> TierBytes:
     return TierBytes(gpu, cpu, 0)
 
 
-def check_fits(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int, device: torch.device,
-               gpu_limit: int | None = None, cpu_limit: int | None = None, weights_placed: bool = False) -> None:
-    """Raise PolicyError when the weights plus the block's cache exceed a tier's free (or capped) memory.
+@dataclass(frozen=True)
+class TierNeed:
+    """One tier as `check_fits` counts it: what a policy needs there, what it may use, and of what."""
 
-    `weights_placed`: the weights already sit in their tiers (a check before each block), so the memory they
-    hold is no longer "free" but is still this process's to use: it is counted back, or a model whose
-    weights fill most of host memory would be refused for needing them twice."""
+    tier: str  # "GPU" or "CPU"
+    need: int
+    cap: int
+    weights: int
+    cache: int
+
+    @property
+    def shortfall(self) -> int:
+        return max(0, self.need - self.cap)
+
+
+def tier_needs(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int, device: torch.device,
+               gpu_limit: int | None = None, cpu_limit: int | None = None,
+               weights_placed: bool = False) -> tuple[TierNeed, TierNeed]:
+    """The GPU's and the CPU's need and cap for a policy, counted as `check_fits` decides (the planner calls
+    this too, so that no policy it returns is refused here). On a CPU device one physical memory holds both
+    tiers: each tier's need is the two together, against the smaller cap."""
     free = available(device)
     w, c = weight_bytes(cfg, policy, dtype_bytes), cache_bytes(cfg, policy, dtype_bytes, seq_len)
     need_gpu, need_cpu = w.gpu + c.gpu, w.cpu + c.cpu
@@ -74,11 +88,23 @@ def check_fits(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int,
     have_gpu, have_cpu = free.gpu + placed_gpu, free.cpu + placed_cpu
     gpu_cap = min(have_gpu, gpu_limit) if gpu_limit else have_gpu
     cpu_cap = min(have_cpu, cpu_limit) if cpu_limit else have_cpu
-    for tier, need, cap in (("GPU", need_gpu, gpu_cap), ("CPU", need_cpu, cpu_cap)):
-        if need > cap:
+    if device.type != "cuda":  # both caps bound the one memory
+        gpu_cap = cpu_cap = min(gpu_cap, cpu_cap)
+    return (TierNeed("GPU", int(need_gpu), int(gpu_cap), w.gpu, c.gpu),
+            TierNeed("CPU", int(need_cpu), int(cpu_cap), w.cpu, c.cpu))
+
+
+def check_fits(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int, device: torch.device,
+               gpu_limit: int | None = None, cpu_limit: int | None = None, weights_placed: bool = False) -> None:
+    """Raise PolicyError when the weights plus the block's cache exceed a tier's free (or capped) memory.
+
+    `weights_placed`: the weights already sit in their tiers (a check before each block), so the memory they
+    hold is no longer "free" but is still this process's to use: it is counted back, or a model whose
+    weights fill most of host memory would be refused for needing them twice."""
+    for t in tier_needs(cfg, policy, dtype_bytes, seq_len, device, gpu_limit, cpu_limit, weights_placed):
+        if t.shortfall:
             raise PolicyError(
-                f"the policy ({policy.percent_flags()}) needs {fmt_bytes(need)} on the {tier} "
-                f"(weights {fmt_bytes(w.gpu if tier == 'GPU' else w.cpu)} + KV cache "
-                f"{fmt_bytes(c.gpu if tier == 'GPU' else c.cpu)} for {policy.block_size} sequences of "
-                f"{seq_len} tokens) but only {fmt_bytes(cap)} is available; move weights or cache to a lower "
-                f"tier, shrink the block, or try `flexserve plan`")
+                f"the policy ({policy.percent_flags()}) needs {fmt_bytes(t.need)} on the {t.tier} "
+                f"(weights {fmt_bytes(t.weights)} + KV cache {fmt_bytes(t.cache)} for {policy.block_size} "
+                f"sequences of {seq_len} tokens) but only {fmt_bytes(t.cap)} is available; move weights or cache "
+                f"to a lower tier, shrink the block, or try `flexserve plan`")

@@ -10,7 +10,8 @@ print.
 from .cost_model import CostModel, Estimate, build, compare, estimate, evaluate
 from .hardware import (Hardware, default_profile_path, format_size, load_hardware, parse_size, profile,
                        resolve_hardware, save_hardware)
-from .search import Plan, auto_policy, default_hardware, describe_policy, grid_search, search, weight_options
+from .search import (Plan, auto_plan, auto_policy, default_hardware, describe_policy, grid_search, search,
+                     weight_options)
 
 
 def calibrate(device=None, quick: bool = False, progress: bool = True, disk_dir: str | None = None) -> Hardware:
@@ -23,5 +24,6 @@ def calibrate(device=None, quick: bool = False, progress: bool = True, disk_dir:
 __all__ = [
     "Hardware", "profile", "parse_size", "format_size", "load_hardware", "save_hardware", "resolve_hardware",
     "default_profile_path", "calibrate", "CostModel", "Estimate", "build", "estimate", "evaluate", "compare",
-    "Plan", "search", "weight_options", "grid_search", "auto_policy", "default_hardware", "describe_policy",
+    "Plan", "search", "weight_options", "grid_search", "auto_plan", "auto_policy", "default_hardware",
+    "describe_policy",
 ]

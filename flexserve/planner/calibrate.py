@@ -232,7 +232,8 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     notes.append(f"measured {time.strftime('%Y-%m-%d')} with torch {torch.__version__}"
                  + (" (quick)" if quick else ""))
-    return Hardware(name=f"calibrated ({name})", notes="; ".join(notes), **values)
+    return Hardware(name=f"calibrated ({name})", notes="; ".join(notes), unified_memory=dev.type != "cuda",
+                    **values)
 
 
 def _cpu_attention_bw(dtype: torch.dtype, timer: "_Timer", quick: bool) -> float:

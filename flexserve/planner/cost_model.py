@@ -116,9 +116,13 @@ class Estimate:
 
     def overflows(self, hardware: Hardware) -> list[str]:
         """Tiers whose peak exceeds the hardware's size, as readable lines (empty when it fits)."""
-        limits = hardware.limits()
-        return [f"{t} needs {format_size(self.peak_bytes[t])} but has {format_size(limits[t])}"
-                for t in TIERS if self.peak_bytes[t] > limits[t] * (1 + 1e-9) + 1]
+        limits, pool = hardware.limits(), hardware.pool_limit()
+        out = [f"{t} needs {format_size(self.peak_bytes[t])} but has {format_size(limits[t])}"
+               for t in TIERS if self.peak_bytes[t] > limits[t] * (1 + 1e-9) + 1]
+        both = self.peak_gpu_bytes + self.peak_cpu_bytes
+        if pool is not None and both > pool * (1 + 1e-9) + 1:
+            out.append(f"gpu + cpu (one memory) need {format_size(both)} but have {format_size(pool)}")
+        return out
 
 
 def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: int, gen_len: int,

@@ -71,10 +71,16 @@ class Hardware:
     # Fraction of `cpu_mem` a plan leaves to the operating system, the page cache and other processes. Without
     # it the planner filled a 128 GiB host to its last gigabyte and the run was killed (bench/RESULTS.md, 2).
     host_reserve: float = 0.10
+    # The compute device's memory is the host's (a CPU-only machine, or a unified-memory one): the "GPU" and
+    # "CPU" tiers are one pool, and a plan's bytes on both count against it once.
+    unified_memory: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.unified_memory, bool):
+            raise PolicyError(f"hardware profile {self.name!r}: unified_memory must be true or false, "
+                              f"got {self.unified_memory!r}")
         for f in dataclasses.fields(self):
-            if f.name in ("name", "notes"):
+            if f.name in ("name", "notes", "unified_memory"):
                 continue
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -105,8 +111,20 @@ class Hardware:
         return dataclasses.replace(self, **changes)
 
     def limits(self) -> dict[str, float]:
-        """Bytes a plan may use per tier: the sizes, less the host's reserve for everything else."""
-        return {"gpu": self.gpu_mem, "cpu": self.cpu_mem * (1 - self.host_reserve), "disk": self.disk}
+        """Bytes a plan may use per tier: the sizes, less the host's reserve for everything else. With unified
+        memory each of the two tiers may take the whole pool (`pool_limit`), but not both together."""
+        cpu = self.cpu_mem * (1 - self.host_reserve)
+        if self.unified_memory:
+            pool = self.pool_limit()
+            return {"gpu": pool, "cpu": pool, "disk": self.disk}
+        return {"gpu": self.gpu_mem, "cpu": cpu, "disk": self.disk}
+
+    def pool_limit(self) -> float | None:
+        """Bytes the GPU and CPU tiers may use together when they are one memory (the smaller of the two caps,
+        less the host's reserve), else None: each tier has its own."""
+        if not self.unified_memory:
+            return None
+        return min(self.gpu_mem, self.cpu_mem) * (1 - self.host_reserve)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

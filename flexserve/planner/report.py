@@ -39,6 +39,7 @@ def plan_to_dict(plan: Plan, config: ModelConfig, work: Workload) -> dict:
         "prefill_tok_s": e.prefill_tok_s, "decode_tok_s": e.decode_tok_s, "total_tok_s": e.total_tok_s,
         "prefill_s": e.prefill_s, "decode_s_per_step": e.decode_s_per_step, "total_s": e.total_s,
         "peak_bytes": e.peak_bytes, "limits": hw.limits(),
+        "pool_limit": hw.pool_limit(),
         "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
         "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
         "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
@@ -68,6 +69,9 @@ def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
     nbytes = config.num_params() * DTYPE_BYTES[work.dtype]
     mem = ", ".join(f"{t.upper()} {format_size(e.peak_bytes[t])} of {format_size(lim)}"
                     for t, lim in hw.limits().items())
+    if hw.unified_memory:
+        mem += (f"; GPU + CPU {format_size(e.peak_gpu_bytes + e.peak_cpu_bytes)} of {format_size(hw.pool_limit())}"
+                " (one memory: the compute device's is the host's)")
     if hw.host_reserve:
         mem += f" (CPU: {hw.host_reserve:.0%} of {format_size(hw.cpu_mem)} left to the system)"
     rows = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -84,7 +85,8 @@ def _time_lower_bound(model: CostModel) -> float:
 class _Milp:
     """The MILP of one cost model: z = [6 integer percentages, one time per stage, one binary per switch]."""
 
-    def __init__(self, model: CostModel, limits: dict[str, float], options: Sequence[WeightOption] = ()):
+    def __init__(self, model: CostModel, limits: dict[str, float], options: Sequence[WeightOption] = (),
+                 pool: float | None = None):
         self.model = model
         self.options = tuple(options)
         stages = [s for s in model.stages if s.count > 0]
@@ -115,6 +117,17 @@ class _Milp:
                 if t == tier:
                     row[NUM_VARS + nt + j] = sw.num_bytes * _MEM_SCALE
             add(row, (limits[tier] - mem.base.const) * _MEM_SCALE)
+        if pool is not None:  # one memory holds the GPU and CPU tiers: their bytes together fit it once
+            row = np.zeros(self.n)
+            const = 0.0
+            for tier in ("gpu", "cpu"):
+                mem = model.memory[tier]
+                row[:NUM_VARS] += np.array(mem.base.coef) / 100.0 * _MEM_SCALE
+                const += mem.base.const
+            for j, (t, sw) in enumerate(switches):
+                if t in ("gpu", "cpu"):
+                    row[NUM_VARS + nt + j] = sw.num_bytes * _MEM_SCALE
+            add(row, (pool - const) * _MEM_SCALE)
         for j, (_, sw) in enumerate(switches):  # when(x) <= y: the buffer exists as soon as any share needs it
             row = np.zeros(self.n)
             row[:NUM_VARS] = np.array(sw.when.coef) / 100.0
@@ -183,14 +196,15 @@ def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_l
     """
     start = time.perf_counter()
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
-    limits = hw.limits()
+    limits, pool = hw.limits(), hw.pool_limit()
     _check_basic_feasibility(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression)
     models = []
     for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
                            overlap):
         model = build(config, pol.replace(weight_placement=weight_placement), hw, prompt_len, gen_len, dtype_bytes,
                       dtype)
-        if any(model.memory[t].minimum() > limits[t] for t in TIERS):
+        if any(model.memory[t].minimum() > limits[t] for t in TIERS) or (
+                pool is not None and model.memory["gpu"].minimum() + model.memory["cpu"].minimum() > pool):
             continue  # even the cheapest placement overflows a tier (usually the GPU's fixed working set)
         work = pol.block_size * gen_len
         models.append((work / _time_lower_bound(model), model))
@@ -204,7 +218,7 @@ def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_l
     for bound, model in models:
         if best is not None and bound <= best[0] * (1 + 1e-9):
             break  # sorted by bound: no later shape can win either
-        problem = _Milp(model, limits, options)
+        problem = _Milp(model, limits, options, pool)
         relaxed = problem.solve(relaxed=True)  # a tighter bound that knows the memory limits
         solved += 1
         if relaxed is None:
@@ -279,47 +293,107 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
                             **kw)
         peaks = plan.estimate.peak_bytes
         over = {t: peaks[t] - limits[t] for t in TIERS if peaks[t] > limits[t] * (1 + 1e-9)}
+        pool = hw.pool_limit()
+        if pool is not None and peaks["gpu"] + peaks["cpu"] > pool * (1 + 1e-9):
+            over.pop("gpu", None)  # one memory: lowering it lowers both tiers' cap
+            over["cpu"] = max(over.get("cpu", 0.0), peaks["gpu"] + peaks["cpu"] - pool)
         if not over:
             return dataclasses.replace(plan, hardware=hw)
+        if pool is not None:  # the pool is the smaller cap; lower both together so the pool moves
+            caps["gpu"] = caps["cpu"] = min(caps["gpu"], caps["cpu"])
         for tier, excess in over.items():  # room for the rounding to land on either side next time, doubling
             # each round: a share placed per GPU batch moves in whole batches, far beyond the first excess
             scale = sizes[tier] / limits[tier] if limits[tier] else 1.0  # a limit's bytes in the tier's size
             caps[tier] -= max(2 * excess, 0.002 * limits[tier]) * scale * 2 ** r
+            if pool is not None and tier in ("gpu", "cpu"):
+                caps["gpu"] = caps["cpu"] = caps[tier]
     raise PolicyError(f"no policy fits as placed after {rounds} rounds: whole tensors overflow "
                       + ", ".join(f"{t} by {format_size(e)}" for t, e in over.items()))
 
 
+def auto_plan(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
+              gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
+              disk: float | str | None = None, dtype_bytes: int = 2, device: str | None = None,
+              progress: bool = False, rounds: int = 4, **search_kw) -> Plan:
+    """`--policy auto`: the searched plan for this machine (see `default_hardware` for which profile), one the
+    executor's own memory check (`offload.budget.tier_needs`) accepts on `device`.
+
+    On a CPU device the GPU and CPU tiers are the same RAM: the profile is planned as one pool
+    (`unified_memory`) no larger than the memory free now. When the executor's count still refuses the plan
+    (its free memory moved since calibration), the short tier is lowered by the shortfall and the search runs
+    again, a few rounds at most; then the executor's refusal is raised as it would be at load time.
+    Sizes may be bytes or strings such as "16GiB"; `hardware` a profile, a built-in name or a file; other
+    keywords go to `search` (block shapes, options).
+    """
+    import psutil
+    import torch
+
+    from ..offload.budget import check_fits, tier_needs
+    from .hardware import parse_size, resolve_hardware
+
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    hw = (resolve_hardware(hardware) or default_hardware(progress=progress)).with_memory(gpu_mem, cpu_mem, disk)
+    if dev.type != "cuda":  # the compute device's memory is the host's: one pool, no more than is free now
+        free = float(psutil.virtual_memory().available)
+        hw = dataclasses.replace(hw, unified_memory=True, gpu_mem=min(hw.gpu_mem, free),
+                                 cpu_mem=min(hw.cpu_mem, free))
+    gpu_limit = parse_size(gpu_mem) if gpu_mem is not None else None
+    cpu_limit = parse_size(cpu_mem) if cpu_mem is not None else None
+    seq_len = prompt_len + gen_len
+    for _ in range(rounds):
+        plan = search(config, hw, prompt_len, gen_len, dtype_bytes, **search_kw)
+        short = [t for t in tier_needs(config, plan.policy, dtype_bytes, seq_len, dev, gpu_limit, cpu_limit)
+                 if t.shortfall]
+        if not short:
+            return plan
+        lower = {}
+        for t in short:  # one memory: both tiers' sizes move together
+            tiers = ("gpu", "cpu") if hw.unified_memory else (t.tier.lower(),)
+            for name in tiers:
+                lower[name] = min(lower.get(name, math.inf), getattr(hw, f"{name}_mem") - 1.1 * t.shortfall)
+        if any(v <= 0 for v in lower.values()):
+            break
+        hw = dataclasses.replace(hw, **{f"{k}_mem": v for k, v in lower.items()})
+    check_fits(config, plan.policy, dtype_bytes, seq_len, dev, gpu_limit, cpu_limit)  # raises the executor's words
+    return plan
+
+
 def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
                 gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
-                disk: float | str | None = None, dtype_bytes: int = 2) -> Policy:
-    """`--policy auto`: the searched policy for this machine (see `default_hardware` for which profile).
-
-    Sizes may be bytes or strings such as "16GiB"; `hardware` a profile, a built-in name or a file.
-    """
-    from .hardware import resolve_hardware
-
-    hw = resolve_hardware(hardware) or default_hardware()
-    return search(config, hw, prompt_len, gen_len, dtype_bytes, gpu_mem, cpu_mem, disk).policy
+                disk: float | str | None = None, dtype_bytes: int = 2, device: str | None = None) -> Policy:
+    """The policy of `auto_plan`."""
+    return auto_plan(config, prompt_len, gen_len, hardware, gpu_mem, cpu_mem, disk, dtype_bytes, device).policy
 
 
-def default_hardware(progress: bool = False) -> Hardware:
+def default_hardware(progress: bool = False, recalibrate: bool = False) -> Hardware:
     """The saved profile if there is one, else the built-in H100 profile on a CUDA machine, else a quick
-    calibration of this (CPU) machine, which takes a few seconds."""
+    calibration of this (CPU) machine, which takes a few seconds and is saved for the next call (a line on
+    stderr says so when `progress`). `recalibrate` measures again even when a profile is saved. Without CUDA
+    the profile is planned with one memory pool (`unified_memory`), whatever the saved file says."""
     import os
+    import sys
     import tempfile
 
-    from .hardware import default_profile_path, load_hardware, profile
-
-    if os.path.isfile(default_profile_path()):
-        return load_hardware()
     import torch
+
+    from .hardware import default_profile_path, load_hardware, profile, save_hardware
+
+    cuda = torch.cuda.is_available()
+    if os.path.isfile(default_profile_path()) and not recalibrate:
+        hw = load_hardware()
+        return hw if cuda else dataclasses.replace(hw, unified_memory=True)
 
     from .calibrate import _sizes, calibrate
 
-    if torch.cuda.is_available():  # the H100 rates, this machine's sizes
+    if cuda and not recalibrate:  # the H100 rates, this machine's sizes
         return profile("h100").with_memory(**_sizes(torch.device("cuda"), tempfile.gettempdir()))
-
-    return calibrate(quick=True, progress=progress)
+    if progress:
+        print(f"calibrating this machine once (a few seconds), saved to {default_profile_path()} for later "
+              "plans (`--recalibrate` measures again)", file=sys.stderr)
+    hw = calibrate(quick=True, progress=False)
+    save_hardware(hw)
+    return hw
 
 
 def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
@@ -408,13 +482,17 @@ def _check_basic_feasibility(config: ModelConfig, hw: Hardware, prompt_len: int,
     sz = model_sizes(config, probe, dtype_bytes)
     seq = prompt_len + gen_len
     cache_one = seq * config.num_layers * sz.kv_token
-    have = hw.gpu_mem + hw.cpu_mem + hw.disk
+    pool = hw.pool_limit()
+    have = (pool if pool is not None else hw.gpu_mem + hw.cpu_mem) + hw.disk
     if sz.total_w + cache_one > have:
         kind = "4-bit compressed" if allow_compression else f"{8 * dtype_bytes}-bit"
         raise PolicyError(
             f"{config.name or 'the model'} needs {format_size(sz.total_w)} of weights ({kind}) plus "
-            f"{format_size(cache_one)} of KV cache for one sequence of {seq} tokens, but GPU + CPU + disk give "
-            f"{format_size(have)} ({format_size(hw.gpu_mem)} + {format_size(hw.cpu_mem)} + {format_size(hw.disk)})"
+            f"{format_size(cache_one)} of KV cache for one sequence of {seq} tokens, but "
+            + (f"memory (one pool for the GPU and CPU tiers) + disk give {format_size(have)} "
+               f"({format_size(pool)} + {format_size(hw.disk)})" if pool is not None else
+               f"GPU + CPU + disk give {format_size(have)} ({format_size(hw.gpu_mem)} + {format_size(hw.cpu_mem)} "
+               f"+ {format_size(hw.disk)})")
             + ("" if allow_compression else "; allowing compression would shrink the weights about 3.5x"))
 
 
@@ -435,7 +513,9 @@ def _explain_infeasible(config: ModelConfig, hw: Hardware, prompt_len: int, gen_
     return (f"no policy fits the memory ({num_candidates} block shapes considered): with everything on disk "
             f"a 1x1 block needs GPU {format_size(peak['gpu'])} / CPU {format_size(peak['cpu'])} / disk "
             f"{format_size(peak['disk'])}, the machine gives {format_size(hw.gpu_mem)} / "
-            f"{format_size(hw.cpu_mem)} / {format_size(hw.disk)}")
+            f"{format_size(hw.cpu_mem)} / {format_size(hw.disk)}"
+            + (f" (GPU and CPU are one memory: {format_size(hw.pool_limit())} for both after the host's reserve)"
+               if hw.unified_memory else ""))
 
 
 def describe_policy(policy: Policy) -> str:
