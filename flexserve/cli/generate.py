@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("prompt", nargs="+", help="one or more prompts (each is one chat message unless --raw)")
     g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate per completion")
     g.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy (the server's default is 1, as OpenAI's)")
+                   help="sampling temperature (default 0: greedy decoding; the server's default is 1, as "
+                        "OpenAI's)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
     g.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens (-1: all)")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: random)")

@@ -99,7 +99,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health, /metrics). Requests that give no temperature sample at "
+                                   "temperature 1, as OpenAI's API does (`flexserve generate` defaults to 0: "
+                                   "greedy).")
     add_model_arguments(s)
     add_policy_arguments(s)
     add_serve_arguments(s)
