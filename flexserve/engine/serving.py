@@ -29,6 +29,7 @@ from ..scheduler import BlockManager, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
 from .config import EngineConfig
 from .front import EngineFront
+from .job_cost import job_cost_model
 from .output_processor import LiveRequest, OutputProcessor
 from .outputs import StepOutput
 from .paged_batch import SeqChunk
@@ -59,7 +60,10 @@ class AsyncEngine(EngineFront):
                                     max_num_batched_tokens=settings.max_num_batched_tokens,
                                     prefill_chunk_size=settings.prefill_chunk_size, max_queue_len=config.max_queue_len,
                                     **config.scheduler_options)
-        self.scheduler = make_scheduler(config.scheduler, sched_cfg, self.blocks)
+        # skip-join places jobs by this model's prefill time on this device, not by fixed constants
+        self.job_cost = job_cost_model(self.model_config, self.dtype, self.device) \
+            if config.scheduler == "skip-join-mlfq" else None
+        self.scheduler = make_scheduler(config.scheduler, sched_cfg, self.blocks, iteration_time_fn=self.job_cost)
         self._live: dict[str, LiveRequest] = {}
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()

@@ -13,6 +13,10 @@ constants for a Llama-3-8B shape in bf16 on one H100 (figures from shared/REFERE
 
 Prefill attention's quadratic FLOPs are left out: under ~8k tokens they are a small share of the matmuls.
 
+Those constants are only the default of the simulator. A serving engine builds its model with
+`LinearCostModel.from_rates` from the model it serves (FLOPs per token, weight and KV bytes) and the rates its
+device was measured at, so that skip-join places jobs by this model's prefill time on this machine.
+
 `s_per_seq` (default 0) is host time per scheduled sequence: scheduling, batch building, detokenization and
 streaming each token to its client. It is what a GPU-only model misses on a real server (bench/RESULTS.md
 section 4b); `flexserve bench serve --simulate --sim-seq-overhead-us N` sets it.
@@ -38,6 +42,24 @@ class LinearCostModel:
     s_per_token: float = 35e-6
     s_per_context_token: float = 44e-9
     s_per_seq: float = 0.0
+
+    @classmethod
+    def from_rates(cls, flops_per_token: float, weight_bytes: float, kv_bytes_per_token: float,
+                   matmul_flops: float, memory_bw: float, matmul_efficiency: float = 0.6,
+                   launch_overhead_s: float = 1.6e-3, s_per_seq: float = 0.0) -> "LinearCostModel":
+        """The step-time model of one served model on one device, from plain numbers (the scheduler stays
+        free of torch; the engine measures them): every step reads the weights once (`weight_bytes /
+        memory_bw`) plus a fixed launch cost, every token costs its matmul FLOPs at `matmul_efficiency` of the
+        measured rate, every cached token its K and V read from memory. The defaults' figures (a Llama-3-8B
+        shape on an H100: 16.1 GFLOP and 16.1 GB, 128 KiB of KV per token) give back the defaults."""
+        for name, v in (("flops_per_token", flops_per_token), ("weight_bytes", weight_bytes),
+                        ("kv_bytes_per_token", kv_bytes_per_token), ("matmul_flops", matmul_flops),
+                        ("memory_bw", memory_bw), ("matmul_efficiency", matmul_efficiency)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v!r}")
+        return cls(step_overhead_s=weight_bytes / memory_bw + launch_overhead_s,
+                   s_per_token=flops_per_token / (matmul_flops * matmul_efficiency),
+                   s_per_context_token=kv_bytes_per_token / memory_bw, s_per_seq=s_per_seq)
 
     def __call__(self, num_prefill_tokens: int, num_decode_seqs: int, total_context_tokens: int,
                  num_seqs: int | None = None) -> float:
