@@ -30,6 +30,46 @@ class ByteTokenizer:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
+def tokenizer_cache_dir(gguf_path: str) -> str:
+    """Where the tokenizer converted from a GGUF file is kept: one folder per file version (path, size and
+    modification time) and transformers version, under $FLEXSERVE_CACHE or ~/.cache/flexserve."""
+    import hashlib
+
+    import transformers
+
+    st = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    root = os.environ.get("FLEXSERVE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flexserve")
+    return os.path.join(root, "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def gguf_tokenizer(path: str):
+    """The tokenizer embedded in a GGUF file. transformers builds it by parsing the whole file's metadata
+    (seconds for a large vocabulary), so the result is saved once in `tokenizer_cache_dir` and read from there
+    afterwards (a tokenizer.json loads in a fraction of that). A cache that cannot be written is skipped."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    cache = tokenizer_cache_dir(path)
+    if os.path.isfile(os.path.join(cache, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception:  # a cache from elsewhere or damaged: rebuild it below
+            shutil.rmtree(cache, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(cache))
+        tok.save_pretrained(staging)
+        os.replace(staging, cache)  # atomic: a concurrent reader sees the whole folder or none
+    except OSError:
+        shutil.rmtree(locals().get("staging", ""), ignore_errors=True)
+    return tok
+
+
 class Tokenizer:
     """Text <-> ids for one model; loaded lazily because tests and benchmarks often pass token ids."""
 
@@ -60,8 +100,7 @@ class Tokenizer:
 
         try:
             if path.endswith(".gguf"):
-                return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                     gguf_file=os.path.basename(path))
+                return gguf_tokenizer(path)
             return AutoTokenizer.from_pretrained(path)
         except Exception as e:  # transformers raises many kinds; the user needs to know which model and why
             raise ModelLoadError(f"cannot load a tokenizer for {path}: {e}; pass prompt token ids instead") from None

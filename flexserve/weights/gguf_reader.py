@@ -1,5 +1,5 @@
-"""GGUF files (llama.cpp's format) through the `gguf` package: metadata into `ModelConfig`, tensors
-dequantised on load (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows).
+"""GGUF files (llama.cpp's format): metadata into `ModelConfig` (header parsed by `gguf_file`), tensors
+dequantised on load by the `gguf` package (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows).
 
 Rotary scaling comes two ways: linear scaling as metadata (`{arch}.rope.scaling.type` and `.factor`), and
 Llama 3.1's frequency-dependent scaling as the tensor `rope_freqs.weight`, one divisor per rotary frequency,
@@ -16,6 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from .base import Tensors, finish_globals
+from .gguf_file import GGUFFile
 
 _LAYER = {
     "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
@@ -27,11 +28,7 @@ _ARCHS = ("llama", "mistral", "qwen2")
 
 
 def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    value = f.contents()
-    return value
+    return reader.fields.get(key, default)
 
 
 def _unpermute(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -48,7 +45,7 @@ class GGUFSource:
 
         self.path = path
         try:
-            self._reader = gguf.GGUFReader(path)
+            self._reader = GGUFFile(path)
         except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError ... on bad files
             raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated?): {e}") from None
         self._dequantize = gguf.quants.dequantize
