@@ -83,6 +83,35 @@ def format_auto_line(plan, prompt_len: int, gen_len: int) -> str:
             f"bound by {e.bottleneck}, on the '{plan.hardware.name}' profile")
 
 
+def serving_plan_from_args(args: argparse.Namespace, fields: dict) -> dict:
+    """`serve --policy auto`: the weight placement, KV pool and seats for the model under the memory flags, as
+    `EngineConfig` fields (an explicit `--num-gpu-blocks` and the like in `fields` wins); printed on one stderr
+    line before the server starts."""
+    import dataclasses
+
+    from ..models.loading import model_config, resolve_device, resolve_dtype
+    from ..planner import default_hardware
+    from ..planner.serving import serving_plan
+
+    if args.percent is not None:
+        raise PolicyError("give either --policy auto or --percent, not both")
+    config = model_config(args.model)
+    device = resolve_device(getattr(args, "device", None))
+    dtype = resolve_dtype(getattr(args, "dtype", None) or "auto", device, config.family)
+    hw = default_hardware(progress=True).with_memory(args.gpu_mem, args.cpu_mem, args.disk)
+    if device.type != "cuda":  # the compute device's memory is the host's
+        hw = dataclasses.replace(hw, unified_memory=True)
+    plan = serving_plan(config, hw, dtype.itemsize, str(dtype).removeprefix("torch."),
+                        block_size=fields.get("block_size", 16),
+                        max_num_batched_tokens=fields.get("max_num_batched_tokens") or 2048,
+                        allow_disk=bool(getattr(args, "offload_dir", None)))
+    print(f"policy auto (serving): {plan.summary()}", file=sys.stderr, flush=True)
+    chosen = dict(policy=plan.policy.replace(weight_placement=args.weight_placement or "flexgen"),
+                  num_gpu_blocks=plan.num_gpu_blocks, num_cpu_blocks=plan.num_cpu_blocks,
+                  max_num_seqs=plan.max_num_seqs)
+    return {k: v for k, v in chosen.items() if fields.get(k) is None}
+
+
 def policy_for_model(args: argparse.Namespace, model: str | None, prompt_len: int = 512,
                      gen_len: int = 32) -> Policy | None:
     """`policy_from_args`, reading the model's config only when `--policy auto` needs it."""

@@ -10,7 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ..scheduler.policies import ALL_SCHEDULERS as SCHEDULER_CHOICES  # torch-free: the parser loads no model code
-from .common import add_model_arguments, add_policy_arguments, policy_for_model
+from .common import add_model_arguments, add_policy_arguments, policy_for_model, serving_plan_from_args
 
 if TYPE_CHECKING:
     from ..engine.serving import EngineConfig
@@ -121,7 +121,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     options = scheduler_options(args)
     if options:
         kw["scheduler_options"] = {**kw.get("scheduler_options", {}), **options}
-    if "policy" in names and hasattr(args, "percent"):
+    if "policy" in names and getattr(args, "policy", None) == "auto":  # placement, KV pool and seats
+        kw.update(serving_plan_from_args(args, kw))
+    elif "policy" in names and hasattr(args, "percent"):
         kw["policy"] = policy_for_model(args, args.model)
     if kw.get("tensor_parallel", 1) > 1 or kw.get("pipeline_parallel", 1) > 1:  # under torchrun
         from ..parallel.serving import ServingGroup
