@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from .accuracy import accuracy, spread_line
 from .cost_model import placed_point
 from .hardware import Hardware, format_size
 from .parallel import ParallelEstimate
@@ -43,6 +44,7 @@ def plan_to_dict(plan: Plan, config: ModelConfig, work: Workload) -> dict:
         "bottleneck": e.bottleneck, "decode_bottleneck": e.decode_bottleneck,
         "prefill_bottleneck": e.prefill_bottleneck, "breakdown": e.breakdown,
         "search": {"shapes": plan.num_candidates, "solves": plan.num_solved, "seconds": plan.search_s},
+        "accuracy": {**accuracy(), "line": spread_line()},
         "placed": {"shares": list(placed_point(config, p)), "decode_tok_s": e.decode_tok_s,
                    "total_tok_s": e.total_tok_s, "peak_bytes": e.peak_bytes, "overflows": e.overflows(hw)},
     }
@@ -84,6 +86,7 @@ def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
         ("predicted", f"prefill {e.prefill_tok_s:,.1f} tok/s, decode {e.decode_tok_s:,.2f} tok/s, "
                       f"total {e.total_tok_s:,.2f} tok/s ({format_seconds(e.prefill_s)} prefill, "
                       f"{format_seconds(e.decode_s_per_step)} per decode step)"),
+        ("accuracy", spread_line()),
         ("memory", mem),
         ("as placed", _placed_line(plan, config)),
         ("bottleneck", f"{e.decode_bottleneck} (decode), {e.prefill_bottleneck} (prefill); overall {e.bottleneck}"),

@@ -70,3 +70,19 @@ def test_plan_calibrates_once_then_reads_the_saved_profile(cli, cache, monkeypat
     rc, out, err = cli(*argv, "--recalibrate")
     assert rc == 0 and len(calls) == 2 and json.loads(out)["hardware"] == "measured-2"
     assert load_hardware().name == "measured-2"
+
+
+def test_plan_states_the_spread_and_what_it_was_measured_on(cli, saved_t4, tmp_path, monkeypatch):
+    from flexserve.planner.accuracy import RECORDED
+
+    rc, out, err = cli("plan", "--model", "opt-125m", "--hardware", "t4")
+    (line,) = [x for x in out.splitlines() if x.startswith("accuracy")]
+    assert f"fitted-set median error {100 * RECORDED['median_abs_error']:.1f}% over {RECORDED['num_runs']} runs" \
+        in line and "no held-out error recorded yet" in line
+    record = tmp_path / "held_out.json"
+    record.write_text(json.dumps({"kind": "held-out", "median_abs_error": 0.12, "worst_abs_error": 0.3,
+                                  "num_runs": 11}))
+    monkeypatch.setenv("FLEXSERVE_PLANNER_ACCURACY", str(record))
+    rc, out, err = cli("plan", "--model", "opt-125m", "--hardware", "t4", "--json")
+    assert json.loads(out)["accuracy"]["line"] == \
+        "expected within ±12% (held-out median error 12.0% over 11 runs, worst 30%)"
