@@ -79,8 +79,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.set_defaults(func=cmd_bench_serve)
 
 
+def check_range(args: argparse.Namespace, least: dict[str, float], above: dict[str, float] = {}) -> None:
+    """Refuse flags set below their least value (`least`: >=, `above`: >), naming the flag."""
+    from ..errors import ConfigError
+
+    for name, low in least.items():
+        value = getattr(args, name, None)
+        if value is not None and not value >= low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low:g}, got {value:g}")
+    for name, low in above.items():
+        value = getattr(args, name, None)
+        if value is not None and not value > low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > {low:g}, got {value:g}")
+
+
 def throughput_settings(args: argparse.Namespace) -> ThroughputSettings:
     """`ThroughputSettings` from the `bench throughput` flags."""
+    check_range(args, {"prompt_len": 1, "gen_len": 1}, {"h2d_gbps": 0, "disk_gbps": 0})
     return ThroughputSettings(model=args.model or BENCH_MODEL, dtype=args.dtype, device=args.device, offload_dir=args.offload_dir,
                               prompt_len=args.prompt_len, gen_len=args.gen_len, h2d_gbps=args.h2d_gbps,
                               disk_gbps=args.disk_gbps, json=args.json, profile=args.profile, engine=args.engine)
@@ -88,6 +103,9 @@ def throughput_settings(args: argparse.Namespace) -> ThroughputSettings:
 
 def trace_settings(args: argparse.Namespace) -> TraceSettings:
     """`TraceSettings` from the `bench serve` trace flags."""
+    check_range(args, {"num_requests": 1, "max_context": 2, "prompt_len": 1, "output_len": 1, "max_output_len": 1,
+                       "sim_step_overhead_ms": 0, "sim_seq_overhead_us": 0},
+                {"rate": 0, "cv": 0, "output_alpha": 0})
     return TraceSettings(trace=args.trace, rate=args.rate, cv=args.cv, num_requests=args.num_requests,
                          max_context=args.max_context, prompt_len=args.prompt_len, output_len=args.output_len,
                          output_dist=args.output_dist, output_alpha=args.output_alpha,

@@ -64,8 +64,22 @@ def test_ppl_refuses_bad_flags(cli, tmp_path, flags, flag):
     _one_line_naming(*cli("ppl", "--model", MISSING, str(text), *flags), flag)
 
 
-def test_bench_serve_refuses_bad_flags(cli):
-    _one_line_naming(*cli("bench", "serve", "--simulate", "--block-size", "0"), "--block-size")
+BENCH = [
+    (["serve", "--simulate", "--block-size", "0"], "--block-size"),
+    (["serve", "--simulate", "--num-requests", "0"], "--num-requests"),
+    (["serve", "--simulate", "--rate", "-1"], "--rate"),
+    (["serve", "--simulate", "--cv", "0"], "--cv"),
+    (["serve", "--simulate", "--max-context", "0"], "--max-context"),
+    (["serve", "--simulate", "--prompt-len", "0"], "--prompt-len"),
+    (["throughput", "--model", MISSING, "--prompt-len", "0"], "--prompt-len"),
+    (["throughput", "--model", MISSING, "--gen-len", "-1"], "--gen-len"),
+    (["throughput", "--model", MISSING, "--gpu-batch-size", "0"], "--gpu-batch-size"),
+]
+
+
+@pytest.mark.parametrize("flags, flag", BENCH, ids=[" ".join(f) for f, _ in BENCH])
+def test_bench_refuses_bad_flags(cli, flags, flag):
+    _one_line_naming(*cli("bench", *flags), flag)
 
 
 def test_port_in_use_is_reported_before_the_model_loads(cli):
