@@ -90,6 +90,23 @@ def planner_validation(part: str, cases: str, what: str, seconds: int) -> Entry:
                  writes=(f"planner_vs_measured_{part}.png",), note=PLACEMENT_CHANGED)
 
 
+HELD_OUT_FIT = "python bench/planner_validation.py --fit --fit-from-tally --save-profile {out}/fitted.json"
+HELD_OUT_NOTE = ("Each part fits the profile's constants on the recorded runs only (bench/planner_tally.py, no GPU), "
+                 "then measures cases never used for fitting; merge the parts' records with `python "
+                 "bench/planner_validation.py --merge A.json B.json C.json --accuracy held_out.json` and put its "
+                 "figures in flexserve/planner/accuracy.py (kind held-out).")
+
+
+def planner_held_out(part: str, cases: str, what: str) -> Entry:
+    """A third of the held-out cases (about 95 s each: a fresh process that builds its random weights)."""
+    return Entry(f"planner-held-out-{part}", f"Planner error on runs held out from its fit, cases {cases}: {what}",
+                 "1 GPU", 440,
+                 (Cmd(HELD_OUT_FIT, 120),
+                  Cmd(f"python bench/planner_validation.py --held-out --hardware {{out}}/fitted.json --timeout 200 "
+                      f"--held-out-pick {cases} --accuracy {{out}}/held_out_{part}.json", 560)),
+                 writes=("fitted.json", f"held_out_{part}.json"), note=HELD_OUT_NOTE)
+
+
 # --- serving (Llama-3-8B shape, random bf16 weights) -------------------------------------------------------------
 LLAMA8 = "--model dummy:llama-3-8b --dtype bfloat16"
 BATCH256 = ("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs --max-num-seqs 256 "
@@ -198,6 +215,12 @@ ENTRIES = [
     planner_validation("b", "3,4,5", "OPT-6.7B cache on the CPU (with and without CPU attention), OPT-13B split "
                        "weights", 320),
     planner_validation("c", "6,7,8", "OPT-30B CPU attention, Llama-3-8B weights on the CPU and split", 300),
+    planner_held_out("a", "0,1,2,3", "Llama-2-7B weights on the CPU, CPU attention at 1,024 tokens, 4-bit "
+                     "weights; Mistral-7B weights on the CPU"),
+    planner_held_out("b", "4,5,6,7", "Mistral-7B CPU attention, Qwen2-7B resident and 4-bit weights on the CPU, "
+                     "OPT-2.7B CPU attention"),
+    planner_held_out("c", "8,9,10,11", "OPT-2.7B split cache, Llama-2-13B split weights, 4-bit cache, CPU "
+                     "attention at 768 tokens"),
     Entry("auto-policy-cap16-opt30b",
           "OPT-30B under a 16 GiB GPU cap (gen 8): what --policy auto chooses and how fast it runs against the "
           "prediction",

@@ -10,6 +10,19 @@ and a predicted-vs-measured scatter plot.
     python bench/planner_validation.py --hardware h100 --gen-len 8 --plot bench/plots/planner_vs_measured.png
     python bench/planner_validation.py --hardware h100 --gen-len 8 --no-sweep --auto opt-30b --gpu-mem 16GiB --cap-sweep
     python bench/planner_validation.py --device cpu --quick      # tiny shapes, to check the script itself
+
+An honest error figure needs constants fitted on one set of runs and the error measured on another:
+
+    python bench/planner_validation.py --fit --fit-from-tally --save-profile fitted.json   # no GPU: the fit set
+        # is every run recorded in bench/planner_tally.py; `--fit` alone measures GPU_CASES instead
+    python bench/planner_validation.py --held-out --hardware fitted.json --held-out-pick 0,1,2,3 \
+        --accuracy held_out_a.json                     # HELD_OUT_CASES: other models, lengths and caps
+    python bench/planner_validation.py --merge held_out_a.json held_out_b.json --accuracy held_out.json
+
+`--fit` grid-searches the constants the h100 profile carries from fitted runs (per-layer launch overhead,
+CPU-attention overlap, the 4-bit rebuild rate) for the lowest median error on the fit set only. The
+`--accuracy` record (kind "held-out": median and worst absolute error, number of runs) is what `flexserve plan`
+quotes when `FLEXSERVE_PLANNER_ACCURACY` names it; its figures belong in `flexserve/planner/accuracy.py`.
 """
 from __future__ import annotations
 
@@ -38,9 +51,34 @@ CPU_CASES = [
 ]
 
 
-def measure(model: str, percent, bs: int, nb: int, extra: list[str], args) -> dict:
+# Held out from every fit: models, lengths and caps the constants never saw, with and without CPU attention and
+# compression. (model, --percent, gpu batch size, num gpu batches, extra flags, prompt len, gen len, dtype)
+HELD_OUT_CASES = [
+    ("llama-2-7b", (0, 100, 100, 0, 100, 0), 32, 4, [], 256, 16, "float16"),
+    ("llama-2-7b", (0, 100, 0, 100, 100, 0), 16, 2, ["--cpu-cache-compute"], 1024, 16, "float16"),
+    ("llama-2-7b", (50, 50, 100, 0, 100, 0), 32, 2, ["--compress-weight"], 512, 16, "float16"),
+    ("mistral-7b", (0, 100, 100, 0, 100, 0), 32, 4, [], 1024, 16, "bfloat16"),
+    ("mistral-7b", (30, 70, 0, 100, 100, 0), 16, 3, ["--cpu-cache-compute"], 256, 32, "bfloat16"),
+    ("qwen2-7b", (100, 0, 100, 0, 100, 0), 32, 1, [], 512, 16, "bfloat16"),
+    ("qwen2-7b", (0, 100, 100, 0, 100, 0), 16, 4, ["--compress-weight"], 256, 16, "bfloat16"),
+    ("opt-2.7b", (0, 100, 0, 100, 100, 0), 32, 2, ["--cpu-cache-compute"], 512, 32, "float16"),
+    ("opt-2.7b", (100, 0, 50, 50, 100, 0), 64, 1, [], 256, 16, "float16"),
+    ("llama-2-13b", (20, 80, 100, 0, 100, 0), 16, 2, [], 512, 16, "float16"),
+    ("llama-2-13b", (0, 100, 50, 50, 100, 0), 16, 2, ["--compress-cache"], 256, 16, "float16"),
+    ("llama-2-13b", (10, 90, 0, 100, 100, 0), 32, 2, ["--cpu-cache-compute"], 768, 16, "float16"),
+]
+FIT_GRID = {  # multipliers of the profile's value (overlap: the value itself)
+    "layer_overhead_s": (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0),
+    "cpu_attention_overlap": (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+    "dequant_bw": (0.5, 0.7, 1.0, 1.4, 2.0),
+}
+
+
+def measure(model: str, percent, bs: int, nb: int, extra: list[str], args, prompt_len: int | None = None,
+            gen_len: int | None = None, dtype: str | None = None) -> dict:
     cmd = [sys.executable, "-m", "flexserve.cli", "bench", "throughput", "--model", f"dummy:{model}",
-           "--dtype", args.dtype, "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len), "--json",
+           "--dtype", dtype or args.dtype, "--prompt-len", str(prompt_len or args.prompt_len),
+           "--gen-len", str(gen_len or args.gen_len), "--json",
            "--percent", *map(str, percent), "--gpu-batch-size", str(bs), "--num-gpu-batches", str(nb), *extra]
     if args.device:
         cmd += ["--device", args.device]
@@ -64,6 +102,12 @@ def policy_of(percent, bs: int, nb: int, extra: list[str]):
                                compress_weight="--compress-weight" in extra, compress_cache="--compress-cache" in extra)
 
 
+def policy_options(extra: list[str]) -> dict:
+    return {k: True for k, flag in (("cpu_cache_compute", "--cpu-cache-compute"),
+                                    ("compress_weight", "--compress-weight"),
+                                    ("compress_cache", "--compress-cache")) if flag in extra}
+
+
 def case_of(policy) -> tuple:
     """(percent, gpu batch size, num gpu batches, extra flags) of a planner policy, for `measure`."""
     extra = [flag for flag, on in (("--cpu-cache-compute", policy.cpu_cache_compute),
@@ -72,13 +116,78 @@ def case_of(policy) -> tuple:
     return tuple(int(round(p)) for p in policy.percent), policy.gpu_batch_size, policy.num_gpu_batches, extra
 
 
-def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args):
+def predict(model: str, percent, bs: int, nb: int, extra: list[str], hw, args, prompt_len: int | None = None,
+            gen_len: int | None = None, dtype: str | None = None):
     from flexserve.config import preset
     from flexserve.planner import estimate
 
-    dtype_bytes = 4 if args.dtype == "float32" else 2
-    return estimate(preset(model), policy_of(percent, bs, nb, extra), hw, args.prompt_len, args.gen_len,
-                    dtype_bytes=dtype_bytes, placed=True)  # the shares the executor really places
+    dtype = dtype or args.dtype
+    dtype_bytes = 4 if dtype == "float32" else 2
+    return estimate(preset(model), policy_of(percent, bs, nb, extra), hw, prompt_len or args.prompt_len,
+                    gen_len or args.gen_len, dtype_bytes=dtype_bytes, dtype=dtype,
+                    placed=True)  # the shares the executor really places
+
+
+# --- fitting on one set, reporting on another ----------------------------------------------------------------
+def tally_rows() -> list[dict]:
+    """The runs recorded in bench/planner_tally.py (one GPU, no parallelism) as fit rows."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from planner_tally import CASES
+
+    return [dict(model=m, percent=list(pct), bs=bs, nb=nb, options=opts, prompt_len=512, gen_len=gen, dtype=dt,
+                 weight_placement="flexgen" if where.startswith("s6") else "largest-first", measured=meas)
+            for where, m, pct, bs, nb, opts, gen, dt, tp, pp, meas in CASES if tp == 1 and pp == 1]
+
+
+def row_error(row: dict, hw) -> float:
+    """(predicted - measured) / measured of one fit or held-out row under profile `hw`."""
+    from flexserve.config import preset
+    from flexserve.offload.policy import Policy
+    from flexserve.planner import estimate
+
+    policy = Policy.from_percent(row["percent"], gpu_batch_size=row["bs"], num_gpu_batches=row["nb"],
+                                 weight_placement=row.get("weight_placement", "flexgen"), **row.get("options", {}))
+    est = estimate(preset(row["model"]), policy, hw, row["prompt_len"], row["gen_len"], dtype=row["dtype"],
+                   dtype_bytes=4 if row["dtype"] == "float32" else 2, placed=True)
+    return (est.decode_tok_s - row["measured"]) / row["measured"]
+
+
+def median_abs(errors: list[float]) -> float:
+    errs = sorted(abs(e) for e in errors)
+    return errs[len(errs) // 2]
+
+
+def fit_profile(hw, rows: list[dict], grid: dict = FIT_GRID):
+    """The profile with the fitted constants that give the lowest median absolute error on `rows`, one constant
+    at a time over its grid (twice round, as they interact), and that error."""
+    import dataclasses
+
+    base = {k: getattr(hw, k) for k in grid}
+    best = hw
+    for _ in range(2):
+        for key, values in grid.items():
+            if key == "dequant_bw" and not hw.dequant_bw:
+                continue
+            scored = []
+            for v in values:
+                value = v if key == "cpu_attention_overlap" else base[key] * v
+                trial = dataclasses.replace(best, **{key: value})
+                # ties go to the value nearest the profile's own
+                scored.append((round(median_abs([row_error(r, trial) for r in rows]), 9), abs(value - base[key]),
+                               value))
+            best = dataclasses.replace(best, **{key: min(scored)[2]})
+    return dataclasses.replace(best, name=f"{hw.name} (fitted on {len(rows)} runs)"), median_abs(
+        [row_error(r, best) for r in rows])
+
+
+def error_record(rows: list[dict], kind: str, source: str) -> dict:
+    """The accuracy record `flexserve plan` reads: median and worst absolute error over the rows measured."""
+    errs = [abs(r["error"]) for r in rows if r.get("error") is not None]
+    if not errs:
+        raise SystemExit("no measured rows: nothing to report")
+    return {"kind": kind, "median_abs_error": median_abs(errs), "worst_abs_error": max(errs),
+            "num_runs": len(errs), "num_models": len({r["model"] for r in rows if r.get("error") is not None}),
+            "source": source, "rows": rows}
 
 
 # Hand policies measured beside the planner's under a cap: FlexGen's README policy for OPT-30B on a 16 GB GPU,
@@ -119,11 +228,14 @@ def capped_cases(model: str, hw, args, sweep: bool) -> list[tuple]:
 CAP_BATCH_SIZES = (8, 16, 32, 64)
 
 
-def run_case(model: str, percent, bs: int, nb: int, extra: list[str], hw, args, group: str) -> dict:
-    got = measure(model, percent, bs, nb, extra, args)
-    est = predict(model, percent, bs, nb, extra, hw, args)
+def run_case(model: str, percent, bs: int, nb: int, extra: list[str], hw, args, group: str,
+             prompt_len: int | None = None, gen_len: int | None = None, dtype: str | None = None) -> dict:
+    got = measure(model, percent, bs, nb, extra, args, prompt_len, gen_len, dtype)
+    est = predict(model, percent, bs, nb, extra, hw, args, prompt_len, gen_len, dtype)
     meas = got.get("decode_tok_s")
     row = dict(group=group, model=model, percent=list(percent), block=f"{bs}x{nb}", extra=" ".join(extra),
+               bs=bs, nb=nb, options=policy_options(extra), prompt_len=prompt_len or args.prompt_len,
+               gen_len=gen_len or args.gen_len, dtype=dtype or args.dtype,
                predicted=est.decode_tok_s, measured=meas, error=(est.decode_tok_s - meas) / meas if meas else None,
                predicted_total=est.total_tok_s, measured_total=got.get("total_tok_s"),
                peak_gpu_gb=got.get("peak_gpu_gb"), failure=got.get("error"))
@@ -155,10 +267,61 @@ def main() -> None:
     ap.add_argument("--cap-pick", default=None, help="with --cap-sweep: measure only these indices of the capped "
                     "list (0 = auto), comma-separated")
     ap.add_argument("--sweep-pick", default=None, help="measure only these indices of the policy list")
+    ap.add_argument("--fit", action="store_true", help="fit the profile's fitted constants on the fit set "
+                    "(GPU_CASES measured now, or with --fit-from-tally the recorded runs) and report its error")
+    ap.add_argument("--fit-from-tally", action="store_true", help="with --fit: the runs of bench/planner_tally.py")
+    ap.add_argument("--save-profile", default=None, help="with --fit: write the fitted profile (JSON) here")
+    ap.add_argument("--held-out", action="store_true", help="measure HELD_OUT_CASES (never used for fitting) and "
+                    "report the error of --hardware on them")
+    ap.add_argument("--held-out-pick", default=None, help="only these indices of HELD_OUT_CASES")
+    ap.add_argument("--accuracy", default=None, help="write the error record `flexserve plan` quotes here")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge held-out records into one (--accuracy)")
     args = ap.parse_args()
-    from flexserve.planner import resolve_hardware
+    from flexserve.planner import resolve_hardware, save_hardware
 
+    if args.merge:
+        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        record = error_record(rows, "held-out", "bench/planner_validation.py --held-out, merged from "
+                              + ", ".join(os.path.basename(p) for p in args.merge))
+        print(f"held-out: median absolute error {record['median_abs_error']:.1%}, worst "
+              f"{record['worst_abs_error']:.1%} over {record['num_runs']} runs on {record['num_models']} models")
+        if args.accuracy:
+            with open(args.accuracy, "w") as f:
+                json.dump(record, f, indent=1)
+        return
     hw = resolve_hardware(args.hardware)
+    if args.fit:
+        if args.fit_from_tally:
+            fit_rows = tally_rows()
+        else:
+            fit_rows = [dict(model=m, percent=list(p), bs=bs, nb=nb, options=policy_options(extra),
+                             prompt_len=args.prompt_len, gen_len=args.gen_len, dtype=args.dtype,
+                             measured=measure(m, p, bs, nb, extra, args).get("decode_tok_s"))
+                        for m, p, bs, nb, extra in GPU_CASES]
+            fit_rows = [r for r in fit_rows if r["measured"]]
+        before = median_abs([row_error(r, hw) for r in fit_rows])
+        fitted, after = fit_profile(hw, fit_rows)
+        print(f"fit set: {len(fit_rows)} runs on {len({r['model'] for r in fit_rows})} models; median absolute "
+              f"error {before:.1%} with '{hw.name}', {after:.1%} fitted (this is the fitted-set error)")
+        for key in FIT_GRID:
+            print(f"  {key}: {getattr(hw, key):.4g} -> {getattr(fitted, key):.4g}")
+        if args.save_profile:
+            print(f"saved {save_hardware(fitted, args.save_profile)}")
+        return
+    if args.held_out:
+        cases = HELD_OUT_CASES
+        if args.held_out_pick:
+            cases = [cases[int(i)] for i in args.held_out_pick.split(",") if int(i) < len(cases)]
+        rows = [run_case(m, p, bs, nb, extra, hw, args, "held-out", pl, gl, dt)
+                for m, p, bs, nb, extra, pl, gl, dt in cases]
+        record = error_record(rows, "held-out", f"bench/planner_validation.py --held-out on '{hw.name}'")
+        print(f"\nheld-out: median absolute error {record['median_abs_error']:.1%}, worst "
+              f"{record['worst_abs_error']:.1%} over {record['num_runs']} runs on {record['num_models']} models")
+        print("PLANNER_HELD_OUT " + json.dumps(record))
+        if args.accuracy:
+            with open(args.accuracy, "w") as f:
+                json.dump(record, f, indent=1)
+        return
     cases = [] if args.no_sweep else CPU_CASES if args.quick else GPU_CASES
     if args.sweep_pick:  # a subset of the policy list (indices), e.g. the cases a short device call still owes
         cases = [cases[int(i)] for i in args.sweep_pick.split(",") if int(i) < len(cases)]
