@@ -209,8 +209,12 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
         values["layer_overhead_s"] = _layer_overhead(dev, timer)
 
     def cpu_attention() -> None:
-        values["cpu_attention_bw"] = _cpu_attention_bw(torch.float16 if dev.type == "cuda" else torch.float32,
-                                                       _Timer(torch.device("cpu"), timer.min_time), quick)
+        cpu_timer = _Timer(torch.device("cpu"), timer.min_time)
+        rates = cpu_attention_rates(cpu_timer, quick)
+        values["cpu_attention_bw"] = rates["float16" if dev.type == "cuda" else "float32"]
+        values["cpu_attention_bw_bf16"], values["cpu_attention_bw_fp32"] = rates["bfloat16"], rates["float32"]
+        if dev.type == "cuda":  # the weight stream while CPU attention runs beside it
+            values["h2d_contended_bw"] = _h2d_beside_cpu_attention(dev, cpu_timer, copy_bytes, quick)
 
     def dequant() -> None:
         values["dequant_bw"] = _dequant_bw(dev, timer, quick)
@@ -247,6 +251,57 @@ def _cpu_attention_bw(dtype: torch.dtype, timer: "_Timer", quick: bool) -> float
     v = torch.randn(b, h, length, d, dtype=dtype)
     seconds = timer(lambda: F.scaled_dot_product_attention(q, k, v))
     return 2 * k.numel() * k.element_size() / seconds
+
+
+# (batch, context) of the decode steps a CPU-attention policy runs: a block of tens of sequences at the
+# prompt lengths plans use; the profile keeps the rate at the largest (the throughput-oriented policies').
+CPU_ATTENTION_SHAPES = ((8, 512), (32, 1024), (64, 2048))
+
+
+def cpu_attention_rates(timer: "_Timer", quick: bool,
+                        dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32")) -> dict[str, float]:
+    """Cache bytes/s read by decode attention on the CPU per host-cache dtype, at policy shapes (`quick`: the
+    smallest only): the rate at the largest shape measured."""
+    import torch.nn.functional as F
+
+    shapes = CPU_ATTENTION_SHAPES[:1] if quick else CPU_ATTENTION_SHAPES
+    heads, dim = 32, 128
+    out = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        for b, length in shapes:
+            q = torch.randn(b, heads, 1, dim, dtype=dtype)
+            k = torch.randn(b, heads, length, dim, dtype=dtype)
+            v = torch.randn(b, heads, length, dim, dtype=dtype)
+            seconds = timer(lambda: F.scaled_dot_product_attention(q, k, v), max_iters=50)
+            out[name] = 2 * k.numel() * k.element_size() / seconds
+    return out
+
+
+def _h2d_beside_cpu_attention(dev: torch.device, cpu_timer: "_Timer", nbytes: int, quick: bool) -> float:
+    """Pinned host-to-GPU bytes/s while another thread runs CPU attention (both read host memory)."""
+    import threading
+
+    import torch.nn.functional as F
+
+    b, length = CPU_ATTENTION_SHAPES[0 if quick else 1]
+    q, k, v = (torch.randn(b, 32, n, 128, dtype=torch.float16) for n in (1, length, length))
+    stop = threading.Event()
+
+    def attend() -> None:
+        while not stop.is_set():
+            F.scaled_dot_product_attention(q, k, v)
+
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    worker = threading.Thread(target=attend, daemon=True)
+    worker.start()
+    try:
+        seconds = _Timer(dev, cpu_timer.min_time)(lambda: dst.copy_(src, non_blocking=True))
+    finally:
+        stop.set()
+        worker.join()
+    return nbytes / seconds
 
 
 def _dequant_bw(dev: torch.device, timer: "_Timer", quick: bool) -> float:

@@ -146,9 +146,11 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
 
     dequant = dequant_s(sz.layer_w, sz.layer_w16)
 
-    def weight_load(num_bytes: float, gathered_on_cpu: bool = False) -> dict[str, Linear]:
+    def weight_load(num_bytes: float, gathered_on_cpu: bool = False, contended: bool = False) -> dict[str, Linear]:
         # an embedding table on the CPU is read row by row (B*S rows, negligible), never moved whole
         pcie = share("w", "disk") / hw.h2d_pinned_bw if gathered_on_cpu else w_off
+        if contended and hw.h2d_contended_bw:  # the copy runs beside CPU attention, slower by what it measured
+            pcie = pcie * (hw.h2d_pinned_bw / hw.h2d_contended_bw)
         return {"weights pcie": pcie * num_bytes, "weights disk": share("w", "disk") * (num_bytes / hw.disk_read_bw)}
 
     def acts(tokens: float) -> dict[str, Linear]:
@@ -176,7 +178,7 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             read16 = blk * ctx * sz.kv_token16 * fv + (blk * ctx * (sz.kv_token + sz.kv_token16)
                                                       if p.compress_cache else 0.0)
             attn = max(4.0 * blk * ctx * cfg.q_size / flops, read16 / hw.gpu_mem_bw)
-        load = weight_load(sz.layer_w)
+        load = weight_load(sz.layer_w, contended=cpu_attends)
         store: dict[str, Linear] = {}
         compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin + dequant)}
         if phase == "decode":
@@ -185,7 +187,7 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             load["cache pcie"] = moved * (cache_read / hw.h2d_pinned_bw)
             load["cache disk"] = share("cache", "disk") * (cache_read / hw.disk_read_bw)
         if cpu_attends:
-            attn_bw = hw.cpu_attention_bw or hw.cpu_mem_bw
+            attn_bw = hw.cpu_attention_rate(p.cpu_attention_dtype or dtype or dtype_name(b))
             cpu = max(blk * ctx * sz.kv_token * fv / attn_bw, 4.0 * blk * ctx * cfg.q_size * fv / hw.cpu_flops)
             compute["gpu attention"] = (1 - share("cache", "cpu")) * attn
             compute["cpu attention"] = share("cache", "cpu") * cpu

@@ -71,6 +71,13 @@ class Hardware:
     # Fraction of `cpu_mem` a plan leaves to the operating system, the page cache and other processes. Without
     # it the planner filled a 128 GiB host to its last gigabyte and the run was killed (bench/RESULTS.md, 2).
     host_reserve: float = 0.10
+    # CPU attention's cache read rate with a bf16 / fp32 host cache (`--cpu-attention-dtype`), measured at a
+    # policy's batch and context shapes; 0 = `cpu_attention_bw` (the half-precision rate).
+    cpu_attention_bw_bf16: float = 0.0
+    cpu_attention_bw_fp32: float = 0.0
+    # Pinned host-to-GPU bytes/s while CPU attention runs beside the copy (both load the host's memory);
+    # 0 = `h2d_pinned_bw`, no contention.
+    h2d_contended_bw: float = 0.0
     # The compute device's memory is the host's (a CPU-only machine, or a unified-memory one): the "GPU" and
     # "CPU" tiers are one pool, and a plan's bytes on both count against it once.
     unified_memory: bool = False
@@ -90,7 +97,8 @@ class Hardware:
                 if not 0 <= v <= top:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be in [0, {top}], got {v}")
             elif f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
-                            "gpu_link_latency_s", "dequant_bw"):
+                            "gpu_link_latency_s", "dequant_bw", "cpu_attention_bw_bf16", "cpu_attention_bw_fp32",
+                            "h2d_contended_bw"):
                 if v < 0:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be >= 0, got {v}")
             elif v <= 0:
@@ -102,6 +110,13 @@ class Hardware:
         if key is None:
             raise PolicyError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
         return getattr(self, key)
+
+    def cpu_attention_rate(self, cache_dtype: str | None = None) -> float:
+        """Cache bytes/s CPU attention reads with a host cache of `cache_dtype` (None: half precision)."""
+        key = (cache_dtype or "float16").lower().removeprefix("torch.")
+        measured = {"bfloat16": self.cpu_attention_bw_bf16, "bf16": self.cpu_attention_bw_bf16,
+                    "float32": self.cpu_attention_bw_fp32, "fp32": self.cpu_attention_bw_fp32}.get(key, 0.0)
+        return measured or self.cpu_attention_bw or self.cpu_mem_bw
 
     def with_memory(self, gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
                     disk: float | str | None = None) -> "Hardware":

@@ -116,6 +116,11 @@ def format_hardware(hw: Hardware) -> str:
         ("gpu memory", gbs(hw.gpu_mem_bw)),
         ("cpu", f"{tfl(hw.cpu_flops)} fp32, memory read {gbs(hw.cpu_mem_bw)}"),
         ("overhead", f"{hw.layer_overhead_s * 1e6:.0f} us per layer per batch"),
+        ("cpu attn", f"cache read fp16 {hw.cpu_attention_rate('float16') / 1e9:.1f}, bf16 "
+                     f"{hw.cpu_attention_rate('bfloat16') / 1e9:.1f}, fp32 {hw.cpu_attention_rate('float32') / 1e9:.1f}"
+                     f" GB/s" + (f"; host->gpu beside it {hw.h2d_contended_bw / 1e9:.1f} GB/s" if hw.h2d_contended_bw
+                                 else "")
+                     + (f"; 4-bit rebuild {hw.dequant_bw / 1e9:.1f} GB/s" if hw.dequant_bw else "")),
         ("notes", hw.notes),
     ]
     return "\n".join(f"{k:<11}{v}" for k, v in rows)

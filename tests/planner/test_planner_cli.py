@@ -113,6 +113,8 @@ def test_calibrate_quick_saves_a_positive_profile(tmp_path, capsys):
     for name, value in hw.to_dict().items():
         if name in ("gpu_link_bw", "gpu_link_latency_s"):  # one device: no GPU link to measure (0 = unknown)
             assert value == 0, name
+        elif name == "h2d_contended_bw":  # measured beside a GPU only (0 = no contention)
+            assert value == 0, name
         elif isinstance(value, float):
             assert value > 0, name
     assert "disk" in hw.notes and "no CUDA" in hw.notes  # CI has no GPU: says what the numbers are
