@@ -58,7 +58,8 @@ class LLM:
         self.model, self.device, self.dtype, self.config = opened.path, opened.device, opened.dtype, opened.config
         self.policy = policy
         if policy is not None and policy.uses_disk and not offload_dir:
-            raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir")
+            raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir (a folder "
+                              "for the disk tier)")
         self.gpu_limit, self.cpu_limit = gpu_limit, cpu_limit
         check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
                    gpu_limit, cpu_limit)

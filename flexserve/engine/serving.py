@@ -27,6 +27,7 @@ import torch
 from ..errors import RequestError
 from ..scheduler import BlockManager, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
+from ..weights import is_hub_id
 from .config import EngineConfig
 from .front import EngineFront
 from .job_cost import job_cost_model
@@ -51,7 +52,9 @@ class AsyncEngine(EngineFront):
         self.model_path, self.device, self.dtype = self.runner.model_path, self.runner.device, self.runner.dtype
         self.model_config = self.runner.model_config  # this rank's shard under tensor/pipeline parallelism
         self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
-        self.model_name = self.model_path.rstrip("/").split("/")[-1]
+        # what clients send as `model`: a Hugging Face id as given (its local folder is a snapshot hash)
+        self.model_name = config.model if config.model and is_hub_id(config.model) else \
+            self.model_path.rstrip("/").split("/")[-1]
         self.outputs = OutputProcessor(self.tokenizer, self._lost)
         self.settings = settings = self.runner.settings
         self.blocks = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.block_size,
