@@ -69,7 +69,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..planner.hardware import resolve_hardware
     from ..planner.parallel import estimate_parallel, rank_config
     from ..planner.report import Workload, format_parallel, format_plan, parallel_to_dict, plan_to_dict
-    from ..planner.search import default_hardware, search
+    from ..planner.auto import default_hardware
+    from ..planner.search import search
     from ..planner.shapes import resolve_model_config
 
     full = resolve_model_config(args.model)

@@ -10,8 +10,9 @@ print.
 from .cost_model import CostModel, Estimate, build, compare, estimate, evaluate
 from .hardware import (Hardware, default_profile_path, format_size, load_hardware, parse_size, profile,
                        resolve_hardware, save_hardware)
-from .search import (Plan, auto_plan, auto_policy, default_hardware, describe_policy, grid_search, search,
-                     weight_options)
+from .auto import auto_plan, auto_policy, default_hardware
+from .grid import grid_search
+from .search import Plan, describe_policy, search, weight_options
 
 
 def calibrate(device=None, quick: bool = False, progress: bool = True, disk_dir: str | None = None) -> Hardware:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -28,7 +27,7 @@ from ..offload.placement import tier_shares
 from ..offload.policy import Policy
 from .cost_model import TIERS, CostModel, Estimate, build, evaluate, placed_point
 from .hardware import Hardware, format_size
-from .linear import NUM_VARS, Linear, minimum, point
+from .linear import NUM_VARS, minimum, point
 from .sizes import model_sizes
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -309,165 +308,6 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
                 caps["gpu"] = caps["cpu"] = caps[tier]
     raise PolicyError(f"no policy fits as placed after {rounds} rounds: whole tensors overflow "
                       + ", ".join(f"{t} by {format_size(e)}" for t, e in over.items()))
-
-
-def auto_plan(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
-              gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
-              disk: float | str | None = None, dtype_bytes: int = 2, device: str | None = None,
-              progress: bool = False, rounds: int = 4, **search_kw) -> Plan:
-    """`--policy auto`: the searched plan for this machine (see `default_hardware` for which profile), one the
-    executor's own memory check (`offload.budget.tier_needs`) accepts on `device`.
-
-    On a CPU device the GPU and CPU tiers are the same RAM: the profile is planned as one pool
-    (`unified_memory`) no larger than the memory free now. When the executor's count still refuses the plan
-    (its free memory moved since calibration), the short tier is lowered by the shortfall and the search runs
-    again, a few rounds at most; then the executor's refusal is raised as it would be at load time.
-    Sizes may be bytes or strings such as "16GiB"; `hardware` a profile, a built-in name or a file; other
-    keywords go to `search` (block shapes, options).
-    """
-    import psutil
-    import torch
-
-    from ..offload.budget import check_fits, tier_needs
-    from .hardware import parse_size, resolve_hardware
-
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    hw = (resolve_hardware(hardware) or default_hardware(progress=progress)).with_memory(gpu_mem, cpu_mem, disk)
-    if dev.type != "cuda":  # the compute device's memory is the host's: one pool, no more than is free now
-        free = float(psutil.virtual_memory().available)
-        hw = dataclasses.replace(hw, unified_memory=True, gpu_mem=min(hw.gpu_mem, free),
-                                 cpu_mem=min(hw.cpu_mem, free))
-    gpu_limit = parse_size(gpu_mem) if gpu_mem is not None else None
-    cpu_limit = parse_size(cpu_mem) if cpu_mem is not None else None
-    seq_len = prompt_len + gen_len
-    for _ in range(rounds):
-        plan = search(config, hw, prompt_len, gen_len, dtype_bytes, **search_kw)
-        short = [t for t in tier_needs(config, plan.policy, dtype_bytes, seq_len, dev, gpu_limit, cpu_limit)
-                 if t.shortfall]
-        if not short:
-            return plan
-        lower = {}
-        for t in short:  # one memory: both tiers' sizes move together
-            tiers = ("gpu", "cpu") if hw.unified_memory else (t.tier.lower(),)
-            for name in tiers:
-                lower[name] = min(lower.get(name, math.inf), getattr(hw, f"{name}_mem") - 1.1 * t.shortfall)
-        if any(v <= 0 for v in lower.values()):
-            break
-        hw = dataclasses.replace(hw, **{f"{k}_mem": v for k, v in lower.items()})
-    check_fits(config, plan.policy, dtype_bytes, seq_len, dev, gpu_limit, cpu_limit)  # raises the executor's words
-    return plan
-
-
-def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,
-                gpu_mem: float | str | None = None, cpu_mem: float | str | None = None,
-                disk: float | str | None = None, dtype_bytes: int = 2, device: str | None = None) -> Policy:
-    """The policy of `auto_plan`."""
-    return auto_plan(config, prompt_len, gen_len, hardware, gpu_mem, cpu_mem, disk, dtype_bytes, device).policy
-
-
-def default_hardware(progress: bool = False, recalibrate: bool = False) -> Hardware:
-    """The saved profile if there is one, else the built-in H100 profile on a CUDA machine, else a quick
-    calibration of this (CPU) machine, which takes a few seconds and is saved for the next call (a line on
-    stderr says so when `progress`). `recalibrate` measures again even when a profile is saved. Without CUDA
-    the profile is planned with one memory pool (`unified_memory`), whatever the saved file says."""
-    import os
-    import sys
-    import tempfile
-
-    import torch
-
-    from .hardware import default_profile_path, load_hardware, profile, save_hardware
-
-    cuda = torch.cuda.is_available()
-    if os.path.isfile(default_profile_path()) and not recalibrate:
-        hw = load_hardware()
-        return hw if cuda else dataclasses.replace(hw, unified_memory=True)
-
-    from .calibrate import _sizes, calibrate
-
-    if cuda and not recalibrate:  # the H100 rates, this machine's sizes
-        return profile("h100").with_memory(**_sizes(torch.device("cuda"), tempfile.gettempdir()))
-    if progress:
-        print(f"calibrating this machine once (a few seconds), saved to {default_profile_path()} for later "
-              "plans (`--recalibrate` measures again)", file=sys.stderr)
-    hw = calibrate(quick=True, progress=False)
-    save_hardware(hw)
-    return hw
-
-
-def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-                step: int = 10, gpu_batch_sizes: Sequence[int] = (1, 4, 16, 64),
-                num_gpu_batches: Sequence[int] = (1, 2, 4), cpu_cache_compute: bool | None = None,
-                allow_compression: bool = False, overlap: bool = True, weight_placement: str = "flexgen") -> Plan:
-    """Exhaustive search over percentages in steps of `step` with the same cost model (vectorised with numpy).
-
-    Slow and coarse; it exists to check that the MILP never does worse.
-    """
-    if step < 1 or 100 % step:
-        raise PolicyError(f"grid step must divide 100, got {step}")
-    start = time.perf_counter()
-    limits = hardware.limits()
-    pairs = np.array([(g, c) for g in range(0, 101, step) for c in range(0, 101 - g, step)], dtype=float) / 100.0
-    options = weight_options(config, weight_placement)  # weights: only the splits whole tensors allow
-    w_pairs = np.array([(sg, sc) for sg, sc, _, _ in options])
-    n, nw = len(pairs), len(w_pairs)
-    grid = np.hstack([np.repeat(w_pairs, n * n, axis=0), np.tile(np.repeat(pairs, n, axis=0), (nw, 1)),
-                      np.tile(pairs, (nw * n, 1))])  # every (weights, cache, activations) combination
-    best: tuple[float, CostModel, np.ndarray] | None = None
-    count = 0
-    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
-                           overlap):
-        model = build(config, pol.replace(weight_placement=weight_placement), hardware, prompt_len, gen_len,
-                      dtype_bytes)
-        count += 1
-        ok = np.ones(len(grid), dtype=bool)
-        for t in TIERS:
-            ok &= _many_memory(model, t, grid) <= limits[t] * (1 + 1e-12)
-        if not ok.any():
-            continue
-        times = _many_total_time(model, grid[ok])
-        i = int(np.argmin(times))
-        thr = pol.block_size * gen_len / times[i]
-        if best is None or thr > best[0] * (1 + 1e-12):
-            best = (thr, model, grid[ok][i])
-    if best is None:
-        raise PolicyError("no grid point fits the memory")
-    _, model, x = best
-    pct = [round(v * 100) for v in x]
-    pct[0], pct[1] = next((gp, cp) for sg, sc, gp, cp in options if (sg, sc) == (x[0], x[1]))
-    policy = model.policy.replace(**dict(zip(
-        ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-         "act_cpu_percent"), pct)))
-    est = evaluate(model, tuple(x))  # the grid point itself, to compare with the MILP's `lp_estimate`
-    return Plan(policy, est, f"grid search, step {step}%", hardware, count, count, time.perf_counter() - start,
-                est)
-
-
-def _many(lins: list[Linear], grid: np.ndarray) -> np.ndarray:
-    """Many affine terms at many points in one product: [points, terms]."""
-    coef = np.array([lin.coef for lin in lins]).T
-    return grid @ coef + np.array([lin.const for lin in lins])
-
-
-def _many_total_time(model: CostModel, grid: np.ndarray) -> np.ndarray:
-    stages = [s for s in model.stages if s.count > 0]
-    terms = [s.bound_terms(model.policy.overlap) for s in stages]
-    values = _many([t for ts in terms for t in ts], grid)
-    out, col = np.zeros(len(grid)), 0
-    for s, ts in zip(stages, terms):
-        out += s.count * (values[:, col:col + len(ts)].max(axis=1) + s.overhead_s)
-        col += len(ts)
-    return out
-
-
-def _many_memory(model: CostModel, tier: str, grid: np.ndarray) -> np.ndarray:
-    mem = model.memory[tier]
-    values = _many([mem.base, *(sw.when for sw in mem.switches)], grid)
-    out = values[:, 0].copy()
-    for j, sw in enumerate(mem.switches):
-        out += np.where(values[:, j + 1] > 1e-9, sw.num_bytes, 0.0)
-    return out
 
 
 def _check_basic_feasibility(config: ModelConfig, hw: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int,
