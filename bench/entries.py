@@ -14,6 +14,9 @@ Command lines are written as on a shell, run from the repository root, with thes
   {out}              the output folder of the run (`run --out`)
   {peers}            the folder of other projects' benchmark scripts (FLEXSERVE_PEERS_DIR, default .peers/)
 A step that is a tuple of commands runs them at the same time, each on the GPU its `gpu` names.
+
+Past the usual module size on purpose: it is a registry (data), one entry per figure, kept in one place so that
+RESULTS.md and `bench/run.py` read the same list.
 """
 from __future__ import annotations
 
