@@ -7,7 +7,9 @@ import json
 import sys
 
 from ..errors import PolicyError
-from ..planner.shapes import DTYPE_BYTES
+
+PLAN_DTYPES = ("bfloat16", "float16", "float32")  # the planner's (planner.shapes.DTYPE_BYTES); named here so
+# that building the parser (and `--help`) does not import the planner, and with it torch
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +25,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                              "h100 with CUDA, else a quick calibration)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure this machine again (and save it) instead of reading the saved profile")
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPE_BYTES))
+    parser.add_argument("--dtype", default="float16", choices=PLAN_DTYPES)
     parser.add_argument("--compress", action="store_true", help="allow 4-bit weight/cache compression")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     g = parser.add_argument_group("several GPUs (the memory flags are then per GPU and its share of the host)")
@@ -80,6 +82,8 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.recalibrate and args.hardware is not None:
         raise PolicyError("give either --hardware or --recalibrate (which measures this machine), not both")
     hw = resolve_hardware(args.hardware) or default_hardware(progress=True, recalibrate=args.recalibrate)
+    from ..planner.shapes import DTYPE_BYTES
+
     dtype_bytes = DTYPE_BYTES[args.dtype]
     plan = search(config, hw, args.prompt_len, args.gen_len, dtype_bytes,
                   gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),
