@@ -4,7 +4,7 @@
 A trace is sizes and times only: `TraceRequest(arrival_s, prompt_len, output_len)`, arrivals relative to the
 first request. Every request generates exactly `output_len` tokens (EOS ignored), as the trace recorded.
 
-Synthetic length defaults imitate the Azure conversation trace (README in shared/traces: prompt mean 1,155,
+Synthetic length defaults imitate the Azure conversation trace (bench/traces/README.md: prompt mean 1,155,
 median 1,020; output mean 211, median 129, max 1,000): log-normal prompts with median 1,020 and sigma 0.5,
 log-normal outputs with median 129 and sigma 0.99 (sigma = sqrt(2 ln(mean / median)) matches the recorded
 mean), clipped to [1, 1000]. Pareto outputs are there for heavier tails.
@@ -69,15 +69,9 @@ AZURE_LIKE_OUTPUT = LengthDist("lognormal", median=129, sigma=0.99, max_len=1000
 
 
 def default_trace_dir() -> Path:
-    """`$FLEXSERVE_TRACE_DIR`, else the repository's `bench/traces` (the Azure trace ships there), else
-    `shared/traces` beside the checkout."""
+    """`$FLEXSERVE_TRACE_DIR`, else the repository's `bench/traces` (the Azure trace ships there)."""
     env = os.environ.get("FLEXSERVE_TRACE_DIR")
-    if env:
-        return Path(env)
-    in_repo = Path(__file__).resolve().parents[2] / "bench" / "traces"
-    if (in_repo / AZURE_CONV_CSV).is_file():
-        return in_repo
-    return Path(__file__).resolve().parents[3] / "shared" / "traces"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "bench" / "traces"
 
 
 def _parse_timestamp(text: str) -> float:
@@ -125,7 +119,7 @@ def load_csv_trace(path: str | os.PathLike, *, max_requests: int | None = None,
 
 
 def load_azure_conv(trace_dir: str | os.PathLike | None = None, **kwargs) -> list[TraceRequest]:
-    """The Azure conversation trace from shared/traces; keyword arguments as `load_csv_trace`."""
+    """The Azure conversation trace from `default_trace_dir()`; keyword arguments as `load_csv_trace`."""
     return load_csv_trace(Path(trace_dir or default_trace_dir()) / AZURE_CONV_CSV, **kwargs)
 
 
