@@ -397,6 +397,12 @@ ENTRIES = [
                "--num-requests 40 --prompt-len 64 --output-len 32 --max-num-seqs 8 --schedulers fcfs,skip-join-mlfq "
                "--num-levels 8 --plot {out}/cpu_launch_smollm2.png", 400),),
           writes=("cpu_launch_smollm2.png",), note=EIGHT_LEVELS),
+    Entry("cpu-load-twice-saturation",
+          "The server (SmolLM2, CPU) offered twice its saturation rate for 60 s, with 30% of clients dropping "
+          "mid-stream and 10% cancelling early: tokens of completed streams against each prompt run alone, KV "
+          "blocks used afterwards, resident memory start/middle/end",
+          "cpu", 150,
+          (Cmd("python bench/load_test.py --duration 60 --quiet", 400),)),
     Entry("sim-schedulers-azure-gamma",
           "The schedulers in the simulator on the Azure trace (12 req/s, 64 seats) and a Gamma overload (14 req/s, "
           "8 seats), with the oracle SRPT bound",

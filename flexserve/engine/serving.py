@@ -230,6 +230,8 @@ class AsyncEngine(EngineFront):
             except queue.Empty:
                 return
             if kind == "add":
+                if not fut.set_running_or_notify_cancel():
+                    continue  # its client left before the engine took it: never schedule it
                 try:
                     self.scheduler.add_request(item.request)
                 except Exception as e:
