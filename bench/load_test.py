@@ -281,14 +281,19 @@ def main(argv=None) -> int:
         res = asyncio.run(run(args, url, pid))
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc)
     print("LOAD_RESULT " + json.dumps(res), flush=True)
     return 0 if passed(res) else 1
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ask the server to drain and stop; kill it if it has not within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 if __name__ == "__main__":

@@ -27,12 +27,7 @@ def test_twice_saturation_with_disconnects_keeps_tokens_and_frees_every_block():
         res = asyncio.run(lt.run(args, url, proc.pid))
         assert proc.poll() is None, "the server died under load"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        lt.stop_server(proc)
     assert res["offered_req_s"] > res["saturation_req_s"] > 0
     assert res["completed"] > 0 and res["disconnected"] + res["cancelled"] > 0, res
     assert res["errors"] == 0, res["error_examples"]
