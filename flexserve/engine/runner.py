@@ -145,7 +145,7 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         num_cpu = config.num_cpu_blocks if config.num_cpu_blocks is not None else max(
             1, (4 * GiB if cuda else GiB) // per_block)
-        rates = measure_rates(self.device, self.dtype) if cuda else None
+        rates = self.rates = measure_rates(self.device, self.dtype) if cuda else None  # also for job sizes
         free = torch.cuda.mem_get_info(self.device)[0] if cuda else 0
         return derive_defaults(self.model_config, per_block, config.block_size, free, rates, num_cpu,
                                max_num_seqs=config.max_num_seqs,

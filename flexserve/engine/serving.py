@@ -64,7 +64,7 @@ class AsyncEngine(EngineFront):
                                     prefill_chunk_size=settings.prefill_chunk_size, max_queue_len=config.max_queue_len,
                                     **config.scheduler_options)
         # skip-join places jobs by this model's prefill time on this device, not by fixed constants
-        self.job_cost = job_cost_model(self.model_config, self.dtype, self.device) \
+        self.job_cost = job_cost_model(self.model_config, self.dtype, self.device, self.runner.rates) \
             if config.scheduler == "skip-join-mlfq" else None
         self.scheduler = make_scheduler(config.scheduler, sched_cfg, self.blocks, iteration_time_fn=self.job_cost)
         self._live: dict[str, LiveRequest] = {}
