@@ -254,6 +254,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if stream:  # both queries are read with one set of strides
         q = q.contiguous()
         q_sink = (q if q_sink is None else q_sink).contiguous()
+    else:
+        q_sink = q
     out = torch.empty_like(q)
     if t == 0:
         return out
@@ -263,7 +265,6 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     args = (q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1))
     scale = hd ** -0.5 * _LOG2E
-    q_sink = q if q_sink is None else q_sink
     if nd:
         block_m = max(16, triton.next_power_of_2(group))
         block_n = 64 if hd <= 128 else 32
