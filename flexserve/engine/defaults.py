@@ -57,25 +57,31 @@ class ServingDefaults:
         return "\n".join(lines + [f"  {r}" for r in self.reasons])
 
 
-def measure_rates(device: torch.device, dtype: torch.dtype) -> DeviceRates:
-    """Time a 4096^3 matmul in `dtype` and a 1 GiB device copy (about 0.1 s on a datacenter GPU)."""
-    n = 4096
+def measure_rates(device: torch.device, dtype: torch.dtype, n: int = 4096, copy_bytes: int = GiB // 2,
+                  reps: int = 20) -> DeviceRates:
+    """Time an n^3 matmul in `dtype` and a device copy of `copy_bytes` (about 0.1 s on a datacenter GPU with the
+    defaults; callers on a CPU pass small sizes). Averages `reps` matmuls and half as many copies, after one
+    warm-up of each."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    src = torch.empty(GiB // 2, dtype=torch.uint8, device=device)
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
 
-    def timed(fn, reps: int) -> float:
-        fn()
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / reps
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
-    mm_s = timed(lambda: a @ b, 20)
-    copy_s = timed(lambda: dst.copy_(src), 10)
+    def timed(fn, count: int) -> float:
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn()
+        sync()
+        return max((time.perf_counter() - t0) / count, 1e-9)
+
+    mm_s = timed(lambda: a @ b, reps)
+    copy_s = timed(lambda: dst.copy_(src), max(1, reps // 2))
     return DeviceRates(matmul_flops=2 * n ** 3 / mm_s, memory_bw=2 * src.numel() / copy_s)
 
 

@@ -8,8 +8,6 @@ token in the serving dtype, and the device's matmul and memory rates. On a GPU t
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..config import ModelConfig
@@ -29,22 +27,7 @@ def model_costs(config: ModelConfig, dtype_bytes: int) -> tuple[float, float, fl
 
 def cpu_rates(dtype: torch.dtype, n: int = 512, copy_bytes: int = 64 << 20) -> DeviceRates:
     """Matmul FLOP/s in `dtype` and memory bytes/s (read + write of a copy) of this CPU, timed briefly."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    src = torch.empty(copy_bytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-
-    def best(fn, reps: int = 3) -> float:
-        fn()
-        out = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            out = min(out, time.perf_counter() - t0)
-        return max(out, 1e-9)
-
-    return DeviceRates(matmul_flops=2 * n ** 3 / best(lambda: a @ b), memory_bw=2 * copy_bytes / best(
-        lambda: dst.copy_(src)))
+    return measure_rates(torch.device("cpu"), dtype, n=n, copy_bytes=copy_bytes, reps=4)
 
 
 def job_cost_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
