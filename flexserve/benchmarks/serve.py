@@ -119,20 +119,17 @@ def _launch_one(bench: ServeBenchSettings, scheduler: str, shared: dict) -> dict
 
 
 def _bound_columns(engine, config, shared: dict, makespan_s: float) -> dict:
-    """The run's fraction of the GPU's bound (see `bounds.py`), for resident weights on a GPU; the rates are
-    measured once per benchmark, here."""
+    """The run's fraction of the GPU's bound (see `bounds.py`), for resident weights on a GPU, from the rates
+    the engine measured at start."""
     import torch
 
-    from ..engine.defaults import measure_rates
     from .bounds import workload_bound
 
     placed = config.policy is None or config.policy.w_gpu_percent == 100
-    device = torch.device(str(engine.device))
-    if device.type != "cuda" or not placed:
+    rates = engine.rates
+    if rates is None or not placed:
         return {}
-    if "rates" not in shared:
-        shared["rates"] = measure_rates(device, engine.dtype)
-    rates, cfg = shared["rates"], engine.model_config
+    cfg = engine.model_config
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     trace = shared["trace"]
     bound = workload_bound(cfg, dtype_bytes, cfg.stored_weight_bytes(dtype_bytes), [r.prompt_len for r in trace],

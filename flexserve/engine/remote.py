@@ -71,7 +71,7 @@ def _engine_main(config: EngineConfig, conn) -> None:
 
     send(("ready", {"model_path": engine.model_path, "model_config": engine.model_config,
                     "model_name": engine.model_name, "device": str(engine.device),
-                    "settings": engine.settings, "dtype": engine.dtype}))
+                    "settings": engine.settings, "dtype": engine.dtype, "rates": engine.rates}))
     engine.start()
     failure_sent = False
     try:
@@ -152,7 +152,7 @@ class EngineProcess(EngineFront):
                 raise info
             self.model_path, self.model_config = info["model_path"], info["model_config"]
             self.model_name, self.device, self.settings = info["model_name"], info["device"], info["settings"]
-            self.dtype = info["dtype"]
+            self.dtype, self.rates = info["dtype"], info["rates"]
             self.tokenizer = Tokenizer(self.model_path, self.model_config.vocab_size)
         except BaseException:
             self._proc.kill()

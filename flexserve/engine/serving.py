@@ -57,6 +57,7 @@ class AsyncEngine(EngineFront):
             self.model_path.rstrip("/").split("/")[-1]
         self.outputs = OutputProcessor(self.tokenizer, self._lost)
         self.settings = settings = self.runner.settings
+        self.rates = self.runner.rates  # the device's measured matmul and memory rates (None on a CPU)
         self.blocks = BlockManager(self.runner.num_gpu_blocks, self.runner.num_cpu_blocks, config.block_size,
                                    sinks=config.attention_sinks, window=config.sliding_window)
         sched_cfg = SchedulerConfig(max_num_seqs=settings.max_num_seqs,
