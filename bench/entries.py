@@ -112,8 +112,8 @@ def planner_held_out(part: str, cases: str, what: str) -> Entry:
 
 # --- serving (Llama-3-8B shape, random bf16 weights) -------------------------------------------------------------
 LLAMA8 = "--model dummy:llama-3-8b --dtype bfloat16"
-BATCH256 = ("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs --max-num-seqs 256 "
-            "--max-num-batched-tokens 8192")
+BATCH256_TRACE = "--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs"
+BATCH256 = f"{BATCH256_TRACE} --max-num-seqs 256 --max-num-batched-tokens 8192"
 HEAVY = "--trace gamma --cv 3 --prompt-len 256 --output-dist pareto --output-len 16"
 HEAVY_8_SEATS = f"{HEAVY} --num-requests 600 --max-num-seqs 8 --num-levels 8"
 KV_LIMITED = (f"{HEAVY} --rate 8 --num-requests 3000 --max-context 3072 --max-num-seqs 64 --num-gpu-blocks 192 "
@@ -282,10 +282,8 @@ ENTRIES = [
           "against transformers' continuous batching, same call; fraction of the GPU bound",
           "1 GPU", 200,
           (Cmd("python bench/peer_transformers_serving.py 256", 200),
-           launch("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs "
-                  "--engine-process", 150),
-           launch("--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs "
-                  "--no-engine-process", 150)),
+           launch(f"{BATCH256_TRACE} --engine-process", 150),
+           launch(f"{BATCH256_TRACE} --no-engine-process", 150)),
           peer="transformers generate_batch (bench/peer_transformers_serving.py)"),
     Entry("prefill-heavy-batch-llama3-8b",
           "Prefill-heavy offline batch (128 prompts of 1k-3k tokens, 32 out): prompt tokens per second against "
