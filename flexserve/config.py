@@ -21,14 +21,19 @@ EMBED_KEYS = ("embed.weight", "pos_embed.weight", "project_in.weight")
 OPT_ARCHS = {"OPTForCausalLM", "OPTModel"}
 LLAMA_ARCHS = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaModel", "MistralModel", "Qwen2Model",
+    "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
 }
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and layer switches of a decoder-only transformer.
 
-    `family` is "opt" or "llama" (Llama 2/3, Mistral, Qwen2 and SmolLM2 are all "llama" with switches).
+    `family` is "opt" or "llama" (Llama 2/3, Mistral, Qwen2/3, SmolLM2, and the mixture-of-experts Mixtral,
+    Qwen2-MoE and Qwen3-MoE are all "llama" with switches). With `num_experts` > 0 every decoder layer's MLP is
+    a set of SwiGLU experts behind a router (`flexserve.models.moe`), each expert's weights named apart
+    (`experts.{e}.up.weight`, ...) so that the expert is the unit the offloading placement moves.
     """
 
     family: str
@@ -48,6 +53,12 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     norm_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k (weights [head_dim]) before rotary
+    num_experts: int = 0  # 0: a dense MLP
+    experts_per_token: int = 0  # top-k of the router
+    moe_intermediate_size: int = 0  # one expert's MLP width
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an expert every token uses, behind a sigmoid gate
+    norm_topk_prob: bool = True  # renormalise the chosen experts' probabilities to sum to one (Mixtral: yes)
     tie_word_embeddings: bool = False
     positional: str = "rope"  # "rope" | "learned"
     learned_pos_offset: int = 2  # OPT's learned positions start at index 2
@@ -74,6 +85,11 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts and not (0 < self.experts_per_token <= self.num_experts
+                                     and self.moe_intermediate_size > 0 and self.gated_mlp):
+            raise ModelLoadError(
+                f"model config: a mixture of {self.num_experts} experts needs 1..{self.num_experts} experts per "
+                f"token (got {self.experts_per_token}), a positive moe_intermediate_size and a gated MLP")
 
     # --- derived sizes (used by the planner and the offload executor) -------------------------------------
     @property
@@ -83,6 +99,10 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -100,9 +120,14 @@ class ModelConfig:
             "qkv.weight": (self.q_size + 2 * self.kv_size, d),
             "o.weight": (d, self.q_size),
             "mlp_norm.weight": (d,),
-            "up.weight": ((2 * i if self.gated_mlp else i), d),
-            "down.weight": (d, i),
         }
+        if self.qk_norm:
+            shapes["q_norm.weight"] = shapes["k_norm.weight"] = (self.head_dim,)
+        if self.is_moe:
+            shapes.update(self.moe_weight_shapes())
+        else:
+            shapes["up.weight"] = ((2 * i if self.gated_mlp else i), d)
+            shapes["down.weight"] = (d, i)
         if self.norm_bias:
             shapes["attn_norm.bias"] = (d,)
             shapes["mlp_norm.bias"] = (d,)
@@ -114,6 +139,26 @@ class ModelConfig:
             shapes["up.bias"] = ((2 * i if self.gated_mlp else i),)
             shapes["down.bias"] = (d,)
         return shapes
+
+    def moe_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The sparse MLP's weights: the router, each expert's fused gate/up and down, the shared expert."""
+        d, m, sh = self.hidden_size, self.moe_intermediate_size, self.shared_expert_intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {"router.weight": (self.num_experts, d)}
+        for e in range(self.num_experts):
+            shapes[f"experts.{e}.up.weight"] = (2 * m, d)
+            shapes[f"experts.{e}.down.weight"] = (d, m)
+        if sh:
+            shapes.update({"shared.up.weight": (2 * sh, d), "shared.down.weight": (d, sh),
+                           "shared_gate.weight": (1, d)})
+        return shapes
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (0 for a dense model)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size if self.is_moe else 0
+
+    def active_layer_params(self) -> int:
+        """Parameters of a decoder layer one token computes with: all but the experts it is not routed to."""
+        return self.num_layer_params() - (self.num_experts - self.experts_per_token) * self.expert_params()
 
     def global_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Weights outside the decoder layers: embeddings, final norm, LM head."""
@@ -172,11 +217,12 @@ def from_hf_dict(cfg: dict[str, Any], name: str = "") -> ModelConfig:
     model_type = cfg.get("model_type", "")
     if model_type == "opt" or OPT_ARCHS & set(archs):
         return _opt_from_hf(cfg, name)
-    if model_type in ("llama", "mistral", "qwen2") or LLAMA_ARCHS & set(archs):
+    if model_type in LLAMA_TYPES or LLAMA_ARCHS & set(archs):
         return _llama_from_hf(cfg, name)
     raise ModelLoadError(
         f"unsupported architecture {archs or model_type!r} in {name or 'config.json'}: "
-        "flexserve supports OPT and the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)")
+        "flexserve supports OPT, the Llama family (Llama 2/3, Mistral, Qwen2/3, SmolLM2) and the mixtures of "
+        "experts Mixtral, Qwen2-MoE and Qwen3-MoE")
 
 
 def _opt_from_hf(cfg: dict[str, Any], name: str) -> ModelConfig:
@@ -221,6 +267,7 @@ def _llama_from_hf(cfg: dict[str, Any], name: str) -> ModelConfig:
     eos = cfg.get("eos_token_id")
     if isinstance(eos, list):
         eos = tuple(eos)
+    qwen2 = model_type in ("qwen2", "qwen2_moe")
     return ModelConfig(
         family="llama", name=name,
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
@@ -229,12 +276,33 @@ def _llama_from_hf(cfg: dict[str, Any], name: str) -> ModelConfig:
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         max_position=cfg.get("max_position_embeddings", 4096),
         norm="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6), activation="silu", gated_mlp=True,
-        qkv_bias=cfg.get("attention_bias", model_type == "qwen2"), o_bias=False if model_type == "qwen2"
+        qkv_bias=cfg.get("attention_bias", cfg.get("qkv_bias", qwen2)), o_bias=False if qwen2
         else cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"), **_moe_from_hf(cfg, model_type),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False), positional="rope",
         rope_theta=float(rope_theta or 10000.0), rope_scaling=dict(rope_scaling) if rope_scaling else None,
         bos_token_id=cfg.get("bos_token_id"), eos_token_id=eos, pad_token_id=cfg.get("pad_token_id"),
     )
+
+
+def _moe_from_hf(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts switches of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (none for a dense one).
+
+    Mixtral's experts have the model's `intermediate_size` and always renormalise the top-k probabilities;
+    the Qwen ones have their own width and say whether they renormalise. Models that interleave dense and
+    sparse layers (`decoder_sparse_step` > 1, `mlp_only_layers`) are refused: every layer here has one shape."""
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe") or not experts:
+        return {}
+    if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+        raise ModelLoadError(f"{model_type}: dense layers between the sparse ones (decoder_sparse_step, "
+                             "mlp_only_layers) are not supported")
+    mixtral = model_type == "mixtral"
+    return dict(num_experts=int(experts), experts_per_token=int(cfg["num_experts_per_tok"]),
+                moe_intermediate_size=int(cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"]),
+                shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0)
+                if model_type == "qwen2_moe" else 0,
+                norm_topk_prob=True if mixtral else bool(cfg.get("norm_topk_prob", False)))
 
 
 def load_hf_config(folder: str) -> ModelConfig:
@@ -289,6 +357,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": _llama(32, 4096, 14336, 32, 8, 32000, 32768, 1000000.0, model_type="mistral"),
     "qwen2-7b": _llama(28, 3584, 18944, 28, 4, 152064, 32768, 1000000.0, model_type="qwen2"),
     "smollm2-135m": _llama(30, 576, 1536, 9, 3, 49152, 8192, 100000.0, tie_word_embeddings=True),
+    "mixtral-8x7b": _llama(32, 4096, 14336, 32, 8, 32000, 32768, 1000000.0, model_type="mixtral",
+                           num_local_experts=8, num_experts_per_tok=2),
+    "mixtral-8x22b": _llama(56, 6144, 16384, 48, 8, 32768, 65536, 1000000.0, model_type="mixtral",
+                            num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": _llama(48, 2048, 6144, 32, 4, 151936, 40960, 1000000.0, model_type="qwen3_moe", head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    "qwen3-235b-a22b": _llama(94, 4096, 12288, 64, 4, 151936, 40960, 1000000.0, model_type="qwen3_moe",
+                              head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536,
+                              norm_topk_prob=True),
 }
 
 

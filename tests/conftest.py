@@ -36,7 +36,37 @@ def _make(kind: str):
     if kind == "opt-350m-like":  # post-norm, projected embeddings, untied
         return OPTForCausalLM(OPTConfig(**TINY, ffn_dim=96, word_embed_proj_dim=32, do_layer_norm_before=False,
                                         tie_word_embeddings=False))
+    if kind in MOE_FAMILIES:
+        return _make_moe(kind)
     raise KeyError(kind)
+
+
+MOE_FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe"]
+
+
+def _make_moe(kind: str):
+    """Tiny mixtures of experts: Mixtral (4 experts, top 2, renormalised), Qwen2-MoE (8 experts, top 2, not
+    renormalised, a gated shared expert, q/k/v biases), Qwen3-MoE (8 experts, top 3, renormalised, q/k norms,
+    drawn away from ones so that a missing norm shows). The stacked expert tensors are drawn like matrices."""
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    base = dict(TINY, num_key_value_heads=2, tie_word_embeddings=False)
+    if kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**base, intermediate_size=32, num_local_experts=4,
+                                                 num_experts_per_tok=2))
+    elif kind == "qwen2-moe":
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**base, intermediate_size=96, moe_intermediate_size=32,
+                                                   shared_expert_intermediate_size=48, num_experts=8,
+                                                   num_experts_per_tok=2, norm_topk_prob=False))
+    else:
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**base, intermediate_size=96, moe_intermediate_size=32,
+                                                   num_experts=8, num_experts_per_tok=3, norm_topk_prob=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.15)
+    return randomize_(model, norms=kind == "qwen3-moe")
 
 
 def randomize_(module: torch.nn.Module, norms: bool = False) -> torch.nn.Module:

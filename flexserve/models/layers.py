@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels.fused import rms_norm, rope, silu_mul
 from ..errors import ModelLoadError
+from .moe import moe_mlp
 
 Weights = Mapping[str, torch.Tensor]
 # attend(q: [B, S, H, hd], k: [B, S, Hkv, hd], v: [B, S, Hkv, hd]) -> [B, S, H * hd]
@@ -104,6 +105,8 @@ def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,
     q = q.view(b, s, cfg.num_heads, cfg.head_dim)
     k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = v.view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # Qwen3: each head's q and k normed over head_dim, before the rotary embedding
+        q, k = rms_norm(q, w["q_norm.weight"], cfg.norm_eps), rms_norm(k, w["k_norm.weight"], cfg.norm_eps)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
@@ -119,6 +122,10 @@ def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Ten
     if not cfg.pre_norm:
         x = apply_norm(cfg, x, w, "attn_norm")
     h = apply_norm(cfg, x, w, "mlp_norm") if cfg.pre_norm else x
+    if cfg.is_moe:  # a mixture of experts in place of the dense MLP
+        if reduce is not None:
+            raise ModelLoadError("tensor parallelism does not split mixtures of experts")
+        return x + moe_mlp(cfg, w, h)
     u = F.linear(h, w["up.weight"], w.get("up.bias"))
     if cfg.gated_mlp:
         u = silu_mul(u)  # silu(gate) * up

@@ -44,9 +44,14 @@ def fuse_layer(cfg: ModelConfig, parts: Tensors, index: int) -> Tensors:
         "qkv.weight": torch.cat([need("q.weight"), need("k.weight"), need("v.weight")], dim=0),
         "o.weight": need("o.weight"),
         "mlp_norm.weight": need("mlp_norm.weight"),
-        "down.weight": need("down.weight"),
     }
-    out["up.weight"] = torch.cat([need("gate.weight"), need("up.weight")]) if cfg.gated_mlp else need("up.weight")
+    if cfg.qk_norm:
+        out["q_norm.weight"], out["k_norm.weight"] = need("q_norm.weight"), need("k_norm.weight")
+    if cfg.is_moe:
+        out.update(_fuse_experts(cfg, need))
+    else:
+        out["down.weight"] = need("down.weight")
+        out["up.weight"] = torch.cat([need("gate.weight"), need("up.weight")]) if cfg.gated_mlp else need("up.weight")
     if cfg.norm_bias:
         out["attn_norm.bias"] = need("attn_norm.bias")
         out["mlp_norm.bias"] = need("mlp_norm.bias")
@@ -58,6 +63,20 @@ def fuse_layer(cfg: ModelConfig, parts: Tensors, index: int) -> Tensors:
         out["up.bias"] = torch.cat([need("gate.bias"), need("up.bias")]) if cfg.gated_mlp else need("up.bias")
         out["down.bias"] = need("down.bias")
     check_shapes(out, cfg.layer_weight_shapes(), f"layer {index}")
+    return out
+
+
+def _fuse_experts(cfg: ModelConfig, need) -> Tensors:
+    """The sparse MLP's canonical weights: the router, and per expert (the shared one too) gate and up fused
+    row-wise as in the dense MLP, so that each expert is one `up` and one `down` matmul."""
+    out: Tensors = {"router.weight": need("router.weight")}
+    prefixes = [f"experts.{e}." for e in range(cfg.num_experts)]
+    if cfg.shared_expert_intermediate_size:
+        prefixes.append("shared.")
+        out["shared_gate.weight"] = need("shared_gate.weight").reshape(1, -1)  # GGUF stores it as a vector
+    for p in prefixes:
+        out[f"{p}up.weight"] = torch.cat([need(f"{p}gate.weight"), need(f"{p}up.weight")])
+        out[f"{p}down.weight"] = need(f"{p}down.weight")
     return out
 
 

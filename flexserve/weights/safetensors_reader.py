@@ -20,14 +20,27 @@ _OPT_LAYER = {
 _LLAMA_LAYER = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
     "self_attn.o_proj": "o", "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
-    "mlp.up_proj": "up", "mlp.down_proj": "down",
+    "mlp.up_proj": "up", "mlp.down_proj": "down", "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
+    "block_sparse_moe.gate": "router", "mlp.gate": "router", "mlp.shared_expert_gate": "shared_gate",
+    "mlp.shared_expert.gate_proj": "shared.gate", "mlp.shared_expert.up_proj": "shared.up",
+    "mlp.shared_expert.down_proj": "shared.down",
 }
+# Routed experts: Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen's `mlp.experts.{e}.gate_proj/...`.
+_EXPERT_RE = re.compile(r"^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)$")
+_EXPERT_PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _OPT_GLOBAL = {
     "decoder.embed_tokens": "embed", "decoder.embed_positions": "pos_embed", "decoder.final_layer_norm":
     "final_norm", "decoder.project_in": "project_in", "decoder.project_out": "project_out", "lm_head": "lm_head",
 }
 _LLAMA_GLOBAL = {"embed_tokens": "embed", "norm": "final_norm", "lm_head": "lm_head"}
 _LAYER_RE = re.compile(r"^(?:model\.)?(?:decoder\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _expert_part(stem: str) -> str | None:
+    """`experts.{e}.gate` / `.up` / `.down` for a routed expert's checkpoint name, else None."""
+    m = _EXPERT_RE.match(stem)
+    part = _EXPERT_PART.get(m.group(2)) if m else None
+    return None if part is None else f"experts.{m.group(1)}.{part}"
 
 
 class SafetensorsSource:
@@ -45,7 +58,7 @@ class SafetensorsSource:
         for name in self._files:
             m = _LAYER_RE.match(name)
             if m:
-                part = layer_map.get(m.group(2))
+                part = layer_map.get(m.group(2)) or (None if self.config.family == "opt" else _expert_part(m.group(2)))
                 if part is not None:
                     self._layers.setdefault(int(m.group(1)), {})[f"{part}.{m.group(3)}"] = name
                 continue
