@@ -37,6 +37,7 @@ from ..models.forward import ALL_POSITIONS, LAST_POSITION, Batch, Decoders, forw
 from ..models.layers import attention_in, attention_out, decoder_layer, embed, rope_inv_freq
 from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
+from .experts import ExpertStreamer, ExpertWeights
 from .placement import CompressedHandle, PseudoLayer, place_weights
 from .policy import Policy
 
@@ -128,6 +129,8 @@ class OffloadExecutor:
         self.tiers = Tiers(self.device, offload_dir, pin=policy.pin_weight)
         self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress)
         self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
+        self.experts = ExpertStreamer(self.cfg, self.tiers, self.device, dtype, policy.expert_compute,
+                                      overlap=policy.overlap)
         separate = policy.overlap
         self.load_lane = Lane(self.device, separate)
         self.store_lane = Lane(self.device, separate)
@@ -355,6 +358,8 @@ class OffloadExecutor:
         n = len(self.layers)
         for j, layer in enumerate(self.layers):
             w = self._weights(j)
+            if layer.experts:  # a mixture of experts with experts off the GPU: they run by `ExpertStreamer`
+                w = ExpertWeights(w, self.experts, layer.experts)
             for ahead in range(1, PREFETCH_DEPTH + 1):  # keep the load stream queued, never idle
                 self._prefetch((j + ahead) % n)
             yield layer, w

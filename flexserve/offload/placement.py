@@ -16,6 +16,7 @@ from ..compression import CompressedTensor, CompressionConfig, compress
 from ..config import EMBED_KEYS, ModelConfig
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..weights import WeightSource, layer_weights
+from .experts import assign_moe_tiers, expert_index
 from .policy import WEIGHT_PLACEMENTS, Policy
 
 
@@ -88,11 +89,22 @@ def tier_shares(sizes: dict[str, int], gpu_percent: float, cpu_percent: float,
     """Fraction of the layer's bytes that `assign_tiers` puts on each tier: what the cost model, the memory
     check and the planner must use (OPT-6.7B's `--percent 50 50` keeps 42% of each layer on the GPU under
     FlexGen's rule, two thirds under the largest-first one)."""
+    return _shares(sizes, assign_tiers(sizes, gpu_percent, cpu_percent, rule))
+
+
+def _shares(sizes: dict[str, int], tiers_of: dict[str, Tier]) -> dict[Tier, float]:
     total = max(sum(sizes.values()), 1)
     placed = dict.fromkeys(Tier, 0)
-    for name, tier in assign_tiers(sizes, gpu_percent, cpu_percent, rule).items():
+    for name, tier in tiers_of.items():
         placed[tier] += sizes[name]  # whole numbers: an all-GPU layer is exactly 1.0, not 0.9999999
     return {tier: n / total for tier, n in placed.items()}
+
+
+def per_expert(names, policy: Policy) -> bool:
+    """Whether a layer's experts are placed and run one by one (`offload.experts`): a mixture-of-experts layer
+    whose weights are stored as they are (packed or quantised experts stream with their layer instead)."""
+    return (not policy.compress_weight and not getattr(policy, "quantization", None)
+            and any(expert_index(n) is not None for n in names))
 
 
 @dataclass
@@ -136,6 +148,7 @@ class PseudoLayer:
     resident: dict[str, torch.Tensor] = field(default_factory=dict)
     offloaded: dict[str, Handle] = field(default_factory=dict)
     gathered: set[str] = field(default_factory=set)  # offloaded tables read row by row, never moved whole
+    experts: dict[str, Handle] = field(default_factory=dict)  # experts off the GPU: run one by one, never streamed
 
     @property
     def streamed(self) -> dict[str, Handle]:
@@ -154,14 +167,18 @@ class PseudoLayer:
 def layer_weight_shares(config: ModelConfig, policy: Policy) -> dict[Tier, float]:
     """Fraction of a decoder layer's weights that `_place` puts on each tier under `policy` (the bulk of the
     model's bytes): what the memory check and the planner count."""
-    return tier_shares(config.layer_weight_sizes(), policy.w_gpu_percent, policy.w_cpu_percent,
-                       policy.weight_placement)
+    sizes = config.layer_weight_sizes()
+    if per_expert(sizes, policy):
+        return _shares(sizes, assign_moe_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent))
+    return tier_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement)
 
 
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
            shared: dict[str, tuple[str, object]] | None = None) -> None:
-    tiers_of = assign_tiers({k: v.numel() for k, v in tensors.items()}, policy.w_gpu_percent, policy.w_cpu_percent,
-                            policy.weight_placement)
+    sizes = {k: v.numel() for k, v in tensors.items()}
+    experts = per_expert(sizes, policy)
+    tiers_of = (assign_moe_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent) if experts else
+                assign_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement))
     for name, tier in tiers_of.items():
         if shared is not None and name in shared:
             kind, obj = shared[name]
@@ -179,7 +196,8 @@ def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, 
         elif tier is Tier.GPU:
             layer.resident[name] = t.to(tiers.device)
         else:
-            layer.offloaded[name] = tiers.store(tier, t, name=label)
+            handle = tiers.store(tier, t, name=label)
+            (layer.experts if experts and expert_index(name) is not None else layer.offloaded)[name] = handle
 
 
 def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: torch.dtype,

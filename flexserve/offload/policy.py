@@ -15,6 +15,9 @@ from ..errors import PolicyError
 # How whole tensors meet the weight percentages (offload.placement.assign_tiers): FlexGen's rule, or flexserve's
 # earlier largest-first rule, kept to reproduce the runs made with it.
 WEIGHT_PLACEMENTS = ("flexgen", "largest-first")
+# How a mixture-of-experts expert that lives off the GPU runs (offload.experts): copied in or computed on the CPU
+# by the cost rule, always copied, or always on the CPU.
+EXPERT_RULES = ("auto", "copy", "cpu")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Policy:
     # How whole tensors meet the weight percentages: "flexgen" (FlexGen's rule, so the same flags place the
     # same bytes as FlexGen) or "largest-first" (flexserve's earlier rule). See offload.placement.
     weight_placement: str = "flexgen"
+    # Not a FlexGen field: how experts off the GPU run, one of EXPERT_RULES (mixtures of experts only).
+    expert_compute: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -67,6 +72,8 @@ class Policy:
             raise PolicyError(f"comp_group_size must be an even number >= 2, got {self.comp_group_size}")
         if self.weight_placement not in WEIGHT_PLACEMENTS:
             raise PolicyError(f"weight_placement must be one of {WEIGHT_PLACEMENTS}, got {self.weight_placement!r}")
+        if self.expert_compute not in EXPERT_RULES:
+            raise PolicyError(f"expert_compute must be one of {EXPERT_RULES}, got {self.expert_compute!r}")
         if self.cpu_attention_dtype not in (None, "bfloat16", "float32", "float16"):
             raise PolicyError(f"cpu_attention_dtype must be bfloat16, float32 or float16, got "
                               f"{self.cpu_attention_dtype!r}")
@@ -135,6 +142,8 @@ class Policy:
             flags += f" --cpu-attention-dtype {self.cpu_attention_dtype}"
         if self.weight_placement != "flexgen":
             flags += f" --weight-placement {self.weight_placement}"
+        if self.expert_compute != "auto":
+            flags += f" --expert-compute {self.expert_compute}"
         return flags
 
 

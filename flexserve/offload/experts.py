@@ -1,0 +1,199 @@
+"""The expert as the unit of weight placement for mixtures of experts: where experts live, and how one that is
+off the GPU gets run.
+
+Placement (`assign_moe_tiers`). A token uses every attention weight, the router, the norms and the shared
+expert, but only `experts_per_token` of the routed experts, so those dense weights go to the GPU first and the
+experts fill what is left: the GPU's share of the layer's bytes, then the CPU's, then the disk's, whole experts
+at a time (an expert's `up` and `down` never part). FlexGen's rule, which spreads every tensor of a layer by
+the same percentages, stays the rule for dense models.
+
+Execution (`ExpertStreamer`). An expert off the GPU is never streamed with its layer. When the router has
+sent tokens to it, it is either copied in (its bytes cross PCIe, then the GPU computes) or computed on the CPU
+where it lives (the tokens cross, the CPU reads the weights from host memory): `copies_expert` picks whichever
+the rates say is faster for that many tokens, so a decode step's one or two tokens stay on the CPU and a
+prefill's hundreds go to the GPU. Copies run on their own lane into two GPU slots, the next copy landing
+while the previous expert computes; experts computed on the CPU run while the copies are in flight.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+from ..memory.streams import Lane, current_record, current_wait
+from ..memory.tiers import Handle, Tier, Tiers
+from ..models.moe import ExpertWork, expert_mlp
+from .policy import EXPERT_RULES
+_EXPERT = re.compile(r"^experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The routed expert a per-layer tensor belongs to, or None (attention, router, norms, shared expert)."""
+    m = _EXPERT.match(name)
+    return None if m is None else int(m.group(1))
+
+
+def assign_moe_tiers(sizes: dict[str, int], gpu_percent: float, cpu_percent: float) -> dict[str, Tier]:
+    """The tier of each tensor of one MoE decoder layer (see the module docstring): units in the order dense
+    tensors, then experts 0..E-1, each going by its midpoint to the GPU's share, then the CPU's, then disk."""
+    dense = sorted((n for n in sizes if expert_index(n) is None), key=lambda n: (-sizes[n], n))
+    experts: dict[int, list[str]] = collections.defaultdict(list)
+    for n in sizes:
+        if expert_index(n) is not None:
+            experts[expert_index(n)].append(n)
+    units = [[n] for n in dense] + [sorted(experts[e]) for e in sorted(experts)]
+    total = max(sum(sizes.values()), 1)
+    out: dict[str, Tier] = {}
+    acc = 0
+    for unit in units:
+        size = sum(sizes[n] for n in unit)
+        mid = (acc + size / 2) / total * 100
+        acc += size
+        tier = Tier.GPU if mid < gpu_percent else Tier.CPU if mid < gpu_percent + cpu_percent else Tier.DISK
+        out.update(dict.fromkeys(unit, tier))
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertRates:
+    """The rates `copies_expert` weighs. The defaults are a PCIe 4/5 host with pinned memory and a many-core
+    CPU; an executor can be handed measured ones."""
+
+    cpu_flops: float = 1.0e12  # CPU matmul FLOP/s in the model's dtype
+    host_read_bytes: float = 100e9  # host memory bandwidth a CPU matmul reads weights at
+    pcie_bytes: float = 25e9  # host-to-device copy bandwidth from pinned memory
+
+
+def copies_expert(tokens: int, expert_params: int, dtype_bytes: int, rates: ExpertRates,
+                  rule: str = "auto") -> bool:
+    """Whether an expert off the GPU that `tokens` tokens are routed to is copied in (True) or computed on the
+    CPU where it lives (False). Computing on the CPU costs its FLOPs (2 per parameter per token) at the CPU
+    rate plus one read of the weights from host memory; copying costs the weights' bytes at the PCIe rate (the
+    GPU's own compute is small next to either). A disk-resident expert is read from disk either way."""
+    if rule not in EXPERT_RULES:
+        raise ValueError(f"expert rule must be one of {EXPERT_RULES}, got {rule!r}")
+    if rule != "auto":
+        return rule == "copy"
+    weight_bytes = expert_params * dtype_bytes
+    cpu_s = 2.0 * tokens * expert_params / rates.cpu_flops + weight_bytes / rates.host_read_bytes
+    copy_s = weight_bytes / rates.pcie_bytes
+    return copy_s < cpu_s
+
+
+def copy_threshold(expert_params: int, dtype_bytes: int, rates: ExpertRates) -> int:
+    """The fewest routed tokens for which `copies_expert` copies (for reports and the planner)."""
+    weight_bytes = expert_params * dtype_bytes
+    spare = weight_bytes / rates.pcie_bytes - weight_bytes / rates.host_read_bytes
+    return max(0, int(spare * rates.cpu_flops / (2.0 * expert_params)) + 1)
+
+
+@dataclass
+class _Slot:
+    """A GPU buffer pair for one copied expert, with pinned staging for disk reads."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    staging: dict[str, torch.Tensor | None]
+    released: object = None  # event: the last compute that read this slot
+    loaded: object = None  # event: the last copy into it (its staging is reused by the next one)
+
+
+@dataclass
+class ExpertStreamer:
+    """Runs the experts of one executor that live off the GPU (see the module docstring)."""
+
+    cfg: ModelConfig
+    tiers: Tiers
+    device: torch.device
+    dtype: torch.dtype
+    rule: str = "auto"
+    rates: ExpertRates = field(default_factory=ExpertRates)
+    overlap: bool = True
+    counts: collections.Counter = field(default_factory=collections.Counter)  # "gpu", "copied", "cpu" runs
+
+    def __post_init__(self) -> None:
+        self.lane = Lane(self.device, self.overlap)
+        self._slots: list[_Slot] = []
+
+    def run(self, w, offloaded: dict[str, Handle], work: ExpertWork) -> list[torch.Tensor]:
+        """Each expert of `work` over its tokens, the ones in `w` on the device, the others copied in or computed
+        on the host by `copies_expert`."""
+        out: list[torch.Tensor | None] = [None] * len(work)
+        to_copy, on_host = [], []
+        params = self.cfg.expert_params()
+        for i, (e, x) in enumerate(work):
+            if f"experts.{e}.up.weight" in w:
+                out[i] = expert_mlp(w, f"experts.{e}.", x)
+                self.counts["gpu"] += 1
+            elif copies_expert(x.shape[0], params, self.dtype.itemsize, self.rates, self.rule):
+                to_copy.append(i)
+            else:
+                on_host.append(i)
+        loads = {n: self._load(n, offloaded, work[i][0]) for n, i in enumerate(to_copy[:2])}
+        for i in on_host:  # while the first copies are in flight
+            e, x = work[i]
+            out[i] = self._on_host(offloaded, e, x)
+            self.counts["cpu"] += 1
+        for n, i in enumerate(to_copy):
+            slot = self._slots[n % 2]
+            current_wait(loads.pop(n))
+            out[i] = expert_mlp({"up.weight": slot.up, "down.weight": slot.down}, "", work[i][1])
+            slot.released = current_record(self.device)
+            self.counts["copied"] += 1
+            if n + 2 < len(to_copy):
+                loads[n + 2] = self._load(n + 2, offloaded, work[to_copy[n + 2]][0])
+        return out  # type: ignore[return-value]
+
+    def _slot(self, n: int) -> _Slot:
+        while len(self._slots) <= n % 2:
+            m, d = self.cfg.moe_intermediate_size, self.cfg.hidden_size
+            staging = {"up": None, "down": None}
+            self._slots.append(_Slot(torch.empty((2 * m, d), dtype=self.dtype, device=self.device),
+                                     torch.empty((d, m), dtype=self.dtype, device=self.device), staging))
+        return self._slots[n % 2]
+
+    def _load(self, n: int, offloaded: dict[str, Handle], e: int):
+        """Copy expert e into slot n % 2 on the expert lane; returns the copy's event."""
+        slot = self._slot(n)
+        self.lane.wait(slot.released)
+        with self.lane.context():
+            for part, dst in (("up", slot.up), ("down", slot.down)):
+                h = offloaded[f"experts.{e}.{part}.weight"]
+                stage = None
+                if h.tier is Tier.DISK:
+                    if slot.loaded is not None:  # the staging buffer's last copy must be done before refilling
+                        slot.loaded.synchronize()
+                    if slot.staging[part] is None:
+                        slot.staging[part] = self.tiers.empty_cpu(h.shape, h.dtype)
+                    stage = slot.staging[part]
+                self.tiers.read_rows(h, dst, 0, h.shape[0], stage)
+            slot.loaded = self.lane.record()
+        return slot.loaded
+
+    def _on_host(self, offloaded: dict[str, Handle], e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on the CPU where its weights are (read from disk first if they live there)."""
+        w = {f"{p}.weight": self._host_tensor(offloaded[f"experts.{e}.{p}.weight"]) for p in ("up", "down")}
+        y = expert_mlp(w, "", x.to("cpu", w["up.weight"].dtype))
+        return y.to(x.device, x.dtype)
+
+    def _host_tensor(self, h: Handle) -> torch.Tensor:
+        if h.data is not None:
+            return h.data
+        buf = torch.empty(h.shape, dtype=h.dtype)
+        self.tiers.disk.read_into(h.path, buf)
+        return buf
+
+
+class ExpertWeights(dict):
+    """A decoder layer's weights on the compute device that also runs its off-GPU experts: the `run_experts`
+    hook `flexserve.models.moe` looks for."""
+
+    def __init__(self, on_device, streamer: ExpertStreamer, offloaded: dict[str, Handle]):
+        super().__init__(on_device)
+        self.streamer, self.offloaded = streamer, offloaded
+
+    def run_experts(self, work: ExpertWork) -> list[torch.Tensor]:
+        return self.streamer.run(self, self.offloaded, work)

@@ -1,0 +1,80 @@
+"""Mixtures of experts offloaded with the expert as the unit: dense weights on the GPU first, experts spread
+over the tiers, an expert off the GPU copied in or computed where it lives. Every placement and rule gives the
+greedy tokens of Hugging Face transformers; the placement rule and the copy-or-compute rule are checked alone."""
+import pytest
+
+from flexserve import LLM, Policy, SamplingParams
+from flexserve.config import preset
+from flexserve.memory.tiers import Tier
+from flexserve.offload.experts import ExpertRates, assign_moe_tiers, copies_expert, copy_threshold, expert_index
+from flexserve.offload.placement import layer_weight_shares
+
+from ..conftest import PROMPTS, hf_greedy
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+# (percent, expert rule, batch size, batches); the dense part of a tiny layer is over half its bytes
+PLACEMENTS = {
+    "experts-cpu-auto": ((60, 40, 100, 0, 100, 0), "auto", 2, 2),
+    "experts-cpu-copied": ((60, 40, 100, 0, 100, 0), "copy", 4, 1),
+    "experts-cpu-on-host": ((60, 40, 100, 0, 100, 0), "cpu", 1, 4),
+    "three-tiers-copied": ((75, 10, 100, 0, 100, 0), "copy", 2, 2),
+    "three-tiers-on-host": ((75, 10, 0, 100, 100, 0), "cpu", 4, 1),
+    "all-off-gpu": ((0, 70, 100, 0, 100, 0), "auto", 2, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    return {kind: [hf_greedy(tiny_model(kind)[1], p, 6) for p in PROMPTS] for kind in ("mixtral", "qwen2-moe")}
+
+
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
+def test_every_expert_placement_gives_the_same_tokens(tiny_model, expected, tmp_path, kind, name):
+    percent, rule, bs, nb = PLACEMENTS[name]
+    policy = Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb, expert_compute=rule)
+    with LLM(tiny_model(kind)[0], dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+        ex = llm.executor
+        decoders = [layer for layer in ex.layers if layer.kind == "decoder"]
+        counts = ex.experts.counts
+    assert got == expected[kind]
+    assert all(layer.experts for layer in decoders), "experts off the GPU are run one by one, never streamed"
+    assert not any(expert_index(n) is not None for layer in decoders for n in layer.streamed)
+    if rule == "copy":
+        assert counts["copied"] > 0 and counts["cpu"] == 0
+    elif rule == "cpu":
+        assert counts["cpu"] > 0 and counts["copied"] == 0
+    if percent[0] == 0:
+        assert counts["gpu"] == 0 and all(layer.offloaded for layer in decoders)
+    else:  # the attention, router and norms fit in the GPU's share
+        assert all("qkv.weight" in layer.resident and "router.weight" in layer.resident for layer in decoders)
+    if percent[0] + percent[1] < 100:
+        assert any(h.tier is Tier.DISK for layer in decoders for h in layer.experts.values())
+
+
+def test_the_placement_rule_puts_dense_weights_first_and_keeps_experts_whole():
+    cfg = preset("mixtral-8x7b")
+    sizes = cfg.layer_weight_sizes()
+    tiers = assign_moe_tiers(sizes, gpu_percent=30, cpu_percent=50)
+    assert all(tiers[n] is Tier.GPU for n in sizes if expert_index(n) is None)
+    by_expert = [tiers[f"experts.{e}.up.weight"] for e in range(8)]
+    assert all(tiers[f"experts.{e}.down.weight"] is by_expert[e] for e in range(8))
+    assert by_expert == [Tier.GPU] * 2 + [Tier.CPU] * 4 + [Tier.DISK] * 2  # 1/8 of the layer each
+    shares = layer_weight_shares(cfg, Policy.from_percent((30, 50, 100, 0, 100, 0)))
+    assert shares[Tier.GPU] == pytest.approx(0.272, abs=0.002) and shares[Tier.DISK] == pytest.approx(0.243, abs=0.002)
+    everything = assign_moe_tiers(sizes, 100, 0)
+    assert set(everything.values()) == {Tier.GPU}
+
+
+def test_copy_or_compute_follows_the_rates():
+    expert = preset("mixtral-8x7b").expert_params()  # 176M parameters, 352 MB in bf16
+    rates = ExpertRates(cpu_flops=1e12, host_read_bytes=100e9, pcie_bytes=25e9)
+    assert not copies_expert(1, expert, 2, rates)  # a decode token: 3.9 ms on the CPU vs 14 ms of PCIe
+    assert copies_expert(512, expert, 2, rates)  # a prefill chunk: 184 ms on the CPU
+    n = copy_threshold(expert, 2, rates)
+    assert not copies_expert(n - 1, expert, 2, rates) and copies_expert(n, expert, 2, rates)
+    assert 25 < n < 35
+    assert copies_expert(1, expert, 2, rates, rule="copy") and not copies_expert(10 ** 6, expert, 2, rates, "cpu")
+    with pytest.raises(ValueError):
+        copies_expert(1, expert, 2, rates, rule="sometimes")
