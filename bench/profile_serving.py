@@ -66,13 +66,16 @@ def main() -> None:
     p.add_argument("--num-gpu-blocks", type=int, default=None,
                    help="a small pool forces preemption and KV swaps (to see the copy stream in the trace)")
     p.add_argument("--trace-out", default=None, help="write a Chrome trace of the profiled steps here")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="read each step's tokens before planning the next (the synchronous engine)")
     args = p.parse_args()
 
     engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       scheduler=args.scheduler, max_num_seqs=args.max_num_seqs or args.requests,
                                       max_num_batched_tokens=args.max_num_batched_tokens,
                                       prefill_chunk_size=args.prefill_chunk_size,
-                                      num_gpu_blocks=args.num_gpu_blocks, max_queue_len=args.requests + 1))
+                                      num_gpu_blocks=args.num_gpu_blocks, max_queue_len=args.requests + 1,
+                                      async_scheduling=args.async_scheduling))
     acc: collections.Counter = collections.Counter()
     prof_state = {"prof": None, "done": False}
     sched = engine.scheduler
@@ -87,19 +90,23 @@ def main() -> None:
     paged_batch.PagedBatch.build = _timed(acc, "batch_build", build)
     runner.PagedBatch = paged_batch.PagedBatch
     runner.sample = _timed(acc, "sample", runner.sample)
+    runner.SampledStep.output = _timed(acc, "wait_tokens", runner.SampledStep.output)
 
     step_times: list[tuple[int, float]] = []  # (tokens sampled, seconds)
     orig_step = engine.step
 
     def step():
-        sync = engine.device.type == "cuda"
+        # An asynchronous engine is timed from step start to step start: syncing the device each step would
+        # take away the overlap it is built for.
+        sync = engine.device.type == "cuda" and not engine._async
         if sync:
             torch.cuda.synchronize(engine.device)
         t = time.perf_counter()
         before = engine.counters["generated_tokens"]
         running_decode = engine.counters["steps"] >= args.profile_after and not prof_state["done"]
         if running_decode and prof_state["prof"] is None:
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if sync else [])
+            cuda = engine.device.type == "cuda"
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
             prof_state["prof"] = torch.profiler.profile(activities=acts)
             prof_state["prof"].__enter__()
             prof_state["left"] = args.profile_steps

@@ -82,6 +82,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, with_scheduler: bool = True
                    help="run the engine in the server's own process (the default on a CPU)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and A/B runs)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
+                   help="read each step's tokens before planning the next, instead of planning it while the "
+                        "step computes (for A/B runs; parallel engines always do)")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -60,6 +60,8 @@ class EngineConfig:
     offload_dir: str | None = None
     scheduler_options: dict = field(default_factory=dict)  # extra SchedulerConfig fields
     cuda_graphs: bool = True  # replay decode-only steps as CUDA graphs (when the weights are resident on a GPU)
+    # plan step N+1 while step N computes, its sampled tokens fed in on the device (`AsyncEngine.step`)
+    async_scheduling: bool = True
     tensor_parallel: int = 1  # ranks of a torchrun group that split every layer (flexserve.parallel.serving)
     pipeline_parallel: int = 1  # stages of contiguous layers, one rank group each
     join_group: JoinGroup | None = None  # how to join that group: `ServingGroup.join` (see rank_group.py)

@@ -65,6 +65,7 @@ class PagedBatch:
     chunks: list[tuple[int, int, int, int]] = field(default_factory=list)  # (offset, n, start, table row)
     sample_rows: torch.Tensor | None = None  # [Ns] rows of T whose logits are sampled
     sampled: list[int] = field(default_factory=list)  # index in the input `seqs` of each sampled row, in order
+    seq_rows: list[int] = field(default_factory=list)  # first row of each input seq in the flat batch
     streaming: StreamingWindow | None = None
     inv_freq: torch.Tensor | None = None  # rotary frequencies (for the sinks' query under `streaming`)
     _gather: dict = field(default_factory=dict)  # per-step attention metadata (slots, tiles), built on first use
@@ -90,6 +91,9 @@ class PagedBatch:
         sampled = [i for i in order if seqs[i].sample]
         sample_rows = [int(offsets[r] + lens[r] - 1) for r, i in enumerate(order) if seqs[i].sample]
         chunks = [(int(offsets[r]), int(lens[r]), int(starts[r]), r) for r in range(num_decode, len(order))]
+        seq_rows = [0] * len(seqs)
+        for r, i in enumerate(order):
+            seq_rows[i] = int(offsets[r])
 
         def dev(a, dtype):
             return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
@@ -97,8 +101,18 @@ class PagedBatch:
                    slots=dev(slots, torch.long), block_tables=dev(tables, torch.int32),
                    row_seq=dev(row_seq, torch.int32), ctx_lens=dev(positions + 1, torch.int32),
                    block_size=block_size, num_decode=num_decode, chunks=chunks,
-                   sample_rows=dev(sample_rows, torch.long), sampled=sampled, streaming=streaming,
-                   inv_freq=inv_freq)
+                   sample_rows=dev(sample_rows, torch.long), sampled=sampled, seq_rows=seq_rows,
+                   streaming=streaming, inv_freq=inv_freq)
+
+    def feed(self, tokens: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Set single-token inputs from tokens still on the device: for each (input seq i, j), the token of
+        seq i is `tokens[j]` (the previous step sampled it; the host has not read it yet)."""
+        if not pairs:
+            return
+        device = self.ids.device
+        dst = torch.as_tensor([self.seq_rows[i] for i, _ in pairs], dtype=torch.long).to(device, non_blocking=True)
+        src = torch.as_tensor([j for _, j in pairs], dtype=torch.long).to(device, non_blocking=True)
+        self.ids[0].index_copy_(0, dst, tokens.index_select(0, src))
 
     def context_slots(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """[len(rows), length] pool slots of positions 0..length-1 of the given block-table rows."""

@@ -30,7 +30,7 @@ from .defaults import ServingDefaults, derive_defaults, measure_rates
 from .paged import PagedKV
 from .paged_batch import PagedBatch, SeqChunk, paged_attend
 from .rank_group import RankGroup
-from .sampling import SamplingParams, logprob_entry, sample
+from .sampling import DeviceTokens, SamplingParams, greedy_tokens, logprob_entry, sample
 
 GiB = 1 << 30
 BlockPairs = list[tuple[int, int]]  # (source block, destination block) of each copy
@@ -48,6 +48,9 @@ class StepPlan:
     swap_in: BlockPairs = field(default_factory=list)
     swap_out_ahead: BlockPairs = field(default_factory=list)
     swap_in_ahead: BlockPairs = field(default_factory=list)
+    # (i, j): seq i's one input token is row j of the previous step's sampled tokens, which the host has not
+    # read yet (asynchronous scheduling: this step was planned while that one computed)
+    feed: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +87,23 @@ class RunnerOutput:
 
     def __iter__(self) -> Iterator[tuple[str, int, dict[int, float] | None]]:
         return iter(zip(self.request_ids, self.token_ids, self.logprobs))
+
+
+@dataclass
+class SampledStep:
+    """A step's sampled tokens: on the device at once (`chosen`, what the next step can feed in), on the host
+    when `output()` is asked for, which waits for the device only if they were picked there."""
+
+    request_ids: list[str]
+    chosen: torch.Tensor | None  # [Ns] int64 on the device (None when nothing was sampled)
+    _pending: DeviceTokens | None = None
+    _output: RunnerOutput | None = None
+
+    def output(self) -> RunnerOutput:
+        if self._output is None:
+            tokens = self._pending.tolist()
+            self._output = RunnerOutput(self.request_ids, tokens, [None] * len(tokens))
+        return self._output
 
 
 def join_rank_group(config: EngineConfig) -> RankGroup | None:
@@ -163,9 +183,10 @@ class ModelRunner:
         ends = _StagedRows(self, batch, rows) if self._staged else _Rows(rows)
         return forward(self.executor, [Batch(batch.ids, batch.positions)], decoders, ends)[0]
 
-    def execute(self, plan: StepPlan, sample: bool) -> ExecutedStep:
+    def execute(self, plan: StepPlan, sample: bool, fed: torch.Tensor | None = None) -> ExecutedStep:
         """A step's device work, the same on every rank: block swaps, then the forward. `sample` (rank 0)
-        keeps the logits of the rows to sample; the other ranks run the LM head on nothing.
+        keeps the logits of the rows to sample; the other ranks run the LM head on nothing. `fed`: the previous
+        step's sampled tokens on the device, where `plan.feed` takes inputs from.
 
         The copies this step needs are ordered before its compute; the copies ahead of need (blocks this
         step does not touch) are issued once the forward is queued, behind a marker of the work before it, so
@@ -181,6 +202,8 @@ class ModelRunner:
         if plan.seqs:
             batch = PagedBatch.build(plan.seqs, self.config.block_size, self.device, self.streaming,
                                      self.executor.inv_freq)
+            if plan.feed:
+                batch.feed(fed, plan.feed)
             rows = batch.sample_rows if sample else batch.sample_rows[:0]
             if self.graphs is not None and self.graphs.applies(batch):
                 logits = self.graphs.run(batch)[rows]
@@ -189,16 +212,23 @@ class ModelRunner:
         kv.swap(plan.swap_out_ahead, plan.swap_in_ahead, wait=False, after=before_forward)
         return ExecutedStep(batch, logits)
 
-    def sample(self, step: ExecutedStep, states: Sequence[SamplingState]) -> RunnerOutput:
-        """The tokens of a step's sampled rows; `states[i]` is the request of row i (of `step.sampled`). Waits
-        for the forward (the host needs the tokens)."""
+    def sample(self, step: ExecutedStep, states: Sequence[SamplingState]) -> SampledStep:
+        """The tokens of a step's sampled rows; `states[i]` is the request of row i (of `step.sampled`).
+
+        All-greedy rows without log-probabilities are picked on the device and the host does not wait: the
+        tokens reach it behind an event, read when `output()` is asked for. Anything else (seeded random
+        draws, log-probabilities) waits for the forward here."""
+        ids = [s.request_id for s in states]
         if not states:
-            return RunnerOutput([], [], [])
+            return SampledStep(ids, None, _output=RunnerOutput([], [], []))
+        if all(s.params.greedy and s.params.logprobs is None for s in states):
+            picked = greedy_tokens(step.logits)
+            return SampledStep(ids, picked.chosen, _pending=picked)
         nlp = max((s.params.logprobs for s in states if s.params.logprobs is not None), default=None)
         res = sample(step.logits, [s.params for s in states], [s.generator for s in states], nlp)
         logprobs = [logprob_entry(res, i, s.params.logprobs) if s.params.logprobs is not None else None
                     for i, s in enumerate(states)]
-        return RunnerOutput([s.request_id for s in states], res.token_ids, logprobs)
+        return SampledStep(ids, res.chosen, _output=RunnerOutput(ids, res.token_ids, logprobs))
 
     def capture_graphs(self) -> None:
         """Capture every decode graph now (on the thread that will replay them)."""

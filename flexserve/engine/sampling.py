@@ -110,6 +110,33 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return result
 
 
+class DeviceTokens:
+    """Token ids picked on the device, on their way to the host behind an event: the host reads them later
+    (`tolist`) while the device goes on with the next step, which takes them from `chosen` directly."""
+
+    def __init__(self, chosen: torch.Tensor):
+        self.chosen = chosen  # [B] int64 on the device
+        self._event: torch.cuda.Event | None = None
+        if chosen.is_cuda:
+            self._host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+            self._host.copy_(chosen, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(chosen.device))
+        else:
+            self._host = chosen
+
+    def tolist(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()  # without the interpreter lock, as `wait_for_device`
+        return self._host.tolist()
+
+
+def greedy_tokens(logits: torch.Tensor) -> DeviceTokens:
+    """The argmax of each row of logits [B, V], without waiting for the device. Same tokens as `sample` for
+    greedy rows (converting to float32 first would not change any comparison)."""
+    return DeviceTokens(logits.argmax(-1))
+
+
 def wait_for_device(t: torch.Tensor) -> None:
     """Block until the GPU work behind `t` is done, without holding the interpreter lock: `.tolist()` would
     wait inside a call that keeps it, and the HTTP server's thread could not stream tokens meanwhile."""

@@ -20,12 +20,13 @@ import itertools
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import torch
 
 from ..errors import RequestError
-from ..scheduler import BlockManager, Request, SchedulerConfig, make_scheduler
+from ..scheduler import PENDING_TOKEN, BlockManager, Request, SchedulerConfig, make_scheduler
 from ..tokenizer import Tokenizer
 from ..weights import is_hub_id
 from .config import EngineConfig
@@ -35,7 +36,7 @@ from .output_processor import LiveRequest, OutputProcessor
 from .outputs import StepOutput
 from .paged_batch import SeqChunk
 from .rank_group import RankGroup
-from .runner import ModelRunner, StepPlan, join_rank_group
+from .runner import ModelRunner, SampledStep, StepPlan, join_rank_group
 from .sampling import SamplingParams, make_generator, stop_token_ids
 from .streaming import LoopSink, stream_outputs
 
@@ -77,6 +78,8 @@ class AsyncEngine(EngineFront):
         self._workers_released = False
         self._fallback = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
+        self._async = config.async_scheduling and self.tp is None  # see `step`
+        self._pending: _Pending | None = None  # the launched step whose tokens are not read yet
         self.counters = {"generated_tokens": 0, "finished_requests": 0, "aborted_requests": 0, "steps": 0}
         self.error: BaseException | None = None
 
@@ -183,6 +186,7 @@ class AsyncEngine(EngineFront):
             while not self._stop:
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    self._settle_pending()
                     self.outputs.flush()
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -193,6 +197,7 @@ class AsyncEngine(EngineFront):
             raise
         finally:
             with contextlib.suppress(Exception):  # tokens already computed still reach their clients
+                self._settle_pending()
                 self.outputs.flush()
             self._fail_pending(RuntimeError(f"engine failed: {self.error}") if self.error else
                                RequestError("the engine was shut down before this request finished"))
@@ -249,34 +254,124 @@ class AsyncEngine(EngineFront):
     def step(self) -> None:
         """One iteration: the scheduler's plan, its device work, sampling, bookkeeping.
 
-        The previous step's outputs are detokenized and delivered while this step's forward runs on the GPU
-        (`flush` between launching the forward and waiting for its tokens). Requests with stop strings are
-        detokenized at once, since the text decides whether they end."""
+        Asynchronous scheduling (the default on one rank): the host does not wait for a step's tokens before
+        planning the next. Step N's tokens stay on the device; the scheduler records a `PENDING_TOKEN` for each,
+        step N+1 is planned and launched with those tokens fed in on the device (`StepPlan.feed`), and only
+        then does the host read step N's tokens, check stop tokens and strings, and deliver them, while step
+        N+1 computes. So scheduling, batch building, detokenizing and delivery overlap the GPU instead of
+        adding to every step. A request that stops on a token (EOS, a stop string) is seen one step late: it
+        ran one more step whose token is dropped. Finishing at `max_tokens` is known without the token, so it
+        costs nothing. Synchronous mode (`async_scheduling=False`, and every tensor/pipeline parallel engine,
+        whose other ranks need the ids) reads each step's tokens before planning the next."""
         t0 = time.monotonic()
         out = self.scheduler.schedule(t0)
-        plan = StepPlan([SeqChunk(s.request.all_token_ids[s.start_pos:s.start_pos + s.num_tokens], s.start_pos,
-                                  s.block_table, s.samples) for s in out.scheduled],
-                        out.swap_out, out.swap_in, out.swap_out_ahead, out.swap_in_ahead)
+        prev = self._pending
+        plan = self._plan(out, prev)
         if self.tp is not None:
             self.tp.broadcast_plan(plan)
-        executed = self.runner.execute(plan, sample=True)
-        self.outputs.flush()  # host work that overlaps the GPU's
-        sampled = self.runner.sample(executed, [self._live[out.scheduled[i].request.request_id]
-                                                for i in executed.sampled])
+        executed = self.runner.execute(plan, sample=True, fed=prev.sampled.chosen if plan.feed else None)
+        current = self.runner.sample(executed, [self._live.get(rid) or _Gone(rid) for rid in
+                                                (out.scheduled[i].request.request_id for i in executed.sampled)])
+        self.counters["steps"] += 1
+        if self._async:
+            stopped = self._settle(prev) if prev is not None else {}
+            self.outputs.flush()  # host work that overlaps this step's GPU work
+            t1 = time.monotonic()
+            pending = {rid: [PENDING_TOKEN] for rid in current.request_ids}
+            finished = self.scheduler.on_step_done(t1, t1 - t0, pending, stopped)
+            self._pending = _Pending(current, {r.request_id for r in finished} - set(stopped))
+            return
+        self.outputs.flush()  # the previous step's text, while this step computes
+        result = current.output()
+        stopped = self._stops(result)
+        t1 = time.monotonic()
+        finished = self.scheduler.on_step_done(t1, t1 - t0, {rid: [tok] for rid, tok, _ in result}, stopped)
+        self._deliver(result, {r.request_id for r in finished}, stopped)
+
+    def _plan(self, out, prev: "_Pending | None") -> StepPlan:
+        """The runner's plan of a scheduled step. Inputs the previous step sampled but the host has not read
+        yet are fed from the device; if one cannot be (it is not a lone decode token), the previous step is
+        settled first and the plan reads real ids."""
+        seqs, feed = [], []
+        rows = prev.rows if prev is not None and not prev.settled else {}
+        for i, s in enumerate(out.scheduled):
+            tokens = s.request.token_ids(s.start_pos, s.start_pos + s.num_tokens)
+            if rows and tokens[-1] == PENDING_TOKEN:
+                j = rows.get(s.request.request_id)
+                if j is None or len(tokens) != 1:
+                    self._settle(prev)
+                    return self._plan(out, prev)
+                feed.append((i, j))
+            seqs.append(SeqChunk(tokens, s.start_pos, s.block_table, s.samples))
+        return StepPlan(seqs, out.swap_out, out.swap_in, out.swap_out_ahead, out.swap_in_ahead, feed)
+
+    def _settle(self, pending: "_Pending") -> dict[str, str]:
+        """Read a pending step's tokens (waiting for the device if it has not finished), write them over the
+        requests' `PENDING_TOKEN`s, check stops and queue the outputs. Returns the requests that stopped on
+        their token and are still scheduled (the caller tells the scheduler, which retires them)."""
+        if pending.settled:
+            return pending.stopped
+        result = pending.sampled.output()
+        for rid, tok, _ in result:
+            live = self._live.get(rid)
+            if live is not None and live.request.output_token_ids[-1] == PENDING_TOKEN:
+                live.request.output_token_ids[-1] = tok
+        stopped = self._stops(result)
+        self._deliver(result, pending.done | set(stopped), stopped)
+        pending.settled, pending.stopped = True, {r: why for r, why in stopped.items() if r not in pending.done}
+        return pending.stopped
+
+    def _settle_pending(self) -> None:
+        """Settle the step still pending (when the loop idles or ends): its tokens reach their clients."""
+        if self._pending is not None:
+            stopped = self._settle(self._pending)
+            self._pending = None
+            for rid in stopped:  # no step left to retire them in
+                self.scheduler.abort(rid)
+
+    def _stops(self, result) -> dict[str, str]:
+        """Requests whose sampled token ends them (a stop token, or the end of a stop string) -> "stop"."""
         stopped: dict[str, str] = {}
-        for rid, tok, _ in sampled:
-            reason = self.outputs.stop_reason(self._live[rid], tok)
+        for rid, tok, _ in result:
+            live = self._live.get(rid)
+            reason = self.outputs.stop_reason(live, tok) if live is not None else None
             if reason is not None:
                 stopped[rid] = reason
-        t1 = time.monotonic()
-        new_tokens = {rid: [tok] for rid, tok, _ in sampled}
-        finished = {r.request_id for r in self.scheduler.on_step_done(t1, t1 - t0, new_tokens, stopped)}
-        self.counters["steps"] += 1
-        self.counters["generated_tokens"] += len(sampled)
-        for rid, tok, lp in sampled:
-            live = self._live[rid]
-            done = rid in finished
-            if done:
+        return stopped
+
+    def _deliver(self, result, done: set[str], stopped: dict[str, str]) -> None:
+        """Queue each token for its client (the next `flush` sends them); `done` requests end with it."""
+        for rid, tok, lp in result:
+            live = self._live.get(rid)
+            if live is None:  # aborted, or it stopped a step earlier (this token is one too many)
+                continue
+            self.counters["generated_tokens"] += 1
+            finished = rid in done
+            if finished:
                 self._live.pop(rid)
                 self.counters["finished_requests"] += 1
-            self.outputs.add(live, tok, lp, done, stopped.get(rid, "length") if done else None)
+            self.outputs.add(live, tok, lp, finished, stopped.get(rid, "length") if finished else None)
+
+
+@dataclass
+class _Pending:
+    """A launched step whose tokens the host has not read yet (asynchronous scheduling)."""
+
+    sampled: SampledStep
+    done: set[str]  # requests the scheduler already finished with this step (max_tokens)
+    settled: bool = False
+    stopped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        """Request id -> its row in `sampled.chosen`."""
+        return {rid: j for j, rid in enumerate(self.sampled.request_ids)}
+
+
+@dataclass
+class _Gone:
+    """Sampling state for a row whose request ended while its step was planned (its token is dropped)."""
+
+    request_id: str
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    generator: torch.Generator | None = None

@@ -10,12 +10,13 @@ from .errors import QueueFullError, RequestTooLargeError
 from .output import ScheduledSeq, SchedulerOutput, SchedulerStats
 from .policies import (ALL_SCHEDULERS, SCHEDULERS, FCFSScheduler, MLFQScheduler, ShortestRemainingScheduler,
                        SkipJoinMLFQScheduler, make_scheduler)
-from .request import Request, SequenceStatus
+from .request import PENDING_TOKEN, Request, SequenceStatus
 from .base import Scheduler
 
 __all__ = [
     "BlockManager", "BlockUsage", "NoFreeBlocksError", "SchedulerConfig", "LinearCostModel",
     "prefill_time_from", "swap_time_per_block", "QueueFullError", "RequestTooLargeError", "ScheduledSeq",
     "SchedulerOutput", "SchedulerStats", "SCHEDULERS", "ALL_SCHEDULERS", "FCFSScheduler", "MLFQScheduler",
-    "ShortestRemainingScheduler", "SkipJoinMLFQScheduler", "make_scheduler", "Request", "SequenceStatus", "Scheduler",
+    "ShortestRemainingScheduler", "SkipJoinMLFQScheduler", "make_scheduler", "PENDING_TOKEN", "Request",
+    "SequenceStatus", "Scheduler",
 ]

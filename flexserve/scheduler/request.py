@@ -13,6 +13,11 @@ import math
 from dataclasses import dataclass, field
 
 
+# An output token the engine has sampled on the device but not read yet (asynchronous scheduling): it stands in
+# the request's output ids for one step, until the engine writes the real id over it.
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     """Where a request is in its life. Its KV blocks live on the GPU in RUNNING/PREEMPTED, on the host in
     SWAPPED, nowhere in WAITING (not started, or dropped for recomputation) and the final states."""
@@ -103,10 +108,23 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
-        """Prompt then outputs; the engine reads the tokens to compute from here (`[start, start + n)`)."""
+        """Prompt then outputs."""
         if self.prompt_token_ids is None:
             raise ValueError(f"request {self.request_id!r} was made from a length only, it has no token ids")
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt then outputs, without joining the two lists (the engine reads each
+        step's inputs from here; a decode reads one token of a long sequence)."""
+        prompt = self.prompt_token_ids
+        if prompt is None:
+            raise ValueError(f"request {self.request_id!r} was made from a length only, it has no token ids")
+        n = len(prompt)
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        if end <= n:
+            return prompt[start:end]
+        return prompt[start:] + self.output_token_ids[:end - n]
 
     # --- metrics helpers (seconds, scheduler clock) -------------------------------------------------------
     @property
