@@ -100,6 +100,11 @@ def _shares(sizes: dict[str, int], tiers_of: dict[str, Tier]) -> dict[Tier, floa
     return {tier: n / total for tier, n in placed.items()}
 
 
+def expert_shares(sizes: dict[str, int], gpu_percent: float, cpu_percent: float) -> dict[Tier, float]:
+    """`tier_shares` of a mixture-of-experts layer whose experts are placed whole (`assign_moe_tiers`)."""
+    return _shares(sizes, assign_moe_tiers(sizes, gpu_percent, cpu_percent))
+
+
 def per_expert(names, policy: Policy) -> bool:
     """Whether a layer's experts are placed and run one by one (`offload.experts`): a mixture-of-experts layer
     whose weights are stored as they are (packed or quantised experts stream with their layer instead)."""
@@ -169,7 +174,7 @@ def layer_weight_shares(config: ModelConfig, policy: Policy) -> dict[Tier, float
     model's bytes): what the memory check and the planner count."""
     sizes = config.layer_weight_sizes()
     if per_expert(sizes, policy):
-        return _shares(sizes, assign_moe_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent))
+        return expert_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent)
     return tier_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..offload.policy import Policy
+from . import moe_cost
 from .hardware import Hardware, format_size
 from .linear import Linear, Switch, TierMemory, total
 from .sizes import Sizes, dtype_name, model_sizes
@@ -34,6 +35,7 @@ _LABELS = {
     ("store", "cache pcie"): "pcie cache store", ("store", "cache disk"): "disk", ("store", "qkv"): "pcie cache",
     ("compute", "gpu attention"): "gpu attention", ("compute", "cpu attention"): "cpu attention",
     ("compute", "act pcie"): "pcie activations", ("compute", "act disk"): "disk",
+    ("load", "experts pcie"): "pcie experts", ("compute", "cpu experts"): "cpu experts",
 }
 
 
@@ -165,10 +167,13 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         return nb * max(per_batch_flops, per_batch_mem), per_batch_mem > per_batch_flops
 
     off_cache = share("cache", "cpu") + share("cache", "disk")  # cache that is not on the GPU
+    moe = moe_cost.applies(cfg, p)  # experts placed and run one by one: see moe_cost
     stages = []
     # --- decoder layers ------------------------------------------------------------------------------------
     for phase, tokens, ctx, steps in (("prefill", prompt_len, prompt_len, 1), ("decode", 1, s_dec, gen_len - 1)):
-        lin, mem_bound = linear_time(tokens, sz.layer_params, sz.layer_w16)
+        m = moe_cost.moe_layer(cfg, p, hw, gbs * tokens, b) if moe else None
+        lin, mem_bound = (linear_time(tokens, m.active_params, m.read_bytes16) if m is not None
+                          else linear_time(tokens, sz.layer_params, sz.layer_w16))
         cpu_attends = p.cpu_cache_compute and phase == "decode"
         new_cache = blk * tokens * sz.kv_token
         if phase == "prefill":
@@ -181,6 +186,9 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         load = weight_load(sz.layer_w, contended=cpu_attends)
         store: dict[str, Linear] = {}
         compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin + dequant)}
+        if m is not None:  # only the experts the batch reaches cost, copied in or computed on the CPU
+            load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
+            compute.update(experts_compute)
         if phase == "decode":
             cache_read = blk * ctx * sz.kv_token * fv
             moved = share("cache", "disk") if cpu_attends else off_cache
@@ -230,10 +238,11 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
     cache_total = blk * seq * cfg.num_layers * sz.kv_token
     act_total = blk * prompt_len * cfg.hidden_size * b
     glob_stream = sz.embed_w + sz.head_w  # one staging slot each for the embed and head pseudo-layers
+    layer_stage = moe_cost.staging_bytes(cfg, b) if moe_cost.applies(cfg, p) else 2 * sz.layer_w
     cache_slot = 2 * gbs * seq * sz.kv_token16  # two GPU slots of one (layer, batch) K and V
     gpu_parts = {
         "weights": share("w", "gpu") * sz.total_w,
-        "weight staging": (1 - share("w", "gpu")) * (2 * sz.layer_w + glob_stream)
+        "weight staging": (1 - share("w", "gpu")) * (layer_stage + glob_stream)
         + (sz.layer_w16 if p.compress_weight else 0.0),
         "cache": share("cache", "gpu") * cache_total,
         "activations": share("act", "gpu") * act_total,
@@ -245,7 +254,7 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
     cpu_parts = {
         "process": Linear.constant(CPU_PROCESS_BYTES),
         "weights": share("w", "cpu") * sz.total_w,
-        "weight staging": share("w", "disk") * (2 * sz.layer_w + glob_stream),
+        "weight staging": share("w", "disk") * (layer_stage + glob_stream),
         "cache": share("cache", "cpu") * cache_total,
         "activations": share("act", "cpu") * act_total,
     }

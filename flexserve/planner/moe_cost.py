@@ -1,0 +1,77 @@
+"""Cost terms of a mixture-of-experts decoder layer whose experts are placed one by one (`offload.experts`).
+
+A GPU batch of T tokens routes T·k token slots over E experts. With the router's choices taken as uniform, the
+expected number of distinct experts it hits is E·(1 - (1 - k/E)^T): k for one token, all E for a large
+prefill. Only those experts are read (from HBM when they live on the GPU), and each one that lives off the GPU
+costs either its bytes at the PCIe rate (copied in) or its tokens' FLOPs at the CPU rate plus one read of its
+weights from host memory (computed where it lives), whichever `copies_expert`, the executor's own rule, picks;
+a disk-resident expert is read from disk first either way. Dense weights (attention, router, norms, shared
+expert) go to the GPU first, so the weights off the GPU are taken to be experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..offload.experts import ExpertRates, copies_expert
+from ..offload.policy import Policy
+from .hardware import Hardware
+from .linear import Linear
+
+
+def expected_experts_hit(num_experts: int, k: int, tokens: float) -> float:
+    """Expected distinct experts that `tokens` tokens, each routed to k of `num_experts`, reach."""
+    return num_experts * (1.0 - (1.0 - k / num_experts) ** tokens)
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One MoE decoder layer run over one GPU batch, the placement left free."""
+
+    active_params: float  # parameters one token computes with (dense weights and k experts)
+    hit: float  # expected experts the batch reaches
+    read_bytes16: float  # bytes of weights the GPU reads for the batch: dense ones and the hit experts'
+    expert_bytes: float  # one expert, as stored
+    copies: bool  # an off-GPU expert is copied in (else computed on the CPU)
+    expert_cpu_s: float  # one hit expert computed on the CPU
+    hit_per_share: float  # hit experts off the GPU per unit of the layer's off-GPU share
+
+    def off_gpu_terms(self, hw: Hardware, share_gpu: Linear, share_disk: Linear, batches: int,
+                      ) -> tuple[dict[str, Linear], dict[str, Linear]]:
+        """(load terms, compute terms) of the block's batches for the experts that live off the GPU."""
+        n = batches * self.hit_per_share
+        load: dict[str, Linear] = {"weights disk": share_disk * (n * self.expert_bytes / hw.disk_read_bw)}
+        compute: dict[str, Linear] = {}
+        if self.copies:
+            load["experts pcie"] = (1 - share_gpu) * (n * self.expert_bytes / hw.h2d_pinned_bw)
+        else:
+            compute["cpu experts"] = (1 - share_gpu) * (n * self.expert_cpu_s)
+        return load, compute
+
+
+def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, dtype_bytes: int) -> MoeLayer:
+    """The terms of one GPU batch of `tokens` new tokens (gpu_batch_size × tokens per sequence)."""
+    cfg, b = config, dtype_bytes
+    expert, layer = cfg.expert_params(), cfg.num_layer_params()
+    hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, tokens)
+    rates = ExpertRates(cpu_flops=hw.cpu_flops, host_read_bytes=hw.cpu_mem_bw, pcie_bytes=hw.h2d_pinned_bw)
+    per_expert_tokens = max(1.0, tokens * cfg.experts_per_token / max(hit, 1e-9))
+    copies = copies_expert(round(per_expert_tokens), expert, b, rates, policy.expert_compute)
+    cpu_s = 2.0 * per_expert_tokens * expert / rates.cpu_flops + expert * b / rates.host_read_bytes
+    return MoeLayer(active_params=cfg.active_layer_params(), hit=hit,
+                    read_bytes16=(layer - (cfg.num_experts - hit) * expert) * b, expert_bytes=expert * b,
+                    copies=copies, expert_cpu_s=cpu_s, hit_per_share=hit * layer / (expert * cfg.num_experts))
+
+
+def staging_bytes(config: ModelConfig, dtype_bytes: int) -> float:
+    """GPU staging one MoE layer needs while its experts run one by one: its dense weights if they stream, and
+    the executor's two expert slots (instead of two whole layers)."""
+    expert = config.expert_params()
+    return (config.num_layer_params() - config.num_experts * expert + 2 * expert) * dtype_bytes
+
+
+def applies(config: ModelConfig, policy: Policy) -> bool:
+    """Whether the executor runs `config`'s experts one by one under `policy` (see `offload.placement`)."""
+    from ..offload.placement import per_expert
+
+    return config.is_moe and per_expert(config.layer_weight_sizes(), policy)

@@ -1,0 +1,68 @@
+"""The planner on mixtures of experts: only the experts a batch reaches cost, each copied in or computed on the
+CPU by the executor's rule; `flexserve plan` and `--policy auto` give a policy for MoE presets."""
+import pytest
+
+from flexserve import Policy
+from flexserve.config import preset
+from flexserve.planner import auto_plan, profile
+from flexserve.planner.cost_model import estimate
+from flexserve.planner.search import search
+from flexserve.planner.moe_cost import expected_experts_hit, moe_layer
+
+H100 = profile("h100")
+
+
+def test_expected_experts_hit():
+    assert expected_experts_hit(8, 2, 1) == pytest.approx(2)
+    assert expected_experts_hit(128, 8, 1) == pytest.approx(8)
+    assert expected_experts_hit(8, 2, 2) == pytest.approx(8 * (1 - 0.75 ** 2))
+    assert expected_experts_hit(8, 2, 512) == pytest.approx(8)
+
+
+def test_decode_costs_the_experts_reached_and_prefill_copies_them():
+    cfg = preset("mixtral-8x7b")
+    decode = moe_layer(cfg, Policy(), H100, tokens=1, dtype_bytes=2)
+    prefill = moe_layer(cfg, Policy(), H100, tokens=512, dtype_bytes=2)
+    assert decode.hit == pytest.approx(2) and not decode.copies  # one token: computed where it lives
+    assert prefill.hit == pytest.approx(8) and prefill.copies
+    assert decode.read_bytes16 < cfg.num_layer_params() * 2 / 3  # 2 of 8 experts are read, not the layer
+    assert moe_layer(cfg, Policy(expert_compute="copy"), H100, 1, 2).copies
+
+
+def test_batch1_decode_is_bound_by_the_expert_rule():
+    cfg = preset("mixtral-8x7b")
+    off = Policy.from_percent((3, 97, 100, 0, 100, 0), gpu_batch_size=1)
+    on_cpu = estimate(cfg, off, H100, 128, 32, placed=True)
+    copied = estimate(cfg, off.replace(expert_compute="copy"), H100, 128, 32, placed=True)
+    assert on_cpu.decode_bottleneck == "cpu experts" and copied.decode_bottleneck == "pcie experts"
+    # a decode step copies 2 experts per layer, not 8: 32 * 2 * 352 MB at the PCIe rate
+    assert copied.decode_s_per_step == pytest.approx(32 * 2 * cfg.expert_params() * 2 / H100.h2d_pinned_bw, rel=0.2)
+    assert on_cpu.decode_tok_s > copied.decode_tok_s
+
+
+def test_flexserve_plan_prints_a_plan_for_mixtral_under_24gib(cli):
+    rc, out, err = cli("plan", "--model", "dummy:mixtral-8x7b", "--gpu-mem", "24GiB", "--cpu-mem", "120GiB",
+                       "--hardware", "h100", "--dtype", "bfloat16")
+    assert rc == 0, err
+    assert "mixtral-8x7b" in out and "--percent " in out and "fits" in out
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x22b"])
+def test_the_search_plans_moe_presets_under_24gib(name):
+    plan = search(preset(name), H100.with_memory("24GiB", "120GiB", "1TiB"), 512, 32)
+    assert plan.estimate.total_tok_s > 0 and not plan.estimate.overflows(plan.hardware)
+
+
+def test_policy_auto_plans_and_runs_a_tiny_mixture_of_experts(tiny_model):
+    from flexserve import LLM, SamplingParams
+    from flexserve.config import load_hf_config
+
+    from ..conftest import PROMPTS, hf_greedy
+
+    folder, hf = tiny_model("qwen3-moe")
+    plan = auto_plan(load_hf_config(folder), 16, 4, hardware="t4", gpu_mem="3GB", cpu_mem="3GB", dtype_bytes=4,
+                     device="cpu")
+    with LLM(folder, dtype="float32", device="cpu", policy=plan.policy) as llm:
+        out = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4, temperature=0,
+                                                                            ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[0], 4)
