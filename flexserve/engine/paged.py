@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..memory.pinned import pinned_empty
+from ..memory.pinned import pinned_empty, upload
 
 
 class PagedKV:
@@ -101,7 +101,7 @@ class PagedKV:
     def _ids(self, pairs: list[tuple[int, int]], which: int) -> torch.Tensor | None:
         if not pairs:
             return None
-        return torch.as_tensor([p[which] for p in pairs], dtype=torch.long).to(self.device, non_blocking=True)
+        return upload([p[which] for p in pairs], torch.long, self.device)
 
     def order_before_compute(self) -> None:
         """Make the compute stream wait for the copies in flight (no host wait)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..memory.pinned import upload
 from ..kernels.paged_attention import QueryTiles, kernel_available, paged_attention, query_tiles
 from ..models.attention import attend_over, causal_mask
 from ..models.layers import apply_rope, rope_cos_sin
@@ -95,24 +96,24 @@ class PagedBatch:
         for r, i in enumerate(order):
             seq_rows[i] = int(offsets[r])
 
-        def dev(a, dtype):
-            return torch.as_tensor(a, dtype=dtype).to(device, non_blocking=True)
-        return cls(ids=dev([ids], torch.long), positions=dev(positions[None], torch.long),
-                   slots=dev(slots, torch.long), block_tables=dev(tables, torch.int32),
-                   row_seq=dev(row_seq, torch.int32), ctx_lens=dev(positions + 1, torch.int32),
-                   block_size=block_size, num_decode=num_decode, chunks=chunks,
-                   sample_rows=dev(sample_rows, torch.long), sampled=sampled, seq_rows=seq_rows,
-                   streaming=streaming, inv_freq=inv_freq)
+        # Two uploads instead of seven: every int64 array in one page-locked buffer, every int32 one in another
+        i64 = upload(np.concatenate([np.asarray(ids, dtype=np.int64), positions, slots,
+                                     np.asarray(sample_rows, dtype=np.int64)]), torch.long, device)
+        i32 = upload(np.concatenate([tables.ravel(), row_seq, positions + 1]).astype(np.int32), torch.int32, device)
+        t = len(row_seq)
+        ids_d, pos_d, slots_d, rows_d = i64.split([t, t, t, len(sample_rows)])
+        tables_d, row_seq_d, ctx_d = i32.split([tables.size, t, t])
+        return cls(ids=ids_d[None], positions=pos_d[None], slots=slots_d, block_tables=tables_d.view(tables.shape),
+                   row_seq=row_seq_d, ctx_lens=ctx_d, block_size=block_size, num_decode=num_decode, chunks=chunks,
+                   sample_rows=rows_d, sampled=sampled, seq_rows=seq_rows, streaming=streaming, inv_freq=inv_freq)
 
     def feed(self, tokens: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         """Set single-token inputs from tokens still on the device: for each (input seq i, j), the token of
         seq i is `tokens[j]` (the previous step sampled it; the host has not read it yet)."""
         if not pairs:
             return
-        device = self.ids.device
-        dst = torch.as_tensor([self.seq_rows[i] for i, _ in pairs], dtype=torch.long).to(device, non_blocking=True)
-        src = torch.as_tensor([j for _, j in pairs], dtype=torch.long).to(device, non_blocking=True)
-        self.ids[0].index_copy_(0, dst, tokens.index_select(0, src))
+        both = upload([[self.seq_rows[i] for i, _ in pairs], [j for _, j in pairs]], torch.long, self.ids.device)
+        self.ids[0].index_copy_(0, both[0], tokens.index_select(0, both[1]))
 
     def context_slots(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """[len(rows), length] pool slots of positions 0..length-1 of the given block-table rows."""

@@ -87,7 +87,8 @@ def query_tiles(chunks: list[tuple[int, int, int, int]], group: int, dtype: torc
             rows.append((table_row, offset + i, min(block_q, n - i), start + i))
     arr = np.array(rows, dtype=np.int32).reshape(-1, 4)
     arr = arr[np.argsort(-(arr[:, 3] + arr[:, 2]), kind="stable")]
-    meta = torch.as_tensor(np.ascontiguousarray(arr.T)).to(device, non_blocking=True)
+    meta = torch.as_tensor(np.ascontiguousarray(arr.T))  # page-locked: a pageable upload waits for the stream
+    meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta.to(device)
     return QueryTiles(meta, prefill_block_m(dtype), block_q)
 
 

@@ -70,3 +70,16 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool = True, z
         return make(shape, dtype=dtype, pin_memory=True)
     weakref.finalize(owner, _unregister, raw.data_ptr()).atexit = False
     return raw.view(dtype).view(shape)
+
+
+def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host array (a list, a numpy array) as a tensor on `device`, without making the host wait.
+
+    A copy from pageable memory is staged by the driver, which waits for the stream to reach the copy: the
+    host would stall behind every kernel already queued (the step in flight, for a serving engine that plans
+    the next step meanwhile). From page-locked memory the copy is a plain DMA in stream order; the caching
+    host allocator keeps the page-locked block until that copy has run."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -6,6 +6,7 @@ can be allocated again; small, empty or unpinned buffers, and any buffer without
 import contextlib
 import gc
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,11 @@ def test_a_refused_registration_falls_back_and_clears_the_cuda_error(runtime, mo
     del t
     gc.collect()
     assert not runtime.of("unregister")  # nothing was registered, so nothing is undone
+
+
+def test_upload_keeps_values_and_dtype_on_the_cpu():
+    from flexserve.memory.pinned import upload
+
+    t = upload(np.array([3, 1, 2]), torch.int32, torch.device("cpu"))
+    assert t.dtype == torch.int32 and t.tolist() == [3, 1, 2]
+    assert upload([[1, 2], [3, 4]], torch.long, torch.device("cpu")).tolist() == [[1, 2], [3, 4]]
