@@ -21,10 +21,16 @@ from .gguf_file import GGUFFile
 _LAYER = {
     "attn_norm": "attn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o",
     "ffn_norm": "mlp_norm", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
+    "attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "ffn_gate_inp": "router", "ffn_gate_inp_shexp": "shared_gate",
+    "ffn_gate_shexp": "shared.gate", "ffn_up_shexp": "shared.up", "ffn_down_shexp": "shared.down",
+    "ffn_gate_exps": "stacked.gate", "ffn_up_exps": "stacked.up", "ffn_down_exps": "stacked.down",
 }
 _GLOBAL = {"token_embd": "embed", "output_norm": "final_norm", "output": "lm_head"}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_ARCHS = ("llama", "mistral", "qwen2")
+_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
+# llama.cpp's converter interleaves Q/K rows for these (their rotary is the interleaved kind); the Qwen ones keep
+# Hugging Face's rotate-half layout ("NEOX" rotary) and are read as they are.
+_PERMUTED = ("llama", "mistral")
 
 
 def _field(reader, key: str, default=None):
@@ -88,12 +94,28 @@ class GGUFSource:
                 head_dim=head_dim,
                 max_position=int(_field(r, f"{arch}.context_length", 2048)),
                 norm="rmsnorm", norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-                qkv_bias=arch == "qwen2", rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+                qkv_bias=arch in ("qwen2", "qwen2moe"), qk_norm=arch in ("qwen3", "qwen3moe"),
+                **self._moe_fields(arch), rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
                 rope_scaling=scaling, bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
                 eos_token_id=None if eos is None else int(eos),
             )
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from None
+
+    def _moe_fields(self, arch: str) -> dict:
+        """Mixture-of-experts switches from `{arch}.expert_*` metadata (none for a dense model). Mixtral is the
+        `llama` architecture with experts of `feed_forward_length`; whether the top-k probabilities are
+        renormalised is llama.cpp's per-architecture choice unless the file says."""
+        r = self._reader
+        experts = int(_field(r, f"{arch}.expert_count", 0) or 0)
+        if not experts:
+            return {}
+        width = _field(r, f"{arch}.expert_feed_forward_length") or _field(r, f"{arch}.feed_forward_length")
+        norm = _field(r, f"{arch}.expert_weights_norm", arch != "qwen2moe")
+        return dict(num_experts=experts, experts_per_token=int(_field(r, f"{arch}.expert_used_count")),
+                    moe_intermediate_size=int(width), norm_topk_prob=bool(norm),
+                    shared_expert_intermediate_size=int(
+                        _field(r, f"{arch}.expert_shared_feed_forward_length", 0) or 0))
 
     def _rope_scaling(self, arch: str, head_dim: int) -> dict | None:
         """`ModelConfig.rope_scaling` from the metadata and the `rope_freqs` tensor (see the module docstring);
@@ -131,7 +153,13 @@ class GGUFSource:
 
     def layer_parts(self, index: int) -> Tensors:
         parts = {k: self._get(v) for k, v in self._layers[index].items()}
+        for key in [k for k in parts if k.startswith("stacked.")]:  # [E, rows, cols] -> one tensor per expert
+            part = key.split(".")[1]
+            for e, t in enumerate(parts.pop(key).unbind(0)):
+                parts[f"experts.{e}.{part}.weight"] = t
         cfg = self.config
+        if _field(self._reader, "general.architecture") not in _PERMUTED:
+            return parts
         for key, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
             if f"{key}.weight" in parts:
                 parts[f"{key}.weight"] = _unpermute(parts[f"{key}.weight"], heads)
