@@ -23,10 +23,15 @@ def _sync(device: torch.device) -> None:
 
 
 def transfer_bound(llm, h2d_gbps: float, disk_gbps: float | None) -> dict:
-    """Decode-step lower bound from offloaded weight bytes (the REFERENCE.md method)."""
+    """Decode-step lower bound from offloaded weight bytes (the REFERENCE.md method). Experts of a mixture
+    that live off the GPU count with the bytes a step is expected to reach (`moe_cost.reached_expert_bytes`),
+    as if copied in: an expert the rule computes on the CPU instead can beat this bound."""
     from ..memory.tiers import Tier
+    from ..planner.moe_cost import reached_expert_bytes
 
-    cpu = disk = 0
+    pol = llm.executor.policy
+    reached = reached_expert_bytes(llm.executor, pol.gpu_batch_size, pol.num_gpu_batches)
+    cpu, disk = reached["cpu"], reached["disk"]
     for layer in llm.executor.layers:
         for h in layer.streamed.values():
             if h.tier is Tier.DISK:

@@ -75,3 +75,18 @@ def applies(config: ModelConfig, policy: Policy) -> bool:
     from ..offload.placement import per_expert
 
     return config.is_moe and per_expert(config.layer_weight_sizes(), policy)
+
+
+def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int) -> dict[str, float]:
+    """Bytes of off-GPU experts a decode step is expected to reach, by tier (`cpu`, `disk`): per layer and GPU
+    batch, the experts its `gpu_batch_size` tokens hit, in the proportion the layer keeps off the GPU. What
+    the transfer bound of a mixture of experts counts in place of whole streamed layers."""
+    cfg = executor.cfg
+    if not cfg.is_moe:
+        return {"cpu": 0.0, "disk": 0.0}
+    hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size)
+    out = {"cpu": 0.0, "disk": 0.0}
+    for layer in executor.layers:
+        for h in layer.experts.values():  # each expert's up and down, on its tier
+            out[h.tier.value] += num_gpu_batches * hit / cfg.num_experts * h.nbytes
+    return out

@@ -56,7 +56,8 @@ def test_routing_groups_tokens_by_expert():
     groups = routing.groups(num_experts=4)
     assert [e for e, _, _ in groups] == [0, 1, 2]
     pairs = {(e, int(t), float(w)) for e, tokens, ws in groups for t, w in zip(tokens, ws)}
-    assert pairs == {(2, 0, .6), (0, 0, .4), (0, 1, .7), (1, 1, .3), (2, 2, .5), (1, 2, .5)}
+    assert pairs == {(2, 0, .6), (0, 0, .4), (0, 1, .7), (1, 1, .3), (2, 2, .5),
+                     (1, 2, .5)}
 
 
 def test_moe_mlp_asks_the_weights_to_run_experts(tiny_model):

@@ -66,3 +66,16 @@ def test_policy_auto_plans_and_runs_a_tiny_mixture_of_experts(tiny_model):
         out = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4, temperature=0,
                                                                             ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy(hf, PROMPTS[0], 4)
+
+
+def test_the_transfer_bound_counts_the_experts_a_step_reaches(tiny_model):
+    from flexserve import LLM
+    from flexserve.planner.moe_cost import reached_expert_bytes
+
+    policy = Policy.from_percent((60, 40, 100, 0, 100, 0), gpu_batch_size=3, num_gpu_batches=2)
+    with LLM(tiny_model("mixtral")[0], dtype="float32", device="cpu", policy=policy) as llm:
+        ex = llm.executor
+        off = sum(h.nbytes for layer in ex.layers for h in layer.experts.values())
+        reached = reached_expert_bytes(ex, 3, 2)
+    assert off > 0 and reached["disk"] == 0
+    assert reached["cpu"] == pytest.approx(2 * expected_experts_hit(4, 2, 3) / 4 * off)
