@@ -21,7 +21,8 @@ def token_logprobs(llm, ids: list[int]) -> torch.Tensor:
 
 
 def perplexity(model: str | None, path: str, dtype: str = "auto", device: str | None = None, window: int = 512,
-               stride: int = 256) -> float:
+               stride: int = 256, **quant) -> float:
+    """`quant`: `LLM`'s quantization keywords (quantization, quant_group_size, kv_cache_dtype)."""
     from ..engine.llm import LLM
 
     if not os.path.isfile(path):
@@ -30,7 +31,7 @@ def perplexity(model: str | None, path: str, dtype: str = "auto", device: str | 
         raise RequestError(f"need 0 < stride <= window, got stride {stride} and window {window}")
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    llm = LLM(model, dtype=dtype, device=device)
+    llm = LLM(model, dtype=dtype, device=device, **quant)
     try:
         ids = llm.tokenizer.encode(text)
         window = min(window, llm.config.max_position)

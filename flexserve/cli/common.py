@@ -6,6 +6,7 @@ import sys
 
 from ..config import ModelConfig
 from ..errors import PolicyError
+from ..compression.names import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, SCHEMES
 from ..offload.policy import EXPERT_RULES, WEIGHT_PLACEMENTS, Policy
 
 
@@ -38,15 +39,36 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-mem", default=None, help="memory cap for --policy auto, e.g. 16GiB")
     g.add_argument("--cpu-mem", default=None)
     g.add_argument("--disk", default=None)
+    add_quant_arguments(p)
+
+
+def add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    """`--quantization`, `--quant-group-size`, `--kv-cache-dtype`: the `Policy` fields of the same names."""
+    g = p.add_argument_group("quantization")
+    g.add_argument("--quantization", choices=SCHEMES, default=None,
+                   help="quantise the decoder projections: fp8 (e4m3 weights and per-token activations), int8 "
+                        "(W8A8 with SmoothQuant), rtn4 (4-bit groups, round to nearest), awq (4-bit groups with "
+                        "AWQ's activation-aware scales); int8 and awq calibrate on a shipped text at load")
+    g.add_argument("--quant-group-size", type=int, default=None,
+                   help=f"input channels per 4-bit group for rtn4 and awq (default {DEFAULT_GROUP_SIZE})")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                   help="storage of the KV cache: auto (the model's dtype) or fp8 (e4m3, upcast on read)")
+
+
+def quant_fields(args: argparse.Namespace) -> dict:
+    """The `Policy` fields the quantization flags set (flags left out keep the field's default)."""
+    names = ("quantization", "quant_group_size", "kv_cache_dtype")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None, prompt_len: int = 512,
                      gen_len: int = 32) -> Policy | None:
     """The `Policy` the flags describe, or None (fully resident, automatic batch) when none were given.
     `--policy auto` asks the planner for one, which needs the model's `config`."""
+    quant = quant_fields(args)
     if getattr(args, "policy", None) == "auto":
-        return auto_plan_from_args(args, config, prompt_len, gen_len).policy
-    placement_flags = (args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
+        return auto_plan_from_args(args, config, prompt_len, gen_len).policy.replace(**quant)
+    placement_flags = (*quant.values(), args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
                        args.compress_weight or None, args.compress_cache or None,
                        args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype,
                        args.weight_placement, args.expert_compute)
@@ -56,7 +78,7 @@ def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None
               overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
               compress_weight=args.compress_weight, compress_cache=args.compress_cache,
               cpu_attention_dtype=args.cpu_attention_dtype, weight_placement=args.weight_placement or "flexgen",
-              expert_compute=args.expert_compute or "auto")
+              expert_compute=args.expert_compute or "auto", **quant)
     return Policy.from_percent(args.percent or (100, 0, 100, 0, 100, 0), **kw)
 
 
@@ -110,7 +132,8 @@ def serving_plan_from_args(args: argparse.Namespace, fields: dict) -> dict:
                         max_num_batched_tokens=fields.get("max_num_batched_tokens") or 2048,
                         allow_disk=bool(getattr(args, "offload_dir", None)))
     print(f"policy auto (serving): {plan.summary()}", file=sys.stderr, flush=True)
-    chosen = dict(policy=plan.policy.replace(weight_placement=args.weight_placement or "flexgen"),
+    chosen = dict(policy=plan.policy.replace(weight_placement=args.weight_placement or "flexgen",
+                                             **quant_fields(args)),
                   num_gpu_blocks=plan.num_gpu_blocks, num_cpu_blocks=plan.num_cpu_blocks,
                   max_num_seqs=plan.max_num_seqs)
     return {k: v for k, v in chosen.items() if fields.get(k) is None}

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_arguments
+from .common import add_model_arguments, add_quant_arguments, quant_fields
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ppl", help="perplexity of a text file (sliding window)")
     add_model_arguments(p)
+    add_quant_arguments(p)
     p.add_argument("file", help="text file to score")
     p.add_argument("--window", type=int, default=512, help="tokens each forward pass sees")
     p.add_argument("--stride", type=int, default=256, help="tokens the window moves by")
@@ -25,6 +26,6 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         raise RequestError(f"--stride must be within 1..--window ({args.window}), got {args.stride}")
 
     ppl = perplexity(args.model, args.file, dtype=args.dtype, device=args.device, window=args.window,
-                     stride=args.stride)
+                     stride=args.stride, **quant_fields(args))
     print(f"perplexity: {ppl:.4f}")
     return 0

@@ -65,6 +65,10 @@ class EngineConfig:
     tensor_parallel: int = 1  # ranks of a torchrun group that split every layer (flexserve.parallel.serving)
     pipeline_parallel: int = 1  # stages of contiguous layers, one rank group each
     join_group: JoinGroup | None = None  # how to join that group: `ServingGroup.join` (see rank_group.py)
+    # weight quantisation and KV cache storage: the `Policy` fields of the same names, folded into `policy`
+    quantization: str | None = None
+    quant_group_size: int | None = None
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name, least in (("block_size", 1), ("max_num_seqs", 1), ("max_num_batched_tokens", 1),
@@ -73,6 +77,10 @@ class EngineConfig:
                             ("tensor_parallel", 1), ("pipeline_parallel", 1)):
             check_int(name, getattr(self, name), least)
         check_scheduler_options(self.scheduler_options)
+        quant = {k: getattr(self, k) for k in ("quantization", "quant_group_size", "kv_cache_dtype")
+                 if getattr(self, k) is not None}
+        if quant:
+            self.policy = (self.policy or Policy()).replace(**quant)
         if self.sliding_window < 0 or self.attention_sinks < 0 or (self.attention_sinks and not self.sliding_window):
             raise ConfigError(f"attention sinks need a sliding window (--sliding-window W > 0); got "
                               f"sinks={self.attention_sinks}, window={self.sliding_window}")

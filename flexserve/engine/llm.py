@@ -35,19 +35,25 @@ class LLM:
     `sliding_window` / `attention_sinks`: StreamingLLM (each query sees the first `attention_sinks` tokens and
     its last `sliding_window` ones), so generation can run past the context window with a bounded cache; the
     prompts then run through the paged serving engine (see `windowed.py`).
+    `quantization` (fp8 | int8 | rtn4 | awq), `quant_group_size`, `kv_cache_dtype` ("fp8"): the `Policy` fields
+    of the same names, applied on top of `policy`.
     """
 
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto", policy: Policy | None = None,
                  offload_dir: str | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None,
-                 sliding_window: int = 0, attention_sinks: int = 0):
+                 sliding_window: int = 0, attention_sinks: int = 0, quantization: str | None = None,
+                 quant_group_size: int | None = None, kv_cache_dtype: str | None = None):
+        quant = {k: v for k, v in (("quantization", quantization), ("quant_group_size", quant_group_size),
+                                   ("kv_cache_dtype", kv_cache_dtype)) if v is not None}
+        run_policy = (policy or Policy()).replace(**quant) if quant else policy  # what places and runs the model
         self._windowed: WindowedGenerator | None = None
         self._seed = seed
         self._ids = itertools.count()
         if sliding_window or attention_sinks:
             self._windowed = WindowedGenerator(EngineConfig(
                 model=model, dtype=dtype, device=None if device is None else str(device), scheduler="fcfs",
-                policy=policy, offload_dir=offload_dir, seed=seed, sliding_window=sliding_window,
+                policy=run_policy, offload_dir=offload_dir, seed=seed, sliding_window=sliding_window,
                 attention_sinks=attention_sinks))
             engine = self._windowed.engine
             self.model, self.device, self.dtype, self.config = (engine.model_path, engine.device, engine.dtype,
@@ -63,8 +69,8 @@ class LLM:
         self.gpu_limit, self.cpu_limit = gpu_limit, cpu_limit
         check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
                    gpu_limit, cpu_limit)
-        self.executor = OffloadExecutor(opened.source, policy or Policy(), self.device, self.dtype, offload_dir,
-                                        progress)
+        self.executor = OffloadExecutor(opened.source, run_policy or Policy(), self.device, self.dtype,
+                                        offload_dir, progress)
         try:
             self.tokenizer = Tokenizer(self.model, self.config.vocab_size)
         except BaseException:
@@ -142,7 +148,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
-        policy = self.policy or Policy(gpu_batch_size=min(len(seqs), DEFAULT_MAX_BATCH))
+        policy = self.policy or self.executor.policy.replace(gpu_batch_size=min(len(seqs), DEFAULT_MAX_BATCH))
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].prompt_ids))  # less padding per block
         bar = None
         if use_tqdm:

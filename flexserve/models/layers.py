@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels.fused import rms_norm, rope, silu_mul
 from ..errors import ModelLoadError
+from .linear import linear
 from .moe import moe_mlp
 
 Weights = Mapping[str, torch.Tensor]
@@ -100,7 +101,7 @@ def attention_in(cfg: ModelConfig, w: Weights, x: torch.Tensor,
     that happens elsewhere (CPU attention overlaps the next batch's projections this way)."""
     b, s, _ = x.shape
     h = apply_norm(cfg, x, w, "attn_norm") if cfg.pre_norm else x
-    qkv = F.linear(h, w["qkv.weight"], w.get("qkv.bias"))  # [B, S, (H + 2 Hkv) hd]
+    qkv = linear(h, w["qkv.weight"], w.get("qkv.bias"))  # [B, S, (H + 2 Hkv) hd]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.view(b, s, cfg.num_heads, cfg.head_dim)
     k = k.view(b, s, cfg.num_kv_heads, cfg.head_dim)
@@ -126,7 +127,7 @@ def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Ten
         if reduce is not None:
             raise ModelLoadError("tensor parallelism does not split mixtures of experts")
         return x + moe_mlp(cfg, w, h)
-    u = F.linear(h, w["up.weight"], w.get("up.bias"))
+    u = linear(h, w["up.weight"], w.get("up.bias"))
     if cfg.gated_mlp:
         u = silu_mul(u)  # silu(gate) * up
     else:
@@ -140,8 +141,8 @@ def attention_out(cfg: ModelConfig, w: Weights, x: torch.Tensor, attn: torch.Ten
 def _row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     if reduce is None:
-        return F.linear(x, weight, bias)
-    y = reduce(F.linear(x, weight))  # partial sums over this rank's input features -> the full output
+        return linear(x, weight, bias)
+    y = reduce(linear(x, weight))  # partial sums over this rank's input features -> the full output
     return y if bias is None else y + bias
 
 
@@ -153,7 +154,7 @@ def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tens
     """
     x = F.embedding(ids, w["embed.weight"]) if token_rows is None else token_rows
     if "project_in.weight" in w:
-        x = F.linear(x, w["project_in.weight"])
+        x = linear(x, w["project_in.weight"])
     if cfg.positional == "learned":
         x = x + F.embedding(positions + cfg.learned_pos_offset, w["pos_embed.weight"])
     return x
@@ -164,5 +165,5 @@ def lm_head(cfg: ModelConfig, w: Weights, x: torch.Tensor) -> torch.Tensor:
     if cfg.pre_norm:
         x = apply_norm(cfg, x, w, "final_norm")
     if "project_out.weight" in w:
-        x = F.linear(x, w["project_out.weight"])
-    return F.linear(x, w["lm_head.weight"] if "lm_head.weight" in w else w["embed.weight"])
+        x = linear(x, w["project_out.weight"])
+    return linear(x, w["lm_head.weight"] if "lm_head.weight" in w else w["embed.weight"])

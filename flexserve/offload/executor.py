@@ -39,6 +39,7 @@ from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
 from .experts import ExpertStreamer, ExpertWeights
 from .placement import CompressedHandle, PseudoLayer, place_weights
+from .quantized import QuantHandle, layer_quantizer
 from .policy import Policy
 
 
@@ -127,7 +128,8 @@ class OffloadExecutor:
         self.cpu_attention_dtype = (getattr(torch, policy.cpu_attention_dtype) if policy.cpu_attention_dtype
                                     else dtype)
         self.tiers = Tiers(self.device, offload_dir, pin=policy.pin_weight)
-        self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress)
+        self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress,
+                                                       layer_quantizer(policy, source, self.device, dtype))
         self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
         self.experts = ExpertStreamer(self.cfg, self.tiers, self.device, dtype, policy.expert_compute,
                                       overlap=policy.overlap)
@@ -152,10 +154,14 @@ class OffloadExecutor:
     def _weight_slot(self, layer: PseudoLayer):
         key = layer.slot_key
         if key not in self._wslots:
-            gpu = {n: torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.streamed.items()}
+            gpu = {n: h.empty_on(self.device) if isinstance(h, QuantHandle) else
+                   torch.empty(h.shape, dtype=h.dtype, device=self.device) for n, h in layer.streamed.items()}
             stage: dict[str, object] = {}
             for n, h in layer.streamed.items():
-                if isinstance(h, CompressedHandle):  # packed buffers on the GPU (+ pinned staging for disk)
+                if isinstance(h, QuantHandle):  # the slot is the quantised weight itself; disk parts stage
+                    stage[n] = {k: self.tiers.empty_cpu(p.shape, p.dtype) for k, p in h.parts.items()
+                                if p.tier is Tier.DISK}
+                elif isinstance(h, CompressedHandle):  # packed buffers on the GPU (+ pinned staging for disk)
                     stage[n] = (h.empty_on(self.device), {k: self.tiers.empty_cpu(p.shape, p.dtype)
                                                           for k, p in h.parts.items() if p.tier is Tier.DISK})
                 elif h.tier is Tier.DISK:
@@ -180,6 +186,10 @@ class OffloadExecutor:
                         for k, part in h.parts.items():
                             self.tiers.read_rows(part, getattr(packed, k), 0, part.shape[0], staging.get(k))
                     decompress(packed, out=gpu[name])
+                elif isinstance(h, QuantHandle):  # the quantised bytes cross and stay quantised
+                    slot = gpu[name].tensor_fields()
+                    for k, part in h.parts.items():
+                        self.tiers.read_rows(part, slot[k], 0, part.shape[0], stage[name].get(k))
                 else:
                     self.tiers.read_rows(h, gpu[name], 0, h.shape[0], stage.get(name))
             event = self.load_lane.record()

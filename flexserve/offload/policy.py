@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..compression.names import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, check_scheme
 from ..errors import PolicyError
 
 # How whole tensors meet the weight percentages (offload.placement.assign_tiers): FlexGen's rule, or flexserve's
@@ -53,6 +54,11 @@ class Policy:
     weight_placement: str = "flexgen"
     # Not a FlexGen field: how experts off the GPU run, one of EXPERT_RULES (mixtures of experts only).
     expert_compute: str = "auto"
+    # Not FlexGen fields: weight quantisation of the decoder projections (fp8 | int8 | rtn4 | awq, see
+    # compression.schemes), its 4-bit group size, and the KV cache's storage dtype ("fp8": e4m3).
+    quantization: str | None = None
+    quant_group_size: int = DEFAULT_GROUP_SIZE
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -79,6 +85,22 @@ class Policy:
                               f"{self.cpu_attention_dtype!r}")
         if not 0 < self.attn_sparsity <= 1:
             raise PolicyError(f"attn_sparsity must be in (0, 1], got {self.attn_sparsity}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        if self.quantization is None:
+            if self.quant_group_size != DEFAULT_GROUP_SIZE:
+                raise PolicyError("--quant-group-size needs --quantization rtn4 or awq")
+        else:
+            check_scheme(self.quantization, self.quant_group_size)
+            if self.compress_weight:
+                raise PolicyError(f"--quantization {self.quantization} and --compress-weight both quantise the "
+                                  f"weights: choose one")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise PolicyError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                              f"{self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and self.compress_cache:
+            raise PolicyError("--kv-cache-dtype fp8 and --compress-cache both quantise the KV cache: choose one")
 
     @property
     def w_disk_percent(self) -> float:
@@ -144,6 +166,12 @@ class Policy:
             flags += f" --weight-placement {self.weight_placement}"
         if self.expert_compute != "auto":
             flags += f" --expert-compute {self.expert_compute}"
+        if self.quantization:
+            flags += f" --quantization {self.quantization}"
+            if self.quant_group_size != DEFAULT_GROUP_SIZE:
+                flags += f" --quant-group-size {self.quant_group_size}"
+        if self.kv_cache_dtype != "auto":
+            flags += f" --kv-cache-dtype {self.kv_cache_dtype}"
         return flags
 
 

@@ -1,0 +1,143 @@
+"""Quantised weight matrices: small frozen dataclasses of tensors that a weight dict carries instead of a tensor.
+
+A model's weight dict maps names to tensors; a quantised projection maps its name to one of these objects
+instead, and `flexserve.compression.linear.linear` multiplies by either. Every object is only tensors plus a
+few static numbers, so the offloading executor moves one as it moves a tensor: each tensor field is one part,
+stored on a tier, pinned, read back into a slot of the same shape (`tensor_fields`, `with_tensors`,
+`empty_like`). The bytes that cross PCIe are the quantised bytes.
+
+All weights are [N, K] = [out_features, in_features] like `F.linear`'s. `smooth`, where set, is a per-input
+channel divisor the activation takes before the matmul (SmoothQuant / AWQ scales that could not be folded into
+a preceding op); the stored weight already carries the matching factor.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .config import CompressionConfig
+from .quantize import decompress
+from .tensor import CompressedTensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """Base of every quantised matrix: the tensor plumbing the executor needs, and dequantisation."""
+
+    def tensor_fields(self) -> dict[str, torch.Tensor]:
+        """The tensors of this weight by field name (None fields left out): the parts a tier stores."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                out[f.name] = value
+        return out
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor]):
+        """The same weight over other tensors of the same shapes (a GPU slot, a pinned copy)."""
+        return dataclasses.replace(self, **tensors)
+
+    def empty_like(self, device: torch.device | str):
+        """Uninitialised tensors of the same shapes and dtypes on `device`: a staging slot to copy into."""
+        return self.with_tensors({k: torch.empty(t.shape, dtype=t.dtype, device=device)
+                                  for k, t in self.tensor_fields().items()})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        return self.with_tensors({k: t.to(device, non_blocking=non_blocking)
+                                  for k, t in self.tensor_fields().items()})
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensor_fields().values())).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensor_fields().values())
+
+    @property
+    def shape(self) -> torch.Size:
+        """[out_features, in_features] of the matrix this stands for."""
+        raise NotImplementedError
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The matrix as the model would see it, W [N, K] in `dtype` (smoothing factor included: W / smooth
+        over input channels equals what the smoothed activation meets)."""
+        raise NotImplementedError
+
+    def _unsmooth(self, w: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
+        return w if smooth is None else w / smooth.to(w.dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Weight(QuantWeight):
+    """e4m3 weights with one float32 scale per output channel: W ~= weight * scale."""
+
+    weight: torch.Tensor  # float8_e4m3fn [N, K]
+    scale: torch.Tensor  # float32 [N, 1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scale).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int8Weight(QuantWeight):
+    """Symmetric int8 weights, one float32 scale per output channel (W8A8: activations are quantised per
+    token at run time). `smooth` [K] divides the activation first when SmoothQuant's factor could not be
+    folded into a preceding norm."""
+
+    weight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N, 1]
+    smooth: torch.Tensor | None = None  # float32 [K]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._unsmooth(self.weight.float() * self.scale, self.smooth).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int4Weight(QuantWeight):
+    """4-bit group-wise weights along the input dimension (round-to-nearest or AWQ), in the layout of
+    `CompressedTensor` grouped along dim -1: W[n, g*G + j] ~= min[n, g] + q[n, g, j] * scale[n, g].
+
+    Byte j of a group holds value j in its low nibble and value j + group_size/2 in its high nibble."""
+
+    data: torch.Tensor  # uint8 [N, num_groups, group_size // 2]
+    scale: torch.Tensor  # [N, num_groups, 1], the model's dtype
+    min: torch.Tensor  # [N, num_groups, 1]
+    in_features: int
+    smooth: torch.Tensor | None = None  # float32 [K]
+
+    @property
+    def group_size(self) -> int:
+        return self.data.shape[-1] * 2
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[0], self.in_features))
+
+    def packed(self) -> CompressedTensor:
+        """The same bytes as a `CompressedTensor` (for `decompress`)."""
+        cfg = CompressionConfig(num_bits=4, group_size=self.group_size, group_dim=-1)
+        return CompressedTensor(self.data, self.scale, self.min, self.shape, self.scale.dtype, cfg)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._unsmooth(decompress(self.packed()), self.smooth).to(dtype)

@@ -1,0 +1,54 @@
+"""Per-input-channel scales that move quantisation difficulty between activations and weights.
+
+Both methods find s [K] and rewrite y = x W^T as y = (x / s) (W * s)^T, which is the same product in exact
+arithmetic; where `x / s` can be folded into the op that produced x (a norm's weight, the rows of a previous
+projection), the rewrite costs nothing at run time.
+
+- SmoothQuant (int8 W8A8): s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha). Activation outlier channels are
+  divided down so per-token int8 keeps their neighbours' resolution; alpha = 0.5 splits the range evenly.
+- AWQ (4-bit weight-only): s_j = mean|x_j|^alpha, normalised, with alpha chosen from a grid in [0, 1] to
+  minimise || x W^T - (x / s) Q(W * s)^T || on calibration activations: input channels that carry large
+  activations get their weights scaled up before rounding, so their relative rounding error shrinks.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schemes import fake_quantize
+
+MIN_SCALE = 1e-5
+AWQ_MAX_ROWS = 512  # calibration rows the AWQ search scores each candidate on
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's factors s [K] from the activation's per-channel abs-max [K] and the weight [N, K]."""
+    w_max = weight.detach().abs().amax(dim=0).float().clamp_min(MIN_SCALE)  # [K]
+    a_max = act_absmax.float().to(w_max.device).clamp_min(MIN_SCALE)
+    return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(MIN_SCALE)
+
+
+def awq_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int = 20) -> torch.Tensor:
+    """AWQ's search: the per-channel scale s [K] (float32) that minimises the 4-bit layer's output error on
+    the calibration activations x [T, K]. alpha = 0 (s = 1, plain round-to-nearest) is always a candidate,
+    so the result is never worse than RTN on these activations."""
+    x = _subsample(x.reshape(-1, x.shape[-1])).to(weight.dtype)  # [T', K]
+    reference = x @ weight.t()  # [T', N]
+    x_mean = x.abs().float().mean(dim=0).clamp_min(MIN_SCALE)  # [K]
+    best_err, best = None, torch.ones_like(x_mean)
+    for i in range(grid + 1):
+        alpha = i / grid
+        s = x_mean.pow(alpha)
+        s = (s / (s.max() * s.min()).sqrt()).clamp_min(MIN_SCALE)  # centred on 1, so scaled weights stay tame
+        w_hat = fake_quantize("rtn4", weight * s.to(weight.dtype), group_size) / s.to(weight.dtype)
+        err = float((x @ w_hat.t() - reference).float().pow(2).mean())
+        if best_err is None or err < best_err:
+            best_err, best = err, s
+    return best
+
+
+def _subsample(x: torch.Tensor) -> torch.Tensor:
+    """At most AWQ_MAX_ROWS rows, evenly spread over the calibration tokens."""
+    if x.shape[0] <= AWQ_MAX_ROWS:
+        return x
+    idx = torch.linspace(0, x.shape[0] - 1, AWQ_MAX_ROWS, device=x.device).long()
+    return x[idx]
