@@ -13,6 +13,10 @@ where it lives (the tokens cross, the CPU reads the weights from host memory): `
 the rates say is faster for that many tokens, so a decode step's one or two tokens stay on the CPU and a
 prefill's hundreds go to the GPU. Copies run on their own lane into two GPU slots, the next copy landing
 while the previous expert computes; experts computed on the CPU run while the copies are in flight.
+
+With `compress_weight` every expert is kept group-wise quantised on its tier, the GPU's too (FlexGen's meaning
+of the flag): a packed expert on the GPU is unpacked into a slot, one elsewhere crosses packed and is unpacked
+on the GPU, or is unpacked on the CPU and computed there. Only the packed bytes move.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compression import CompressedTensor, decompress
 from ..config import ModelConfig
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
@@ -67,7 +72,7 @@ class ExpertRates:
     pcie_bytes: float = 25e9  # host-to-device copy bandwidth from pinned memory
 
 
-def copies_expert(tokens: int, expert_params: int, dtype_bytes: int, rates: ExpertRates,
+def copies_expert(tokens: int, expert_params: int, dtype_bytes: float, rates: ExpertRates,
                   rule: str = "auto") -> bool:
     """Whether an expert off the GPU that `tokens` tokens are routed to is copied in (True) or computed on the
     CPU where it lives (False). Computing on the CPU costs its FLOPs (2 per parameter per token) at the CPU
@@ -96,7 +101,8 @@ class _Slot:
 
     up: torch.Tensor
     down: torch.Tensor
-    staging: dict[str, torch.Tensor | None]
+    staging: dict[str, object]  # part -> pinned buffer for a disk read (per packed part when compressed)
+    packed: dict[str, CompressedTensor] = field(default_factory=dict)  # part -> packed buffers on the device
     released: object = None  # event: the last compute that read this slot
     loaded: object = None  # event: the last copy into it (its staging is reused by the next one)
 
@@ -125,10 +131,14 @@ class ExpertStreamer:
         to_copy, on_host = [], []
         params = self.cfg.expert_params()
         for i, (e, x) in enumerate(work):
+            handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
             if f"experts.{e}.up.weight" in w:
                 out[i] = expert_mlp(w, f"experts.{e}.", x)
                 self.counts["gpu"] += 1
-            elif copies_expert(x.shape[0], params, self.dtype.itemsize, self.rates, self.rule):
+            elif all(_packed_on(h, self.device) is not None for h in handles):  # packed on the GPU: unpacked
+                to_copy.append(i)
+            elif copies_expert(x.shape[0], params, sum(h.nbytes for h in handles) / params, self.rates,
+                               self.rule):
                 to_copy.append(i)
             else:
                 on_host.append(i)
@@ -142,7 +152,8 @@ class ExpertStreamer:
             current_wait(loads.pop(n))
             out[i] = expert_mlp({"up.weight": slot.up, "down.weight": slot.down}, "", work[i][1])
             slot.released = current_record(self.device)
-            self.counts["copied"] += 1
+            on_gpu = _packed_on(offloaded[f"experts.{work[i][0]}.up.weight"], self.device) is not None
+            self.counts["gpu" if on_gpu else "copied"] += 1
             if n + 2 < len(to_copy):
                 loads[n + 2] = self._load(n + 2, offloaded, work[to_copy[n + 2]][0])
         return out  # type: ignore[return-value]
@@ -155,23 +166,38 @@ class ExpertStreamer:
                                      torch.empty((d, m), dtype=self.dtype, device=self.device), staging))
         return self._slots[n % 2]
 
-    def _load(self, n: int, offloaded: dict[str, Handle], e: int):
-        """Copy expert e into slot n % 2 on the expert lane; returns the copy's event."""
+    def _load(self, n: int, offloaded: dict, e: int):
+        """Copy expert e into slot n % 2 on the expert lane (packed ones cross packed and are unpacked there);
+        returns the copy's event."""
         slot = self._slot(n)
         self.lane.wait(slot.released)
         with self.lane.context():
             for part, dst in (("up", slot.up), ("down", slot.down)):
                 h = offloaded[f"experts.{e}.{part}.weight"]
-                stage = None
-                if h.tier is Tier.DISK:
-                    if slot.loaded is not None:  # the staging buffer's last copy must be done before refilling
-                        slot.loaded.synchronize()
-                    if slot.staging[part] is None:
-                        slot.staging[part] = self.tiers.empty_cpu(h.shape, h.dtype)
-                    stage = slot.staging[part]
-                self.tiers.read_rows(h, dst, 0, h.shape[0], stage)
+                if isinstance(h, Handle):
+                    self.tiers.read_rows(h, dst, 0, h.shape[0], self._staging(slot, part, h))
+                    continue
+                packed = _packed_on(h, self.device)
+                if packed is None:
+                    if part not in slot.packed:
+                        slot.packed[part] = h.empty_on(self.device)
+                    packed = slot.packed[part]
+                    for k, piece in h.parts.items():
+                        self.tiers.read_rows(piece, getattr(packed, k), 0, piece.shape[0],
+                                             self._staging(slot, f"{part}.{k}", piece))
+                decompress(packed, out=dst)
             slot.loaded = self.lane.record()
         return slot.loaded
+
+    def _staging(self, slot: _Slot, key: str, h: Handle) -> torch.Tensor | None:
+        """The slot's pinned buffer for a disk read of `h` (None for a tensor in host memory)."""
+        if h.tier is not Tier.DISK:
+            return None
+        if slot.loaded is not None:  # the staging buffer's last copy must be done before it is refilled
+            slot.loaded.synchronize()
+        if slot.staging.get(key) is None:
+            slot.staging[key] = self.tiers.empty_cpu(h.shape, h.dtype)
+        return slot.staging[key]
 
     def _on_host(self, offloaded: dict[str, Handle], e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on the CPU where its weights are (read from disk first if they live there)."""
@@ -179,12 +205,22 @@ class ExpertStreamer:
         y = expert_mlp(w, "", x.to("cpu", w["up.weight"].dtype))
         return y.to(x.device, x.dtype)
 
-    def _host_tensor(self, h: Handle) -> torch.Tensor:
+    def _host_tensor(self, h) -> torch.Tensor:
+        """A weight in host memory, read from disk or unpacked first when it has to be."""
+        if not isinstance(h, Handle):  # packed: its parts in host memory, then unpacked on the CPU
+            parts = {k: self._host_tensor(piece) for k, piece in h.parts.items()}
+            return decompress(CompressedTensor(data=parts["data"], scale=parts["scale"], min=parts["min"],
+                                               shape=torch.Size(h.shape), dtype=h.dtype, config=h.config))
         if h.data is not None:
             return h.data
         buf = torch.empty(h.shape, dtype=h.dtype)
         self.tiers.disk.read_into(h.path, buf)
         return buf
+
+
+def _packed_on(h, device: torch.device) -> CompressedTensor | None:
+    """A packed expert weight whose parts all live on `device`, as one tensor (else None, plain ones too)."""
+    return None if h is None or isinstance(h, Handle) else h.on_device(device)
 
 
 class ExpertWeights(dict):

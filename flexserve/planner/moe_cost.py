@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..offload.experts import ExpertRates, copies_expert
 from ..offload.policy import Policy
@@ -52,14 +53,16 @@ class MoeLayer:
 def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, dtype_bytes: int) -> MoeLayer:
     """The terms of one GPU batch of `tokens` new tokens (gpu_batch_size × tokens per sequence)."""
     cfg, b = config, dtype_bytes
+    stored = b * (compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_weight
+                  else 1.0)  # bytes per parameter of an expert as it moves (packed with compress_weight)
     expert, layer = cfg.expert_params(), cfg.num_layer_params()
     hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, tokens)
     rates = ExpertRates(cpu_flops=hw.cpu_flops, host_read_bytes=hw.cpu_mem_bw, pcie_bytes=hw.h2d_pinned_bw)
     per_expert_tokens = max(1.0, tokens * cfg.experts_per_token / max(hit, 1e-9))
-    copies = copies_expert(round(per_expert_tokens), expert, b, rates, policy.expert_compute)
-    cpu_s = 2.0 * per_expert_tokens * expert / rates.cpu_flops + expert * b / rates.host_read_bytes
+    copies = copies_expert(round(per_expert_tokens), expert, stored, rates, policy.expert_compute)
+    cpu_s = 2.0 * per_expert_tokens * expert / rates.cpu_flops + expert * stored / rates.host_read_bytes
     return MoeLayer(active_params=cfg.active_layer_params(), hit=hit,
-                    read_bytes16=(layer - (cfg.num_experts - hit) * expert) * b, expert_bytes=expert * b,
+                    read_bytes16=(layer - (cfg.num_experts - hit) * expert) * b, expert_bytes=expert * stored,
                     copies=copies, expert_cpu_s=cpu_s, hit_per_share=hit * layer / (expert * cfg.num_experts))
 
 

@@ -2,6 +2,7 @@
 over the tiers, an expert off the GPU copied in or computed where it lives. Every placement and rule gives the
 greedy tokens of Hugging Face transformers; the placement rule and the copy-or-compute rule are checked alone."""
 import pytest
+import torch
 
 from flexserve import LLM, Policy, SamplingParams
 from flexserve.config import preset
@@ -78,3 +79,23 @@ def test_copy_or_compute_follows_the_rates():
     assert copies_expert(1, expert, 2, rates, rule="copy") and not copies_expert(10 ** 6, expert, 2, rates, "cpu")
     with pytest.raises(ValueError):
         copies_expert(1, expert, 2, rates, rule="sometimes")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
+def test_packed_experts_give_the_same_logits_wherever_they_live(tiny_model, tmp_path, kind):
+    """With compress_weight the experts stay packed on every tier: unpacked on the GPU, copied packed, or
+    unpacked and computed on the CPU, the quantised weights and so the logits are the same."""
+    from .test_offload import teacher_forced
+
+    out = {}
+    for name, percent, rule in (("gpu", (100, 0, 100, 0, 100, 0), "auto"),
+                                ("copied", (60, 20, 100, 0, 100, 0), "copy"),
+                                ("on-host", (60, 20, 100, 0, 100, 0), "cpu")):
+        policy = Policy.from_percent(percent, compress_weight=True, expert_compute=rule)
+        with LLM(tiny_model(kind)[0], dtype="float32", device="cpu", policy=policy,
+                 offload_dir=str(tmp_path)) as llm:
+            out[name] = teacher_forced(llm)[0]
+            counts = llm.executor.experts.counts
+        assert counts[{"gpu": "gpu", "copied": "copied", "on-host": "cpu"}[name]] > 0
+    torch.testing.assert_close(out["copied"], out["gpu"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["on-host"], out["gpu"], atol=1e-5, rtol=1e-5)
