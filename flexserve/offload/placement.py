@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..compression import CompressedTensor, CompressionConfig, compress
+from ..compression.qweight import QuantWeight
 from ..config import EMBED_KEYS, ModelConfig
 from ..memory.tiers import Handle, Tier, Tiers, tier_by_fraction
 from ..weights import WeightSource, layer_weights
 from .experts import assign_moe_tiers, expert_index
 from .policy import WEIGHT_PLACEMENTS, Policy
+from .quantized import LayerQuantizer, store_quantized
 
 
 # FlexGen's weight lists (flex_opt.py), in our tensor names: a decoder layer is an attention layer (q, k, v,
@@ -178,9 +180,15 @@ def layer_weight_shares(config: ModelConfig, policy: Policy) -> dict[Tier, float
     return tier_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement)
 
 
+def _placed_size(v, dtype: torch.dtype) -> int:
+    """A tensor's size in elements of the model's dtype; a quantised weight counts its stored bytes the same
+    way, so that the percentages split the bytes that are actually placed."""
+    return v.numel() if isinstance(v, torch.Tensor) else -(-v.nbytes // dtype.itemsize)
+
+
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
            shared: dict[str, tuple[str, object]] | None = None) -> None:
-    sizes = {k: v.numel() for k, v in tensors.items()}
+    sizes = {k: _placed_size(v, dtype) for k, v in tensors.items()}
     experts = per_expert(sizes, policy)
     tiers_of = (assign_moe_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent) if experts else
                 assign_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement))
@@ -189,8 +197,12 @@ def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, 
             kind, obj = shared[name]
             (layer.resident if kind == "resident" else layer.offloaded)[name] = obj
             continue
-        t = tensors[name].to(dtype)
         label = f"{layer.kind}{layer.index}.{name}"
+        if isinstance(tensors[name], QuantWeight):  # quantised as placed: its parts go to the tier as they are
+            (layer.resident if tier is Tier.GPU else layer.offloaded)[name] = store_quantized(
+                tiers, tier, tensors[name], label)
+            continue
+        t = tensors[name].to(dtype)
         if policy.compress_weight and t.dim() == 2 and name not in EMBED_KEYS:
             # Every tier keeps the packed form, the GPU's too (FlexGen's meaning of compress_weight, and the
             # planner's byte counts): a GPU-tier weight is unpacked into the layer's slot when it runs.
@@ -207,10 +219,13 @@ def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, 
 
 
 def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: torch.dtype,
-                  progress: bool = False) -> list[PseudoLayer]:
-    """Read the checkpoint layer by layer straight into its tiers (never a whole-model copy in memory)."""
+                  progress: bool = False, quantizer: LayerQuantizer | None = None) -> list[PseudoLayer]:
+    """Read the checkpoint layer by layer straight into its tiers (never a whole-model copy in memory);
+    `quantizer` quantises each decoder layer on its way."""
     cfg = source.config
     glob = source.global_parts()
+    if quantizer is not None:
+        quantizer.start(glob)
     embed = PseudoLayer("embed", -1)
     _place(tiers, policy, embed, {k: v for k, v in glob.items() if k in EMBED_KEYS}, dtype)
     table = embed.offloaded.get("embed.weight")
@@ -234,7 +249,8 @@ def place_weights(source: WeightSource, policy: Policy, tiers: Tiers, dtype: tor
         iterator = tqdm(iterator, desc="placing weights", unit="layer", leave=False)
     for i in iterator:
         layer = PseudoLayer("decoder", i)
-        _place(tiers, policy, layer, layer_weights(source, i), dtype)
+        tensors = layer_weights(source, i)
+        _place(tiers, policy, layer, tensors if quantizer is None else quantizer.layer(tensors), dtype)
         layers.append(layer)
     head = PseudoLayer("head", -1)
     _place(tiers, policy, head, head_tensors, dtype, shared)
