@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Mapping, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels.fused import silu_mul
+from .linear import linear
 
 Weights = Mapping[str, torch.Tensor]
 ExpertWork = list[tuple[int, torch.Tensor]]  # (expert index, the tokens routed to it [n, D])
@@ -61,7 +61,7 @@ class Routing:
 
 def route(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> Routing:
     """Top-k routing of tokens h [T, D]."""
-    logits = F.linear(h, w["router.weight"])  # [T, E]
+    logits = linear(h, w["router.weight"])  # [T, E]
     probs = torch.softmax(logits.float(), dim=-1)
     top, idx = torch.topk(probs, cfg.experts_per_token, dim=-1)
     if cfg.norm_topk_prob:
@@ -71,7 +71,7 @@ def route(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> Routing:
 
 def expert_mlp(w: Weights, prefix: str, x: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert over x [n, D]; its gate and up projections are fused in `{prefix}up.weight`."""
-    return F.linear(silu_mul(F.linear(x, w[f"{prefix}up.weight"])), w[f"{prefix}down.weight"])
+    return linear(silu_mul(linear(x, w[f"{prefix}up.weight"])), w[f"{prefix}down.weight"])
 
 
 def run_here(w: Weights, work: ExpertWork) -> list[torch.Tensor]:
@@ -95,7 +95,7 @@ def moe_mlp(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
         for (_, tokens, weight), y in zip(groups, ys):
             out.index_add_(0, tokens, y * weight[:, None])
     if cfg.shared_expert_intermediate_size:
-        gate = torch.sigmoid(F.linear(flat, w["shared_gate.weight"]))  # [T, 1]
+        gate = torch.sigmoid(linear(flat, w["shared_gate.weight"]))  # [T, 1]
         out = out + gate * expert_mlp(w, "shared.", flat)
     return out.view(shape)
 

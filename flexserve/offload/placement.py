@@ -107,11 +107,11 @@ def expert_shares(sizes: dict[str, int], gpu_percent: float, cpu_percent: float)
     return _shares(sizes, assign_moe_tiers(sizes, gpu_percent, cpu_percent))
 
 
-def per_expert(names, policy: Policy) -> bool:
-    """Whether a layer's experts are placed and run one by one (`offload.experts`): a mixture-of-experts layer
-    whose weights are stored as they are or group-wise packed (`compress_weight`); experts quantised for the
-    quantised matmuls stream with their layer instead."""
-    return not getattr(policy, "quantization", None) and any(expert_index(n) is not None for n in names)
+def per_expert(names) -> bool:
+    """Whether a layer's experts are placed and run one by one (`offload.experts`): any mixture-of-experts
+    layer. Its experts are stored as they are or group-wise packed (`compress_weight`); `--quantization`
+    quantises the attention projections and leaves the experts in the model's dtype."""
+    return any(expert_index(n) is not None for n in names)
 
 
 @dataclass
@@ -175,7 +175,7 @@ def layer_weight_shares(config: ModelConfig, policy: Policy) -> dict[Tier, float
     """Fraction of a decoder layer's weights that `_place` puts on each tier under `policy` (the bulk of the
     model's bytes): what the memory check and the planner count."""
     sizes = config.layer_weight_sizes()
-    if per_expert(sizes, policy):
+    if per_expert(sizes):
         return expert_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent)
     return tier_shares(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement)
 
@@ -189,7 +189,7 @@ def _placed_size(v, dtype: torch.dtype) -> int:
 def _place(tiers: Tiers, policy: Policy, layer: PseudoLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
            shared: dict[str, tuple[str, object]] | None = None) -> None:
     sizes = {k: _placed_size(v, dtype) for k, v in tensors.items()}
-    experts = per_expert(sizes, policy)
+    experts = per_expert(sizes)
     tiers_of = (assign_moe_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent) if experts else
                 assign_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent, policy.weight_placement))
     for name, tier in tiers_of.items():

@@ -77,7 +77,7 @@ def applies(config: ModelConfig, policy: Policy) -> bool:
     """Whether the executor runs `config`'s experts one by one under `policy` (see `offload.placement`)."""
     from ..offload.placement import per_expert
 
-    return config.is_moe and per_expert(config.layer_weight_sizes(), policy)
+    return config.is_moe and per_expert(config.layer_weight_sizes())
 
 
 def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int) -> dict[str, float]:

@@ -99,3 +99,18 @@ def test_packed_experts_give_the_same_logits_wherever_they_live(tiny_model, tmp_
         assert counts[{"gpu": "gpu", "copied": "copied", "on-host": "cpu"}[name]] > 0
     torch.testing.assert_close(out["copied"], out["gpu"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["on-host"], out["gpu"], atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_attention_with_experts_placed_one_by_one(tiny_model):
+    """--quantization quantises the attention projections and leaves the experts whole in the model's dtype:
+    they are still placed and run one by one, and every placement gives the resident quantised tokens."""
+    folder = tiny_model("qwen3-moe")[0]
+    got = {}
+    for percent in ((100, 0, 100, 0, 100, 0), (60, 40, 100, 0, 100, 0)):
+        policy = Policy.from_percent(percent, quantization="rtn4")
+        with LLM(folder, dtype="float32", device="cpu", policy=policy) as llm:
+            got[percent[0]] = [o.outputs[0].token_ids for o in llm.generate(
+                [{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+            decoders = [layer for layer in llm.executor.layers if layer.kind == "decoder"]
+            assert all(layer.experts for layer in decoders) == (percent[0] < 100)
+    assert got[60] == got[100]
