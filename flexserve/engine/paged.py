@@ -34,6 +34,9 @@ class PagedKV:
         # copies (consecutive blocks coalesce) instead of a copy per layer per block.
         cpu_shape = (num_cpu_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.cpu = pinned_empty(cpu_shape, dtype, pin=device.type == "cuda", zeroed=True, device=device)
+        # Swaps move bytes: an fp8 pool is copied through uint8 views (index copies have no e4m3 kernels)
+        self._dev, self._host = (self.gpu.view(torch.uint8), self.cpu.view(torch.uint8)) if dtype.itemsize == 1 \
+            else (self.gpu, self.cpu)
         self.is_cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.is_cuda else None
         # Copy events not yet ordered before compute. The device buffers of a swap need no keeping: they are
@@ -84,14 +87,15 @@ class PagedKV:
             out_pairs, in_pairs = sorted(out_pairs, key=lambda p: p[1]), sorted(in_pairs, key=lambda p: p[0])
             out_ids, in_ids = self._ids(out_pairs, 0), self._ids(in_pairs, 1)
             if out_pairs:
-                staged = _gather_block_major(self.gpu, out_ids)
+                staged = _gather_block_major(self._dev, out_ids)
                 for i, j, c in _runs([p[1] for p in out_pairs]):
-                    self.cpu[c:c + j - i].copy_(staged[i:j], non_blocking=True)
+                    self._host[c:c + j - i].copy_(staged[i:j], non_blocking=True)
             if in_pairs:
-                staged = torch.empty((len(in_pairs), *self.cpu.shape[1:]), dtype=self.gpu.dtype, device=self.device)
+                staged = torch.empty((len(in_pairs), *self._host.shape[1:]), dtype=self._dev.dtype,
+                                     device=self.device)
                 for i, j, c in _runs([p[0] for p in in_pairs]):
-                    staged[i:j].copy_(self.cpu[c:c + j - i], non_blocking=True)
-                self.gpu.index_copy_(2, in_ids, _layer_major(staged))
+                    staged[i:j].copy_(self._host[c:c + j - i], non_blocking=True)
+                self._dev.index_copy_(2, in_ids, _layer_major(staged))
             event = torch.cuda.Event()
             event.record(self.stream)
         self._pending.append(event)
@@ -121,11 +125,11 @@ class PagedKV:
 
     def _swap_sync(self, out_pairs, in_pairs) -> None:
         if out_pairs:
-            blocks = _gather_block_major(self.gpu, torch.tensor([p[0] for p in out_pairs]))
-            self.cpu.index_copy_(0, torch.tensor([p[1] for p in out_pairs]), blocks)
+            blocks = _gather_block_major(self._dev, torch.tensor([p[0] for p in out_pairs]))
+            self._host.index_copy_(0, torch.tensor([p[1] for p in out_pairs]), blocks)
         if in_pairs:
-            blocks = self.cpu.index_select(0, torch.tensor([p[0] for p in in_pairs]))
-            self.gpu.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), _layer_major(blocks))
+            blocks = self._host.index_select(0, torch.tensor([p[0] for p in in_pairs]))
+            self._dev.index_copy_(2, torch.tensor([p[1] for p in in_pairs]), _layer_major(blocks))
 
 
 def _gather_block_major(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..compression.kv import from_cache, write_slots
 from ..memory.pinned import upload
 from ..kernels.paged_attention import QueryTiles, kernel_available, paged_attention, query_tiles
 from ..models.attention import attend_over, causal_mask
@@ -179,8 +180,8 @@ def paged_attend(kv_slots: torch.Tensor, batch: PagedBatch):
     """The attend(q, k, v) callable of `decoder_layer` for one layer's pool ([2, slots, Hkv, hd])."""
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [1, T, H, hd]; k, v: [1, T, Hkv, hd]
-        kv_slots[0].index_copy_(0, batch.slots, k[0])
-        kv_slots[1].index_copy_(0, batch.slots, v[0])
+        write_slots(kv_slots[0], batch.slots, k[0])  # an fp8 pool stores saturated e4m3
+        write_slots(kv_slots[1], batch.slots, v[0])
         w = batch.streaming
         if kernel_available(q):
             extra = {} if w is None else dict(window=w.window, sinks=w.sinks, q_sink=batch.sink_query(q)[0])
@@ -223,13 +224,13 @@ def _gather_attend(kv_slots: torch.Tensor, batch: PagedBatch, q: torch.Tensor) -
     nd = batch.num_decode
     if nd:
         slots, mask = batch.decode_gather()
-        keys = kv_slots[0][slots].transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
-        values = kv_slots[1][slots].transpose(1, 2)
+        keys = from_cache(kv_slots[0][slots], q.dtype).transpose(1, 2)  # [Bd, Hkv, Lmax, hd]
+        values = from_cache(kv_slots[1][slots], q.dtype).transpose(1, 2)
         outs.append(attend_over(q[0, :nd, None], keys, values, mask)[:, 0])  # [Bd, H*hd]
     for offset, n, start, row in batch.chunks:
         gather = batch.chunk_gather(row, start + n)
-        keys = kv_slots[0][gather].transpose(0, 1)[None]  # [1, Hkv, L, hd]
-        values = kv_slots[1][gather].transpose(0, 1)[None]
+        keys = from_cache(kv_slots[0][gather], q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, hd]
+        values = from_cache(kv_slots[1][gather], q.dtype).transpose(0, 1)[None]
         mask = causal_mask(start, n, q.device) if start else None
         outs.append(attend_over(q[:, offset:offset + n], keys, values, mask, causal=start == 0)[0])
     return torch.cat(outs, 0)[None]

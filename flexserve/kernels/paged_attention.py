@@ -105,7 +105,7 @@ if triton is not None:
         in_range = (pos >= key_lo) & (pos < key_hi)
         block = tl.load(table + pos // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
         offs = (block * BLOCK_SIZE + pos % BLOCK_SIZE)[:, None] * stride_ks + kv_off + d[None, :]
-        k = tl.load(K + offs, mask=in_range[:, None], other=0.0)
+        k = tl.load(K + offs, mask=in_range[:, None], other=0.0).to(q.dtype)  # an fp8 pool is upcast here
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -121,7 +121,7 @@ if triton is not None:
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs, mask=in_range[:, None], other=0.0)
+        v = tl.load(V + offs, mask=in_range[:, None], other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..compression.kv import from_cache, to_cache
+
 # cuDNN's SDPA builds an execution plan per new shape on the host (~2 ms each); a decode step changes the key
 # length every call, so that cost lands on every layer of every step. Flash / memory-efficient kernels do not.
 _GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -51,6 +53,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """Write k/v into the cache and attend. q: [B, S, H, hd]; k, v: [B, S, Hkv, hd] -> [B, S, H * hd]."""
     b, s, h, hd = q.shape
     end = meta.start + s
+    k, v = to_cache(k, k_cache.dtype), to_cache(v, v_cache.dtype)  # an fp8 cache: saturated e4m3
     if seq_dim == 0:  # [S, B, Hkv, hd]
         k_cache[meta.start:end] = k.transpose(0, 1)
         v_cache[meta.start:end] = v.transpose(0, 1)
@@ -59,6 +62,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         k_cache[:, :, meta.start:end] = k.transpose(1, 2)
         v_cache[:, :, meta.start:end] = v.transpose(1, 2)
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]
+    keys, values = from_cache(keys, q.dtype), from_cache(values, q.dtype)  # an fp8 cache is read upcast
     mask = meta.mask(q.device)
     causal = mask is None and s > 1 and meta.start == 0
     if mask is None and s > 1 and meta.start > 0:  # chunk after a prefix, no padding: explicit causal mask

@@ -37,6 +37,7 @@ from ..models.forward import ALL_POSITIONS, LAST_POSITION, Batch, Decoders, forw
 from ..models.layers import attention_in, attention_out, decoder_layer, embed, rope_inv_freq
 from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
+from ..compression.kv import is_fp8, kv_storage_dtype
 from .experts import ExpertStreamer, ExpertWeights
 from .placement import CompressedHandle, PseudoLayer, place_weights
 from .quantized import QuantHandle, layer_quantizer
@@ -127,6 +128,10 @@ class OffloadExecutor:
         self.dtype = dtype
         self.cpu_attention_dtype = (getattr(torch, policy.cpu_attention_dtype) if policy.cpu_attention_dtype
                                     else dtype)
+        # the KV cache's storage on every tier and in the GPU slots: e4m3 with --kv-cache-dtype fp8
+        self.cache_dtype = kv_storage_dtype(policy.kv_cache_dtype, dtype)
+        if self.cache_dtype != dtype:
+            self.cpu_attention_dtype = self.cache_dtype  # CPU attention reads the fp8 cache, upcast per block
         self.tiers = Tiers(self.device, offload_dir, pin=policy.pin_weight)
         self.layers: list[PseudoLayer] = place_weights(source, policy, self.tiers, dtype, progress,
                                                        layer_quantizer(policy, source, self.device, dtype))
@@ -237,7 +242,7 @@ class OffloadExecutor:
             ks, vs = [], []
             for j, (t, sd) in enumerate(zip(tiers, dims)):
                 shape = self._cache_shape(b, max_len, sd)
-                dtype = self.cpu_attention_dtype if sd == 2 else self.dtype
+                dtype = self.cpu_attention_dtype if sd == 2 else self.cache_dtype
                 ks.append(self._alloc_cache(t, shape, f"k{j}.{k}", dtype))
                 vs.append(self._alloc_cache(t, shape, f"v{j}.{k}", dtype))
             batches.append(BatchState(b, ks, vs, tiers, dims))
@@ -246,11 +251,11 @@ class OffloadExecutor:
         for key in keys:
             shape = self._cache_shape(key[0], max_len, key[1])
             if key not in self._cslots or tuple(self._cslots[key][0].k.shape) != shape:
-                self._cslots[key] = [_CacheSlot(torch.empty(shape, dtype=self.dtype, device=self.device),
-                                                torch.empty(shape, dtype=self.dtype, device=self.device),
+                self._cslots[key] = [_CacheSlot(torch.empty(shape, dtype=self.cache_dtype, device=self.device),
+                                                torch.empty(shape, dtype=self.cache_dtype, device=self.device),
                                                 packed=self._packed_buffers(shape)) for _ in range(2)]
                 staged = self.policy.cache_disk_percent > 0 or (key[1] == 2 and self.device.type == "cuda")
-                self._cache_staging[key] = self.tiers.empty_cpu((2, 2, *shape), self.dtype) if staged else None
+                self._cache_staging[key] = self.tiers.empty_cpu((2, 2, *shape), self.cache_dtype) if staged else None
         return BlockState(batches, max_len)
 
     def _cache_compression(self) -> CompressionConfig:
@@ -470,7 +475,7 @@ class OffloadExecutor:
     def _host_attention(self, q, k, v, k_cache, v_cache, meta) -> torch.Tensor:
         """Decode attention on the CPU over a head-major host cache, in the cache's dtype; the result comes
         back in the model's dtype."""
-        dt = k_cache.dtype
+        dt = self.dtype if is_fp8(k_cache) else k_cache.dtype  # an fp8 cache is upcast as it is read
         out = dense_attention(q.to(dt), k.to(dt), v.to(dt), k_cache, v_cache, meta, 2)
         return out.to(self.dtype)
 

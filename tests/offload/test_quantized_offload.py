@@ -96,3 +96,42 @@ def test_cli_quantization_flags(cli):
     rc, _, err = cli("generate", "--model", folder, "--device", "cpu", "--quantization", "int8",
                      "--quant-group-size", "64", "hello")
     assert rc != 0 and "applies to the 4-bit schemes" in err
+
+
+# --- fp8 KV cache in the offloading executor -------------------------------------------------------------------
+FP8_KV_POLICIES = {
+    "resident": None,
+    "cache-cpu-attention": dict(percent=(100, 0, 0, 100, 100, 0), cpu_cache_compute=True),
+    "cache-disk": dict(percent=(100, 0, 0, 0, 100, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(FP8_KV_POLICIES))
+def test_fp8_kv_cache_stays_close_to_the_float_cache(tiny_model, exact, tmp_path, name):
+    """The cache is stored as e4m3 on every tier (CPU attention upcasts it per block where it lies); decoding
+    over it stays close to the float32 cache."""
+    from ..offload.test_offload import teacher_forced
+
+    folder, _ = tiny_model("llama-gqa")
+    spec = FP8_KV_POLICIES[name]
+    policy = None if spec is None else Policy.from_percent(spec["percent"], gpu_batch_size=1,
+                                                           cpu_cache_compute=spec.get("cpu_cache_compute", False))
+    with LLM(folder, dtype="float32", device="cpu") as ref:
+        want, _ = teacher_forced(ref, PROMPT)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path),
+             kv_cache_dtype="fp8") as llm:
+        got, state = teacher_forced(llm, PROMPT)
+        caches = state.batches[0].k + state.batches[0].v
+        assert all(h.dtype == torch.float8_e4m3fn for h in caches)
+        llm.executor.release_block(state)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    assert 0 < (got - want).norm() < 0.1 * want.norm(), float((got - want).norm() / want.norm())
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+
+
+def test_serving_engine_refuses_an_fp8_kv_cache_clearly(tiny_model):
+    from flexserve.engine.config import EngineConfig
+    from flexserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 applies to offline generation"):
+        EngineConfig(model=tiny_model("opt")[0], kv_cache_dtype="fp8")
