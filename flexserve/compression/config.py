@@ -65,3 +65,27 @@ class CompressionConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def layer_ratio(config, scheme: str | None, group_size: int, dtype_bytes: int, packed_ratio: float) -> float:
+    """Stored bytes per original byte of a decoder layer under `--quantization` (`packed_ratio` without, and
+    for mixtures of experts, whose experts stay unquantized): fp8 and int8 keep one byte per weight (their
+    per-channel scales are negligible), the 4-bit schemes pack two per byte plus a scale and minimum in the
+    model's dtype per group. Norm weights count as packed too, a rounding error of the count."""
+    if scheme is None or config.is_moe:
+        return packed_ratio
+    if scheme in ("rtn4", "awq"):
+        return (0.5 + 2 * dtype_bytes / group_size) / dtype_bytes
+    return 1.0 / dtype_bytes
+
+
+def kv_ratio(kv_cache_dtype: str, dtype_bytes: int) -> float:
+    """Stored bytes per original byte of the KV cache: one byte per value with `--kv-cache-dtype fp8`."""
+    return 1.0 / dtype_bytes if kv_cache_dtype == "fp8" else 1.0
+
+
+def stored_bytes_with_layers_at(config, dtype_bytes: int, packed_ratio: float, layer_ratio: float) -> float:
+    """A model's weight bytes as stored when its decoder layers are kept at `layer_ratio` (quantization) and the
+    other non-embedding weights at `packed_ratio` (`ModelConfig.stored_weight_bytes`)."""
+    layers = config.num_layer_params() * config.num_layers * dtype_bytes
+    return config.stored_weight_bytes(dtype_bytes, packed_ratio) + layers * (layer_ratio - packed_ratio)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from ..compression.config import compression_ratio
+from ..compression.config import compression_ratio, kv_ratio, layer_ratio, stored_bytes_with_layers_at
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..memory.tiers import Tier
@@ -38,13 +38,16 @@ def weight_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int) -> TierByte
     """Weight bytes per tier; with compress_weight every tier holds the matrices packed (the planner's count)."""
     ratio = compression_ratio(policy.comp_num_bits, policy.comp_group_size, dtype_bytes) \
         if policy.compress_weight else 1.0
-    total = cfg.stored_weight_bytes(dtype_bytes, ratio)
+    total = stored_bytes_with_layers_at(cfg, dtype_bytes, ratio, layer_ratio(cfg, policy.quantization,
+                                                                             policy.quant_group_size, dtype_bytes,
+                                                                             ratio))
     share = layer_weight_shares(cfg, policy)  # whole tensors move: the shares the placement really makes
     return TierBytes(int(total * share[Tier.GPU]), int(total * share[Tier.CPU]), int(total * share[Tier.DISK]))
 
 
 def cache_bytes(cfg: ModelConfig, policy: Policy, dtype_bytes: int, seq_len: int) -> TierBytes:
-    total = cfg.kv_bytes_per_token(dtype_bytes) * seq_len * policy.block_size
+    total = cfg.kv_bytes_per_token(dtype_bytes) * seq_len * policy.block_size * kv_ratio(policy.kv_cache_dtype,
+                                                                                         dtype_bytes)
     return TierBytes(int(total * policy.cache_gpu_percent / 100), int(total * policy.cache_cpu_percent / 100),
                      int(total * policy.cache_disk_percent / 100))
 

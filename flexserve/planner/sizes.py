@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..compression.config import compression_ratio
+from ..compression.config import compression_ratio, kv_ratio, layer_ratio, stored_bytes_with_layers_at
 from ..config import EMBED_KEYS, ModelConfig
 from ..offload.policy import Policy
 
@@ -49,6 +49,8 @@ def model_sizes(config: ModelConfig, policy: Policy, dtype_bytes: int = 2) -> Si
     b = dtype_bytes
     wr = compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_weight else 1.0
     cr = compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_cache else 1.0
+    cr *= kv_ratio(policy.kv_cache_dtype, b)
+    lr = layer_ratio(config, policy.quantization, policy.quant_group_size, b, wr)  # --quantization
     glob = config.global_weight_shapes()
     head = {k: v for k, v in glob.items() if k not in EMBED_KEYS}
     if config.tie_word_embeddings:
@@ -61,9 +63,9 @@ def model_sizes(config: ModelConfig, policy: Policy, dtype_bytes: int = 2) -> Si
     tied = _params({"embed.weight": glob["embed.weight"]}) if config.tie_word_embeddings else 0
     # Embedding tables are never packed (the executor gathers rows from them), a tied head included.
     return Sizes(
-        layer_params=layer_params, layer_w=layer_params * b * wr, layer_w16=layer_params * b,
+        layer_params=layer_params, layer_w=layer_params * b * lr, layer_w16=layer_params * b,
         embed_w=embed_params * b, head_w=((head_params - tied) * wr + tied) * b, head_w16=head_params * b,
-        head_params=head_params, total_w=config.stored_weight_bytes(b, wr), total_w16=unique * b,
+        head_params=head_params, total_w=stored_bytes_with_layers_at(config, b, wr, lr), total_w16=unique * b,
         kv_token=kv16 * cr, kv_token16=kv16,
         up_dim=2 * config.intermediate_size if config.gated_mlp else config.intermediate_size,
     )

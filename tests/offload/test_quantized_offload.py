@@ -135,3 +135,22 @@ def test_serving_engine_refuses_an_fp8_kv_cache_clearly(tiny_model):
 
     with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 applies to offline generation"):
         EngineConfig(model=tiny_model("opt")[0], kv_cache_dtype="fp8")
+
+
+def test_memory_check_and_planner_count_quantized_bytes():
+    """fp8/int8 keep a byte per decoder weight, 4-bit about half a byte plus group scales; an fp8 cache a byte
+    per value. The embedding and LM head stay at the model's width."""
+    from flexserve.config import preset
+    from flexserve.offload.budget import cache_bytes, weight_bytes
+    from flexserve.planner.sizes import model_sizes
+
+    cfg = preset("llama-3-70b")
+    full = model_sizes(cfg, Policy(), 2)
+    fp8 = model_sizes(cfg, Policy(quantization="fp8", kv_cache_dtype="fp8"), 2)
+    awq = model_sizes(cfg, Policy(quantization="awq"), 2)
+    assert fp8.layer_w == full.layer_w / 2 and fp8.kv_token == full.kv_token / 2
+    assert awq.layer_w == pytest.approx(full.layer_w * (0.5 + 4 / 128) / 2)
+    head = full.total_w - full.layer_w * cfg.num_layers
+    assert fp8.total_w == pytest.approx(head + fp8.layer_w * cfg.num_layers)
+    assert weight_bytes(cfg, Policy(quantization="int8"), 2).gpu == int(fp8.total_w)
+    assert cache_bytes(cfg, Policy(kv_cache_dtype="fp8"), 2, 100).gpu * 2 == cache_bytes(cfg, Policy(), 2, 100).gpu
