@@ -90,6 +90,7 @@ def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int) ->
     hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size)
     out = {"cpu": 0.0, "disk": 0.0}
     for layer in executor.layers:
-        for h in layer.experts.values():  # each expert's up and down, on its tier
-            out[h.tier.value] += num_gpu_batches * hit / cfg.num_experts * h.nbytes
+        for h in layer.experts.values():  # each expert's up and down, on its tier (packed ones on the GPU too)
+            if h.tier.value in out:
+                out[h.tier.value] += num_gpu_batches * hit / cfg.num_experts * h.nbytes
     return out

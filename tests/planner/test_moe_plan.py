@@ -79,3 +79,12 @@ def test_the_transfer_bound_counts_the_experts_a_step_reaches(tiny_model):
         reached = reached_expert_bytes(ex, 3, 2)
     assert off > 0 and reached["disk"] == 0
     assert reached["cpu"] == pytest.approx(2 * expected_experts_hit(4, 2, 3) / 4 * off)
+
+
+def test_the_bound_leaves_out_packed_experts_kept_on_the_gpu(tiny_model):
+    from flexserve import LLM
+    from flexserve.planner.moe_cost import reached_expert_bytes
+
+    policy = Policy.from_percent((100, 0, 100, 0, 100, 0), compress_weight=True)
+    with LLM(tiny_model("mixtral")[0], dtype="float32", device="cpu", policy=policy) as llm:
+        assert reached_expert_bytes(llm.executor, 1, 1) == {"cpu": 0.0, "disk": 0.0}
