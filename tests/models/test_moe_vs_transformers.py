@@ -80,3 +80,20 @@ def test_moe_mlp_asks_the_weights_to_run_experts(tiny_model):
     torch.testing.assert_close(got, want)
     chosen = route(cfg, w, h[0]).experts.unique().tolist()
     assert calls == [sorted(chosen)]
+
+
+def test_the_graph_safe_path_equals_the_grouped_one(tiny_model):
+    """Under CUDA graph capture every expert runs over every token, weighted by a dense combine matrix: the
+    same sums as the grouped path."""
+    from flexserve.models.moe import _every_expert
+    from flexserve.weights import layer_weights, open_source
+
+    src = open_source(tiny_model("qwen2-moe")[0])
+    cfg, w = src.config, layer_weights(src, 1)
+    h = torch.randn(2, 3, cfg.hidden_size)
+    flat = h.reshape(-1, cfg.hidden_size)
+    routed = _every_expert(cfg, w, flat, route(cfg, w, flat))
+    shared = torch.sigmoid(flat @ w["shared_gate.weight"].T) * torch.nn.functional.linear(
+        torch.nn.functional.silu(flat @ w["shared.up.weight"][:48].T) * (flat @ w["shared.up.weight"][48:].T),
+        w["shared.down.weight"])
+    torch.testing.assert_close(routed + shared, moe_mlp(cfg, w, h).reshape(-1, cfg.hidden_size))
