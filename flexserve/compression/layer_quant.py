@@ -18,7 +18,7 @@ import torch
 
 from ..config import ModelConfig
 from .schemes import QuantConfig, quantize
-from .smoothing import awq_scales, smoothquant_scales
+from .smoothing import awq_clip, awq_scales, smoothquant_scales
 
 PROJECTIONS = ("down", "qkv", "o", "up")  # down first: its fold rewrites up's rows
 Stats = dict[str, torch.Tensor]  # projection -> its calibration inputs [T, K]
@@ -42,7 +42,10 @@ def quantize_layer(cfg: ModelConfig, w: dict[str, torch.Tensor], qcfg: QuantConf
             continue
         s = _scales(qcfg, inputs[name], weight).to(weight.dtype)  # [K]
         leftover = None if _fold(cfg, out, name, s) else s
-        out[key] = quantize(qcfg.scheme, weight * s, qcfg.group_size, leftover)
+        scaled = weight * s
+        if qcfg.scheme == "awq":  # the clipping search, on the scaled weight and the inputs it will meet
+            scaled = awq_clip(inputs[name].to(weight.device) / s, scaled, qcfg.group_size)
+        out[key] = quantize(qcfg.scheme, scaled, qcfg.group_size, leftover)
     return out
 
 

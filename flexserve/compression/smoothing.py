@@ -9,6 +9,9 @@ projection), the rewrite costs nothing at run time.
 - AWQ (4-bit weight-only): s_j = mean|x_j|^alpha, normalised, with alpha chosen from a grid in [0, 1] to
   minimise || x W^T - (x / s) Q(W * s)^T || on calibration activations: input channels that carry large
   activations get their weights scaled up before rounding, so their relative rounding error shrinks.
+  Then AWQ's clipping search: per output channel and group, the range [-r max|w|, r max|w|] with r from a grid
+  in [0.5, 1] that minimises that group's contribution to the output error (a narrower range rounds the bulk
+  of the weights more finely at the cost of the few largest).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from .schemes import fake_quantize
 
 MIN_SCALE = 1e-5
 AWQ_MAX_ROWS = 512  # calibration rows the AWQ search scores each candidate on
+CLIP_MAX_ROWS = 256  # rows the clipping search scores on (its error tensor is rows x N x groups)
+CLIP_GRID = 20
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -46,9 +51,31 @@ def awq_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int
     return best
 
 
-def _subsample(x: torch.Tensor) -> torch.Tensor:
-    """At most AWQ_MAX_ROWS rows, evenly spread over the calibration tokens."""
-    if x.shape[0] <= AWQ_MAX_ROWS:
+def awq_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int = CLIP_GRID) -> torch.Tensor:
+    """The weight [N, K] with each (output channel, group) clipped to the range that minimises
+    sum_t (x_t,group . (w - Q(w))_group)^2 over calibration rows x [T, K]; K must be a multiple of
+    `group_size` (else the weight is returned unclipped)."""
+    n, k = weight.shape
+    if k % group_size:
+        return weight
+    x = _subsample(x.reshape(-1, k), CLIP_MAX_ROWS).to(weight.dtype).view(-1, k // group_size, group_size)
+    wg = weight.view(n, k // group_size, group_size)  # [N, G, gs]
+    max_abs = wg.abs().amax(dim=-1, keepdim=True)  # [N, G, 1]
+    best_err = torch.full(max_abs.shape, float("inf"), device=weight.device)
+    best = max_abs.clone()
+    for i in range(grid // 2 + 1):  # r = 1, 1 - 1/grid, ..., 0.5
+        limit = max_abs * (1 - i / grid)
+        clipped = torch.maximum(torch.minimum(wg, limit), -limit)
+        err = fake_quantize("rtn4", clipped.view(n, k), group_size).view_as(wg) - wg
+        err = torch.einsum("tgj,ngj->ngt", x, err).float().pow(2).sum(-1, keepdim=True)  # [N, G, 1]
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, limit, best)
+    return torch.maximum(torch.minimum(wg, best), -best).view(n, k)
+
+
+def _subsample(x: torch.Tensor, rows: int = AWQ_MAX_ROWS) -> torch.Tensor:
+    """At most `rows` rows, evenly spread over the calibration tokens."""
+    if x.shape[0] <= rows:
         return x
-    idx = torch.linspace(0, x.shape[0] - 1, AWQ_MAX_ROWS, device=x.device).long()
+    idx = torch.linspace(0, x.shape[0] - 1, rows, device=x.device).long()
     return x[idx]
