@@ -97,3 +97,19 @@ def test_the_graph_safe_path_equals_the_grouped_one(tiny_model):
         torch.nn.functional.silu(flat @ w["shared.up.weight"][:48].T) * (flat @ w["shared.up.weight"][48:].T),
         w["shared.down.weight"])
     torch.testing.assert_close(routed + shared, moe_mlp(cfg, w, h).reshape(-1, cfg.hidden_size))
+
+
+def test_dense_qwen3_with_qk_norms_matches_transformers(tmp_path):
+    """Qwen3 (dense): the per-head q/k norms are the only switch it adds to the Llama family."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ..conftest import TINY, randomize_
+
+    torch.manual_seed(3)
+    hf = randomize_(Qwen3ForCausalLM(Qwen3Config(**TINY, intermediate_size=96, num_key_value_heads=2,
+                                                 head_dim=16, tie_word_embeddings=False)).float().eval(), norms=True)
+    hf.save_pretrained(str(tmp_path))
+    assert load_hf_config(str(tmp_path)).qk_norm
+    with LLM(str(tmp_path), dtype="float32", device="cpu") as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+    assert got == [hf_greedy(hf, p, 8) for p in PROMPTS]
