@@ -190,3 +190,16 @@ def test_awq_clipping_lowers_the_error_on_heavy_tailed_weights():
     clipped = awq_clip(x, w, 64)
     assert (clipped.abs() <= w.abs()).all() and not torch.equal(clipped, w)
     assert err(clipped) < 0.97 * err(w)  # the search minimises this very error; r = 1 is a candidate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU matmuls need CUDA")
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("rows", [1, 16, 17, 300])
+def test_gpu_products_equal_the_cpu_emulation(scheme, rows):
+    """torch._scaled_mm (fp8, compute capability 8.9+) and torch._int_mm (int8) against the CPU path's math on
+    the same rounded operands: int8 exactly up to the final rescale, fp8 to bf16 output rounding."""
+    w, x = _matrix(512, 1024), torch.randn(rows, 1024)
+    q = quantize(scheme, w)
+    want = linear(x, q)
+    got = linear(x.cuda().bfloat16(), q.to("cuda")).float().cpu()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
