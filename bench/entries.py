@@ -110,6 +110,10 @@ def planner_held_out(part: str, cases: str, what: str) -> Entry:
                  writes=("fitted.json", f"held_out_{part}.json"), note=HELD_OUT_NOTE)
 
 
+# --- mixtures of experts: Mixtral-8x7B with dense weights and one expert per layer on the GPU (~15 GB) ------------
+MOE_BATCH1 = ("flexserve bench throughput --model dummy:mixtral-8x7b --dtype bfloat16 --percent 20 80 100 0 100 0 "
+              "--gpu-batch-size 1 --prompt-len 128 --gen-len 32 --json")
+
 # --- serving (Llama-3-8B shape, random bf16 weights) -------------------------------------------------------------
 LLAMA8 = "--model dummy:llama-3-8b --dtype bfloat16"
 BATCH256_TRACE = "--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs"
@@ -438,6 +442,41 @@ ENTRIES = [
           wheels=FLEXGEN_WHEELS, peer="FlexGen 0.1.8's pipeline mode (bench/peer_flexgen_dist.py), last",
           note="FlexGen's block is gpu batch x gpu batches x ranks (4 x 1 x 2 = 8 prompts, as flexserve's)."),
     # ----------------------------------------------------------------------------- checks of the runner itself
+    # --- mixtures of experts under a 24 GiB GPU cap (Mixtral shapes, random bf16 weights) ------------------
+    Entry("moe-mixtral-8x7b-cap24-batch1",
+          "Mixtral-8x7B bf16 with dense weights and one expert per layer on the GPU (24 GiB cap): batch-1 decode "
+          "with each expert off the GPU copied in or computed on the CPU by the cost rule, against the bound of "
+          "that placement; the planner's plan under the same cap",
+          "1 GPU", 420,
+          (Cmd("flexserve plan --model dummy:mixtral-8x7b --gpu-mem 24GiB --cpu-mem 110GiB --dtype bfloat16 "
+               "--prompt-len 128 --gen-len 32", 120),
+           Cmd(f"{MOE_BATCH1} --expert-compute auto", 300))),
+    Entry("moe-mixtral-8x7b-cap24-rules",
+          "The same batch-1 Mixtral-8x7B run with every off-GPU expert copied in, then every one computed on the "
+          "CPU: how the rule's choice compares with each side",
+          "1 GPU", 560,
+          (Cmd(f"{MOE_BATCH1} --expert-compute copy", 280), Cmd(f"{MOE_BATCH1} --expert-compute cpu", 280))),
+    Entry("moe-mixtral-8x7b-large-block",
+          "Mixtral-8x7B bf16, experts on the CPU, a 64x4 block with CPU attention: decode throughput against the "
+          "PCIe bound of the experts a step reaches",
+          "1 GPU", 360,
+          (Cmd("flexserve bench throughput --model dummy:mixtral-8x7b --dtype bfloat16 --percent 20 80 0 100 100 0 "
+               "--gpu-batch-size 64 --num-gpu-batches 4 --cpu-cache-compute --prompt-len 512 --gen-len 32 --json",
+               340),)),
+    Entry("moe-accelerate-peer-mixtral-8x7b",
+          "Hugging Face Accelerate device_map offloading of the same Mixtral-8x7B shape under the 24 GiB cap: "
+          "batch-1 decode (the peer of moe-mixtral-8x7b-cap24-batch1)",
+          "1 GPU", 500,
+          (Cmd("python bench/peer_accelerate_moe.py --preset mixtral-8x7b --gpu-mem 24GiB --cpu-mem 110GiB "
+               "--prompt-len 128 --gen-len 32", 480),),
+          peer="Accelerate device_map='auto' (bench/peer_accelerate_moe.py)"),
+    Entry("moe-mixtral-8x22b-4bit",
+          "Mixtral-8x22B (141B parameters, larger than GPU plus host memory at bf16) end to end with 4-bit "
+          "weights, batch 1",
+          "1 GPU", 500,
+          (Cmd("flexserve bench throughput --model dummy:mixtral-8x22b --dtype bfloat16 --compress-weight "
+               "--percent 20 80 100 0 100 0 --gpu-batch-size 1 --prompt-len 128 --gen-len 16 --expert-compute copy "
+               "--json", 480),)),
     Entry("cpu-smoke-throughput",
           "Does the offline throughput benchmark run end to end on a CPU (a tiny OPT, a few tokens)",
           "cpu", 15,
