@@ -441,7 +441,6 @@ ENTRIES = [
                "--prompt-len 512 --gen-len 8", 300)),
           wheels=FLEXGEN_WHEELS, peer="FlexGen 0.1.8's pipeline mode (bench/peer_flexgen_dist.py), last",
           note="FlexGen's block is gpu batch x gpu batches x ranks (4 x 1 x 2 = 8 prompts, as flexserve's)."),
-    # ----------------------------------------------------------------------------- checks of the runner itself
     # --- mixtures of experts under a 24 GiB GPU cap (Mixtral shapes, random bf16 weights) ------------------
     Entry("moe-mixtral-8x7b-cap24-batch1",
           "Mixtral-8x7B bf16 with dense weights and one expert per layer on the GPU (24 GiB cap): batch-1 decode "
@@ -477,6 +476,7 @@ ENTRIES = [
           (Cmd("flexserve bench throughput --model dummy:mixtral-8x22b --dtype bfloat16 --compress-weight "
                "--percent 20 80 100 0 100 0 --gpu-batch-size 1 --prompt-len 128 --gen-len 16 --expert-compute copy "
                "--json", 480),)),
+    # ----------------------------------------------------------------------------- checks of the runner itself
     Entry("cpu-smoke-throughput",
           "Does the offline throughput benchmark run end to end on a CPU (a tiny OPT, a few tokens)",
           "cpu", 15,
