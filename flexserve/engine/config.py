@@ -81,11 +81,6 @@ class EngineConfig:
                  if getattr(self, k) is not None}
         if quant:
             self.policy = (self.policy or Policy()).replace(**quant)
-        if self.policy is not None and self.policy.kv_cache_dtype != "auto":
-            # the paged pools, their swaps and attention read e4m3 (engine/paged.py, paged_batch.py), but the
-            # model runner does not size its pools by the policy's KV dtype yet
-            raise ConfigError("--kv-cache-dtype fp8 applies to offline generation (`flexserve generate`, "
-                              "`bench throughput`, LLM); the serving engine keeps its KV pools in the model's dtype")
         if self.sliding_window < 0 or self.attention_sinks < 0 or (self.attention_sinks and not self.sliding_window):
             raise ConfigError(f"attention sinks need a sliding window (--sliding-window W > 0); got "
                               f"sinks={self.attention_sinks}, window={self.sliding_window}")

@@ -17,6 +17,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from ..compression.kv import kv_storage_dtype
 from ..errors import PolicyError
 from ..kernels.paged_attention import kernel_supports
 from ..models.forward import Batch, EachBatch, Ends, forward
@@ -141,12 +142,13 @@ class ModelRunner:
         if self.streaming is not None and self.executor.inv_freq is None:
             raise PolicyError("a sliding window with attention sinks needs rotary positions; this model's "
                               "positions are learned (a fixed table)")
-        self.settings = self._settings(config, PagedKV.bytes_per_block(cfg, config.block_size, self.dtype))
+        self.kv_dtype = kv_storage_dtype(policy.kv_cache_dtype, self.dtype)  # e4m3 with --kv-cache-dtype fp8
+        self.settings = self._settings(config, PagedKV.bytes_per_block(cfg, config.block_size, self.kv_dtype))
         num_gpu, num_cpu = self.settings.num_gpu_blocks, self.settings.num_cpu_blocks
         if group is not None:  # block ids must mean the same on every rank
             num_gpu, num_cpu = group.agree_min(num_gpu, self.device), group.agree_min(num_cpu, self.device)
         self.num_gpu_blocks, self.num_cpu_blocks = num_gpu, num_cpu
-        self.kv = PagedKV(cfg, self.device, self.dtype, num_gpu, num_cpu, config.block_size)
+        self.kv = PagedKV(cfg, self.device, self.kv_dtype, num_gpu, num_cpu, config.block_size)
         # Graph capture of the collectives is not wired up: parallel ranks run decode eagerly.
         self.graphs = self._decode_graphs(policy) if config.cuda_graphs and group is None else None
 

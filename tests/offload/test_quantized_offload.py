@@ -129,12 +129,35 @@ def test_fp8_kv_cache_stays_close_to_the_float_cache(tiny_model, exact, tmp_path
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
 
 
-def test_serving_engine_refuses_an_fp8_kv_cache_clearly(tiny_model):
-    from flexserve.engine.config import EngineConfig
-    from flexserve.errors import ConfigError
+def test_serving_engine_keeps_its_paged_pools_in_fp8(tiny_model):
+    """`--kv-cache-dtype fp8` in the serving engine: e4m3 pools, a quarter of float32's bytes per block, and the
+    greedy tokens of the offline generator over the same e4m3 cache (both round K/V to e4m3 the same way)."""
+    import asyncio
 
-    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8 applies to offline generation"):
-        EngineConfig(model=tiny_model("opt")[0], kv_cache_dtype="fp8")
+    from flexserve.engine.serving import AsyncEngine, EngineConfig
+
+    folder = tiny_model("llama-gqa")[0]
+    with LLM(folder, dtype="float32", device="cpu", kv_cache_dtype="fp8") as llm:
+        want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+    full = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=16))
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=64,
+                                      kv_cache_dtype="fp8"))
+    assert engine.kv.gpu.dtype == engine.kv.cpu.dtype == torch.float8_e4m3fn
+    assert engine.kv.gpu[0, 0, 0].nbytes * 4 == full.kv.gpu[0, 0, 0].nbytes
+    full.runner.close()
+
+    async def run():
+        engine.start()
+        try:
+            async def one(p):
+                toks = []
+                async for out in engine.generate(p, GREEDY):
+                    toks += out.new_token_ids
+                return toks
+            return await asyncio.gather(*[one(p) for p in PROMPTS])
+        finally:
+            await engine.shutdown()
+    assert asyncio.run(run()) == want
 
 
 def test_memory_check_and_planner_count_quantized_bytes():
