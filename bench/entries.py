@@ -175,6 +175,13 @@ ENTRIES = [
           "1 GPU", 240,
           (throughput("opt-30b", "20 80 0 100 100 0", "16x3", CCC, timeout_s=200),
            throughput("opt-30b", OPT30B_POLICY, "32x3", CCC, timeout_s=200))),
+    Entry("opt30b-cpu-attention-loop-ab",
+          "OPT-30B at FlexGen's policy with CPU attention: the shared generation loop against a bare forward-and-"
+          "argmax loop, alternating on one loaded model in one process (does the loop cost the host-bound "
+          "CPU-attention case anything?)",
+          "1 GPU", 300,
+          (Cmd("python bench/loop_ab.py --model dummy:opt-30b --dtype float16 --percent 20 80 0 100 0 100 "
+               "--gpu-batch-size 16 --num-gpu-batches 3 --cpu-cache-compute --prompt-len 512 --gen-len 32", 290),)),
     Entry("opt30b-cpu-attention-bf16-cache",
           "OPT-30B with CPU attention: how much faster is a host KV cache stored in bf16 than in fp16",
           "1 GPU", 210,
