@@ -34,15 +34,20 @@ def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: fl
 
 def awq_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int = 20) -> torch.Tensor:
     """AWQ's search: the per-channel scale s [K] (float32) that minimises the 4-bit layer's output error on
-    the calibration activations x [T, K]. alpha = 0 (s = 1, plain round-to-nearest) is always a candidate,
-    so the result is never worse than RTN on these activations."""
+    the calibration activations x [T, K], over s = x_mean^a and s = x_mean^a / w_mean^(1 - a) for a on a
+    grid in [0, 1]. a = 0 of the first (s = 1, plain round-to-nearest) is always a candidate, so the result is
+    never worse than RTN on these activations."""
     x = _subsample(x.reshape(-1, x.shape[-1])).to(weight.dtype)  # [T', K]
     reference = x @ weight.t()  # [T', N]
     x_mean = x.abs().float().mean(dim=0).clamp_min(MIN_SCALE)  # [K]
+    # how large each input channel's weights are, relative to their rows' largest: the "duo" candidates
+    # x_mean^a / w_mean^(1 - a) also shrink channels whose weights are already large
+    w_abs = weight.abs().float()
+    w_mean = (w_abs / w_abs.amax(dim=1, keepdim=True).clamp_min(MIN_SCALE)).mean(dim=0).clamp_min(MIN_SCALE)
     best_err, best = None, torch.ones_like(x_mean)
-    for i in range(grid + 1):
-        alpha = i / grid
-        s = x_mean.pow(alpha)
+    candidates = [x_mean.pow(i / grid) for i in range(grid + 1)]
+    candidates += [x_mean.pow(i / grid) / w_mean.pow(1 - i / grid) for i in range(1, grid)]
+    for s in candidates:
         s = (s / (s.max() * s.min()).sqrt()).clamp_min(MIN_SCALE)  # centred on 1, so scaled weights stay tame
         w_hat = fake_quantize("rtn4", weight * s.to(weight.dtype), group_size) / s.to(weight.dtype)
         err = float((x @ w_hat.t() - reference).float().pow(2).mean())

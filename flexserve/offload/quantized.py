@@ -40,10 +40,6 @@ class QuantHandle:
     def shape(self) -> torch.Size:
         return self.template.shape
 
-    @property
-    def path(self) -> None:  # never a cache file of its own (see OffloadExecutor.release_block)
-        return None
-
     def empty_on(self, device: torch.device) -> QuantWeight:
         """A slot on `device` for this weight's parts to be read into."""
         return self.template.with_tensors({k: torch.empty(h.shape, dtype=h.dtype, device=device)
