@@ -110,6 +110,10 @@ def planner_held_out(part: str, cases: str, what: str) -> Entry:
                  writes=("fitted.json", f"held_out_{part}.json"), note=HELD_OUT_NOTE)
 
 
+REFERENCE_SERVE = ("flexserve bench serve --json --launch --model dummy:llama-3-8b --dtype bfloat16 --trace "
+                   "bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs --max-num-seqs 256 "
+                   "--max-num-batched-tokens 8192 --engine-process")
+
 # --- mixtures of experts: Mixtral-8x7B with dense weights and one expert per layer on the GPU (~15 GB) ------------
 MOE_BATCH1 = ("flexserve bench throughput --model dummy:mixtral-8x7b --dtype bfloat16 --percent 20 80 100 0 100 0 "
               "--gpu-batch-size 1 --prompt-len 128 --gen-len 32 --json")
@@ -448,6 +452,34 @@ ENTRIES = [
                "--prompt-len 512 --gen-len 8", 300)),
           wheels=FLEXGEN_WHEELS, peer="FlexGen 0.1.8's pipeline mode (bench/peer_flexgen_dist.py), last",
           note="FlexGen's block is gpu batch x gpu batches x ranks (4 x 1 x 2 = 8 prompts, as flexserve's)."),
+    # --- quantization (fp8, int8, 4-bit weights; fp8 KV cache) ---------------------------------------------
+    Entry("gpu-tests-quantization",
+          "Do the GPU-only quantization tests pass: the fused 4-bit dequantize-and-multiply Triton kernel, "
+          "torch._scaled_mm and torch._int_mm against the portable math, the paged-attention kernel over an fp8 "
+          "pool",
+          "1 GPU", 150,
+          (Cmd("pytest -q -rs tests/kernels/test_dequant_matmul_kernel.py tests/compression/test_quant_schemes.py "
+               "tests/engine/test_paged_fp8_kv.py tests/kernels/test_paged_attention_kernel.py", 240),)),
+    Entry("quant-llama3-70b-weights-cpu",
+          "Llama-3-70B with weights streamed from the CPU: decode with fp8, rtn4 and awq weights (the bf16 row, "
+          "141 GB, needs a host with more than 128 GiB: weights-cpu-llama3-70b)",
+          "1 GPU", 540,
+          tuple(throughput("llama-3-70b", WEIGHTS_CPU, "16x2", f"--quantization {q}", dtype="bfloat16", gen=8,
+                           timeout_s=180) for q in ("fp8", "rtn4", "awq"))),
+    Entry("quant-opt30b-4bit-vs-flexgen",
+          "OPT-30B with 4-bit weights at FlexGen's policy (CPU attention, 16x3): the fused-kernel rtn4 path and "
+          "the unpack-to-fp16 --compress-weight path against FlexGen 0.1.8 --compress-weight, same call",
+          "1 GPU", 560,
+          (throughput("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --quantization rtn4 --quant-group-size 64",
+                      timeout_s=170),
+           throughput("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --compress-weight", timeout_s=170),
+           flexgen("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --compress-weight", timeout_s=220)),
+          wheels=FLEXGEN_WHEELS, peer=FLEXGEN_PEER),
+    Entry("quant-serving-fp8-llama3-8b",
+          "The REFERENCE serving batch (Llama-3-8B, 256 requests) with fp8 weights and an fp8 KV cache against "
+          "bf16, through HTTP, same call",
+          "1 GPU", 120,
+          (Cmd(f"{REFERENCE_SERVE} --quantization fp8 --kv-cache-dtype fp8", 150), Cmd(REFERENCE_SERVE, 150))),
     # --- mixtures of experts under a 24 GiB GPU cap (Mixtral shapes, random bf16 weights) ------------------
     Entry("moe-mixtral-8x7b-cap24-batch1",
           "Mixtral-8x7B bf16 with dense weights and one expert per layer on the GPU (24 GiB cap): batch-1 decode "
