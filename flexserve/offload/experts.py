@@ -11,8 +11,14 @@ Execution (`ExpertStreamer`). An expert off the GPU is never streamed with its l
 sent tokens to it, it is either copied in (its bytes cross PCIe, then the GPU computes) or computed on the CPU
 where it lives (the tokens cross, the CPU reads the weights from host memory): `copies_expert` picks whichever
 the rates say is faster for that many tokens, so a decode step's one or two tokens stay on the CPU and a
-prefill's hundreds go to the GPU. Copies run on their own lane into two GPU slots, the next copy landing
-while the previous expert computes; experts computed on the CPU run while the copies are in flight.
+prefill's hundreds go to the GPU. Copies run on their own lane into `EXPERT_SLOTS` GPU slots, the next copy
+landing while the previous expert computes; experts computed on the CPU run while the copies are in flight.
+
+A slot keeps the expert it holds until the executor moves on from the layer (`ExpertStreamer.release`), so
+under the zig-zag schedule, where one layer serves every GPU batch of the block in turn, batch k+1 computes
+with an expert batch k copied instead of copying it again (FlexGen's reuse of a layer's weights across the
+block, applied to experts): an expert crosses PCIe once per layer and block while the block's copied experts
+fit in the slots, and the slots never grow past what the planner and memory check count.
 
 With `compress_weight` every expert is kept group-wise quantised on its tier, the GPU's too (FlexGen's meaning
 of the flag): a packed expert on the GPU is unpacked into a slot, one elsewhere crosses packed and is unpacked
@@ -32,6 +38,8 @@ from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.moe import ExpertWork, expert_mlp
 from .policy import EXPERT_RULES
+
+EXPERT_SLOTS = 2  # GPU slots for copied experts: what `planner.moe_cost.staging_bytes` reserves per layer
 _EXPERT = re.compile(r"^experts\.(\d+)\.")
 
 
@@ -105,6 +113,7 @@ class _Slot:
     packed: dict[str, CompressedTensor] = field(default_factory=dict)  # part -> packed buffers on the device
     released: object = None  # event: the last compute that read this slot
     loaded: object = None  # event: the last copy into it (its staging is reused by the next one)
+    holds: tuple | None = None  # (layer's offloaded experts, expert id) whose weights it holds, until released
 
 
 @dataclass
@@ -119,10 +128,13 @@ class ExpertStreamer:
     rates: ExpertRates = field(default_factory=ExpertRates)
     overlap: bool = True
     counts: collections.Counter = field(default_factory=collections.Counter)  # "gpu", "copied", "cpu" runs
+    slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
 
     def __post_init__(self) -> None:
         self.lane = Lane(self.device, self.overlap)
         self._slots: list[_Slot] = []
+        self._used: dict[int, int] = {}  # slot -> when an expert last ran from it
+        self._tick = 0
 
     def run(self, w, offloaded: dict[str, Handle], work: ExpertWork) -> list[torch.Tensor]:
         """Each expert of `work` over its tokens, the ones in `w` on the device, the others copied in or computed
@@ -142,32 +154,76 @@ class ExpertStreamer:
                 to_copy.append(i)
             else:
                 on_host.append(i)
-        loads = {n: self._load(n, offloaded, work[i][0]) for n, i in enumerate(to_copy[:2])}
+        to_copy.sort(key=lambda i: self._held(offloaded, work[i][0]) is None)  # held ones first: no copy
+        steps = self._plan(offloaded, [work[i][0] for i in to_copy])
+        loads: dict[int, object] = {}
+        nxt = 0
+
+        def queue_loads(done: int) -> None:
+            nonlocal nxt
+            while nxt < len(steps):
+                s, load = steps[nxt]
+                if load and any(steps[j][0] == s for j in range(done, nxt)):
+                    return  # an earlier expert of this batch still reads that slot
+                if load:
+                    loads[nxt] = self._load(s, offloaded, work[to_copy[nxt]][0])
+                nxt += 1
+
+        queue_loads(0)
         for i in on_host:  # while the first copies are in flight
             e, x = work[i]
             out[i] = self._on_host(offloaded, e, x)
             self.counts["cpu"] += 1
         for n, i in enumerate(to_copy):
-            slot = self._slots[n % 2]
-            current_wait(loads.pop(n))
+            slot = self._slots[steps[n][0]]
+            current_wait(loads.pop(n) if n in loads else slot.loaded)
             out[i] = expert_mlp({"up.weight": slot.up, "down.weight": slot.down}, "", work[i][1])
             slot.released = current_record(self.device)
             on_gpu = _packed_on(offloaded[f"experts.{work[i][0]}.up.weight"], self.device) is not None
-            self.counts["gpu" if on_gpu else "copied"] += 1
-            if n + 2 < len(to_copy):
-                loads[n + 2] = self._load(n + 2, offloaded, work[to_copy[n + 2]][0])
+            self.counts["gpu" if on_gpu else "copied" if steps[n][1] else "reused"] += 1
+            queue_loads(n + 1)
         return out  # type: ignore[return-value]
 
+    def release(self) -> None:
+        """Forget what the slots hold: the executor has moved on from the layer for this block."""
+        for slot in self._slots:
+            slot.holds = None
+
+    def _held(self, offloaded: dict, e: int) -> int | None:
+        """The slot holding expert e of the layer whose off-GPU experts are `offloaded`, or None."""
+        return next((s for s, slot in enumerate(self._slots) if slot.holds == (id(offloaded), e)), None)
+
+    def _plan(self, offloaded: dict, experts: list[int]) -> list[tuple[int, bool]]:
+        """(slot, whether it is copied) for each expert to run from a slot, held ones first: a held expert runs
+        from its slot, the others are copied into the slots no held expert of this batch needs (empty ones first,
+        then the least recently used), then in turn into those once their held expert has run."""
+        steps: list[tuple[int, bool]] = []
+        for e in experts:
+            held = self._held(offloaded, e)
+            if held is None:
+                break
+            steps.append((held, False))
+        taken = [s for s, _ in steps]
+        order = sorted((s for s in range(self.slots) if s not in taken), key=self._eviction_order) + taken
+        steps += [(order[n % len(order)], True) for n in range(len(experts) - len(steps))]
+        for s, _ in steps:
+            self._tick += 1
+            self._used[s] = self._tick
+        return steps
+
+    def _eviction_order(self, s: int) -> tuple[bool, int]:
+        return s < len(self._slots) and self._slots[s].holds is not None, self._used.get(s, -1)
+
     def _slot(self, n: int) -> _Slot:
-        while len(self._slots) <= n % 2:
+        while len(self._slots) <= n:
             m, d = self.cfg.moe_intermediate_size, self.cfg.hidden_size
             staging = {"up": None, "down": None}
             self._slots.append(_Slot(torch.empty((2 * m, d), dtype=self.dtype, device=self.device),
                                      torch.empty((d, m), dtype=self.dtype, device=self.device), staging))
-        return self._slots[n % 2]
+        return self._slots[n]
 
     def _load(self, n: int, offloaded: dict, e: int):
-        """Copy expert e into slot n % 2 on the expert lane (packed ones cross packed and are unpacked there);
+        """Copy expert e into slot n on the expert lane (packed ones cross packed and are unpacked there);
         returns the copy's event."""
         slot = self._slot(n)
         self.lane.wait(slot.released)
@@ -187,6 +243,7 @@ class ExpertStreamer:
                                              self._staging(slot, f"{part}.{k}", piece))
                 decompress(packed, out=dst)
             slot.loaded = self.lane.record()
+        slot.holds = (id(offloaded), e)
         return slot.loaded
 
     def _staging(self, slot: _Slot, key: str, h: Handle) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
-from ..offload.experts import ExpertRates, copies_expert
+from ..offload.experts import EXPERT_SLOTS, ExpertRates, copies_expert
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
@@ -68,9 +68,9 @@ def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, 
 
 def staging_bytes(config: ModelConfig, dtype_bytes: int) -> float:
     """GPU staging one MoE layer needs while its experts run one by one: its dense weights if they stream, and
-    the executor's two expert slots (instead of two whole layers)."""
+    the executor's `EXPERT_SLOTS` expert slots (instead of two whole layers)."""
     expert = config.expert_params()
-    return (config.num_layer_params() - config.num_experts * expert + 2 * expert) * dtype_bytes
+    return (config.num_layer_params() - config.num_experts * expert + EXPERT_SLOTS * expert) * dtype_bytes
 
 
 def applies(config: ModelConfig, policy: Policy) -> bool:

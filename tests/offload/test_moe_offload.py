@@ -7,7 +7,8 @@ import torch
 from flexserve import LLM, Policy, SamplingParams
 from flexserve.config import preset
 from flexserve.memory.tiers import Tier
-from flexserve.offload.experts import ExpertRates, assign_moe_tiers, copies_expert, copy_threshold, expert_index
+from flexserve.offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, copies_expert, copy_threshold,
+                                       expert_index)
 from flexserve.offload.placement import layer_weight_shares
 
 from ..conftest import PROMPTS, hf_greedy
@@ -114,3 +115,58 @@ def test_quantized_attention_with_experts_placed_one_by_one(tiny_model):
             decoders = [layer for layer in llm.executor.layers if layer.kind == "decoder"]
             assert all(layer.experts for layer in decoders) == (percent[0] < 100)
     assert got[60] == got[100]
+
+
+def _spy_on_expert_copies(streamer):
+    """Per layer and block forward (closed by `release`): the experts its batches route off the GPU, how many
+    (batch, expert) runs that is, and how many copies cross."""
+    groups = [{"routed": set(), "runs": 0, "copies": 0}]
+    run, load, release = streamer.run, streamer._load, streamer.release
+
+    def spy_run(w, offloaded, work):
+        off = {e for e, _ in work if f"experts.{e}.up.weight" not in w}
+        groups[-1]["routed"] |= off
+        groups[-1]["runs"] += len(off)
+        return run(w, offloaded, work)
+
+    def spy_load(n, offloaded, e):
+        groups[-1]["copies"] += 1
+        return load(n, offloaded, e)
+
+    def spy_release():
+        groups.append({"routed": set(), "runs": 0, "copies": 0})
+        release()
+
+    streamer.run, streamer._load, streamer.release = spy_run, spy_load, spy_release
+    return groups
+
+
+@pytest.mark.parametrize("slots", [None, 4])
+def test_copied_experts_are_reused_by_the_blocks_other_batches(tiny_model, tmp_path, slots):
+    """Under the zig-zag schedule a layer serves every GPU batch of the block in turn: an expert copied for
+    one batch stays in its slot for the next ones, so it crosses at most once per layer and block while the
+    block's copied experts fit in the slots (the budgeted `EXPERT_SLOTS`, or, raised here on the CPU past what
+    the planner counts, all four experts of the tiny Mixtral), and the tokens are the resident run's."""
+    folder = tiny_model("mixtral")[0]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(folder, dtype="float32", device="cpu", policy=Policy.from_percent((100, 0, 100, 0, 100, 0))) as llm:
+        resident = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    policy = Policy.from_percent((50, 50, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=4,
+                                 expert_compute="copy")
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        streamer = llm.executor.experts
+        if slots is not None:
+            streamer.slots = slots
+        groups = _spy_on_expert_copies(streamer)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        groups = [g for g in groups if g["runs"]]
+        counts = streamer.counts
+    assert got == resident
+    assert groups and counts["reused"] > 0
+    assert all(g["copies"] <= g["runs"] for g in groups)
+    assert sum(g["copies"] for g in groups) < sum(g["runs"] for g in groups)  # the batches share experts
+    limit = slots or EXPERT_SLOTS
+    fitting = [g for g in groups if len(g["routed"]) <= limit]
+    assert fitting and all(g["copies"] <= len(g["routed"]) for g in fitting)
+    if slots is not None:
+        assert len(fitting) == len(groups)  # all four experts fit: never more copies than distinct experts
