@@ -7,7 +7,7 @@ import sys
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..compression.names import DEFAULT_GROUP_SIZE, KV_CACHE_DTYPES, SCHEMES
-from ..offload.policy import EXPERT_RULES, WEIGHT_PLACEMENTS, Policy
+from ..offload.policy import EXPERT_RULES, QUANT_FIELDS, WEIGHT_PLACEMENTS, Policy
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,8 +57,7 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
 
 def quant_fields(args: argparse.Namespace) -> dict:
     """The `Policy` fields the quantization flags set (flags left out keep the field's default)."""
-    names = ("quantization", "quant_group_size", "kv_cache_dtype")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: getattr(args, n) for n in QUANT_FIELDS if getattr(args, n, None) is not None}
 
 
 def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None, prompt_len: int = 512,

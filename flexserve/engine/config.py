@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..offload.policy import Policy
+from ..offload.policy import QUANT_FIELDS, Policy
 from .paged_batch import StreamingWindow
 from .rank_group import JoinGroup
 
@@ -77,10 +77,7 @@ class EngineConfig:
                             ("tensor_parallel", 1), ("pipeline_parallel", 1)):
             check_int(name, getattr(self, name), least)
         check_scheduler_options(self.scheduler_options)
-        quant = {k: getattr(self, k) for k in ("quantization", "quant_group_size", "kv_cache_dtype")
-                 if getattr(self, k) is not None}
-        if quant:
-            self.policy = (self.policy or Policy()).replace(**quant)
+        self.policy = Policy.with_quantization(self.policy, **{k: getattr(self, k) for k in QUANT_FIELDS})
         if self.sliding_window < 0 or self.attention_sinks < 0 or (self.attention_sinks and not self.sliding_window):
             raise ConfigError(f"attention sinks need a sliding window (--sliding-window W > 0); got "
                               f"sinks={self.attention_sinks}, window={self.sliding_window}")

@@ -44,16 +44,18 @@ class LLM:
                  progress: bool = False, gpu_limit: int | None = None, cpu_limit: int | None = None,
                  sliding_window: int = 0, attention_sinks: int = 0, quantization: str | None = None,
                  quant_group_size: int | None = None, kv_cache_dtype: str | None = None):
-        quant = {k: v for k, v in (("quantization", quantization), ("quant_group_size", quant_group_size),
-                                   ("kv_cache_dtype", kv_cache_dtype)) if v is not None}
-        run_policy = (policy or Policy()).replace(**quant) if quant else policy  # what places and runs the model
+        # What places and runs the model, and what the memory checks count (an fp8 cache is half the bytes).
+        # `self.policy` stays None without a policy of the caller's: each `generate` then sizes its own batch.
+        placed = Policy.with_quantization(policy, quantization=quantization, quant_group_size=quant_group_size,
+                                          kv_cache_dtype=kv_cache_dtype)
+        policy = placed if policy is not None else None
         self._windowed: WindowedGenerator | None = None
         self._seed = seed
         self._ids = itertools.count()
         if sliding_window or attention_sinks:
             self._windowed = WindowedGenerator(EngineConfig(
                 model=model, dtype=dtype, device=None if device is None else str(device), scheduler="fcfs",
-                policy=run_policy, offload_dir=offload_dir, seed=seed, sliding_window=sliding_window,
+                policy=placed, offload_dir=offload_dir, seed=seed, sliding_window=sliding_window,
                 attention_sinks=attention_sinks))
             engine = self._windowed.engine
             self.model, self.device, self.dtype, self.config = (engine.model_path, engine.device, engine.dtype,
@@ -67,9 +69,9 @@ class LLM:
             raise PolicyError("the policy puts weights, cache or activations on disk: give offload_dir (a folder "
                               "for the disk tier)")
         self.gpu_limit, self.cpu_limit = gpu_limit, cpu_limit
-        check_fits(self.config, policy or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
+        check_fits(self.config, placed or Policy(gpu_batch_size=1), self._dtype_bytes(), 1, self.device,
                    gpu_limit, cpu_limit)
-        self.executor = OffloadExecutor(opened.source, run_policy or Policy(), self.device, self.dtype,
+        self.executor = OffloadExecutor(opened.source, placed or Policy(), self.device, self.dtype,
                                         offload_dir, progress)
         try:
             self.tokenizer = Tokenizer(self.model, self.config.vocab_size)

@@ -21,6 +21,11 @@ WEIGHT_PLACEMENTS = ("flexgen", "largest-first")
 EXPERT_RULES = ("auto", "copy", "cpu")
 
 
+# The `Policy` fields that quantize weights and the KV cache, which `LLM`, `EngineConfig` and the CLI also take
+# as their own arguments (see `Policy.with_quantization`).
+QUANT_FIELDS = ("quantization", "quant_group_size", "kv_cache_dtype")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Placement and batching policy of the offloading executor.
@@ -149,6 +154,17 @@ class Policy:
 
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def with_quantization(policy: "Policy | None", **fields) -> "Policy | None":
+        """`policy` with those of the `QUANT_FIELDS` given (not None) set on it, a default `Policy` standing in
+        for None; `policy` unchanged (None included: resident, automatic batch) when none is given. The front
+        ends take the quantization settings as their own arguments and fold them in here."""
+        quant = {k: v for k, v in fields.items() if v is not None}
+        if set(quant) - set(QUANT_FIELDS):
+            raise TypeError(f"not a quantization field: {sorted(set(quant) - set(QUANT_FIELDS))}")
+        return (policy or Policy()).replace(**quant) if quant else policy
+
 
     def percent_flags(self) -> str:
         """The policy as CLI flags, e.g. `--percent 20 80 0 100 0 100 --gpu-batch-size 16 ...`."""

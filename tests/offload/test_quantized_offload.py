@@ -177,3 +177,18 @@ def test_memory_check_and_planner_count_quantized_bytes():
     assert fp8.total_w == pytest.approx(head + fp8.layer_w * cfg.num_layers)
     assert weight_bytes(cfg, Policy(quantization="int8"), 2).gpu == int(fp8.total_w)
     assert cache_bytes(cfg, Policy(kv_cache_dtype="fp8"), 2, 100).gpu * 2 == cache_bytes(cfg, Policy(), 2, 100).gpu
+
+
+def test_llm_folds_quantization_into_the_policy_its_blocks_are_checked_with(tiny_model):
+    """A caller's policy plus `kv_cache_dtype`: the per-block memory check and the executor see the fp8 cache;
+    without a policy of the caller's, `generate` still sizes its own batch (`LLM.policy` stays None)."""
+    folder = tiny_model("llama-gqa")[0]
+    with LLM(folder, dtype="float32", device="cpu", policy=Policy(gpu_batch_size=2),
+             kv_cache_dtype="fp8") as llm:
+        assert llm.policy.kv_cache_dtype == "fp8" and llm.policy.gpu_batch_size == 2
+        assert llm.executor.policy == llm.policy
+    with LLM(folder, dtype="float32", device="cpu", quantization="int8") as llm:
+        assert llm.policy is None and llm.executor.policy.quantization == "int8"
+    assert Policy.with_quantization(None) is None
+    with pytest.raises(TypeError, match="not a quantization field"):
+        Policy.with_quantization(None, gpu_batch_size=4)
