@@ -45,16 +45,22 @@ def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
     return x if smooth is None else x / smooth.to(x.dtype)
 
 
+def _per_token(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] in float32 scaled so that each row's largest magnitude is `qmax`, and the scales [M, 1]."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12) / qmax
+    return x.float() / scale, scale
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with each row's largest magnitude at 448."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12) / FP8_MAX
-    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    scaled, scale = _per_token(x, FP8_MAX)
+    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (int8 [M, K], float32 scales [M, 1]), symmetric, each row's largest magnitude at 127."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12) / INT8_MAX
-    return (x.float() / scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    scaled, scale = _per_token(x, INT8_MAX)
+    return scaled.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
