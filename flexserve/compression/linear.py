@@ -68,7 +68,7 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     x2 = x.reshape(-1, k)  # [M, K]
     xq, xs = quantize_fp8_per_token(x2)
     if _has_scaled_mm(x.device) and k % 16 == 0 and w.shape[0] % 16 == 0:
-        y = torch._scaled_mm(xq, w.weight.t(), scale_a=xs, scale_b=w.scale.t(), out_dtype=torch.bfloat16)
+        y = torch._scaled_mm(xq, w.weight.t(), scale_a=xs, scale_b=w.scale.t(), out_dtype=x.dtype)
     else:  # the same rounded operands, multiplied in the activation's dtype
         y = (xq.to(x.dtype) @ w.weight.to(x.dtype).t()) * xs.to(x.dtype) * w.scale.t().to(x.dtype)
     return y.to(x.dtype).reshape(*lead, -1)
