@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..compression.kv import from_cache, write_slots
-from ..memory.pinned import upload
+from ..memory.pinned import upload, upload_parts
 from ..kernels.paged_attention import QueryTiles, kernel_available, paged_attention, query_tiles
 from ..models.attention import attend_over, causal_mask
 from ..models.layers import apply_rope, rope_cos_sin
@@ -98,12 +98,9 @@ class PagedBatch:
             seq_rows[i] = int(offsets[r])
 
         # Two uploads instead of seven: every int64 array in one page-locked buffer, every int32 one in another
-        i64 = upload(np.concatenate([np.asarray(ids, dtype=np.int64), positions, slots,
-                                     np.asarray(sample_rows, dtype=np.int64)]), torch.long, device)
-        i32 = upload(np.concatenate([tables.ravel(), row_seq, positions + 1]).astype(np.int32), torch.int32, device)
-        t = len(row_seq)
-        ids_d, pos_d, slots_d, rows_d = i64.split([t, t, t, len(sample_rows)])
-        tables_d, row_seq_d, ctx_d = i32.split([tables.size, t, t])
+        # (each part 16-byte aligned, so that the kernels reading them never meet a new alignment pattern)
+        ids_d, pos_d, slots_d, rows_d = upload_parts([ids, positions, slots, sample_rows], torch.long, device)
+        tables_d, row_seq_d, ctx_d = upload_parts([tables, row_seq, positions + 1], torch.int32, device)
         return cls(ids=ids_d[None], positions=pos_d[None], slots=slots_d, block_tables=tables_d.view(tables.shape),
                    row_seq=row_seq_d, ctx_lens=ctx_d, block_size=block_size, num_decode=num_decode, chunks=chunks,
                    sample_rows=rows_d, sampled=sampled, seq_rows=seq_rows, streaming=streaming, inv_freq=inv_freq)

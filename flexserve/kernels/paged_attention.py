@@ -130,7 +130,9 @@ if triton is not None:
 
     # Runtime sizes must not specialise the kernel: Triton compiles a variant per "divisible by 16 / equal to 1"
     # pattern of each integer argument, and a new variant in the middle of serving stalls a step for a second.
-    @triton.jit(do_not_specialize=["num_tiles", "split_len", "sinks", "window"])
+    # The block-table width (`stride_tb`) follows the step's longest context. Pointers are specialised on 16-byte
+    # alignment: the step's metadata arrives in aligned parts (`memory.pinned.upload_parts`).
+    @triton.jit(do_not_specialize=["num_tiles", "split_len", "sinks", "window", "stride_tb"])
     def _paged_attention_kernel(Q, QSink, K, V, O, Tables, RowSeq, CtxLens, Tiles, num_tiles, PartO, PartML,
                                 qk_scale, stride_qt, stride_qh, stride_ks, stride_kh, stride_tb, stride_ot,
                                 stride_oh, split_len, sinks, window,

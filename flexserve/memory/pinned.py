@@ -18,6 +18,7 @@ import mmap
 import warnings
 import weakref
 
+import numpy as np
 import torch
 
 REGISTER_MIN_BYTES = 64 << 20  # below this the caching allocator's rounding costs little
@@ -83,3 +84,30 @@ def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+ALIGN_BYTES = 16  # the alignment Triton specialises a pointer argument on
+
+
+def upload_parts(parts, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Several small host arrays as tensors on `device` through one `upload`, each starting on a 16-byte
+    boundary of the shared buffer.
+
+    Triton compiles a kernel variant per pattern of "pointer aligned to 16 bytes" over its pointer arguments;
+    parts packed end to end would start at offsets that change with the batch, and a step meeting a new pattern
+    would stall on a compilation in the middle of serving."""
+    arrays = [np.asarray(p).ravel() for p in parts]
+    step = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    sizes = [a.size for a in arrays]
+    padded = [-(-n // step) * step for n in sizes]
+    packed = np.zeros(sum(padded), dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    at = 0
+    for a, n, width in zip(arrays, sizes, padded):
+        packed[at:at + n] = a
+        at += width
+    whole = upload(packed, dtype, device)
+    out, at = [], 0
+    for n, width in zip(sizes, padded):
+        out.append(whole[at:at + n])
+        at += width
+    return out

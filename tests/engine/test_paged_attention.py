@@ -67,6 +67,19 @@ def test_metadata_matches_block_tables():
     assert batch.sample_rows.tolist() == [0, 1, 2, 3, 10]
 
 
+@pytest.mark.parametrize("extra", [0, 1, 2, 3])
+def test_metadata_arrays_start_on_16_bytes_whatever_the_sizes(extra):
+    """Triton specialises a pointer on 16-byte alignment: metadata packed at offsets that follow the step's
+    sizes would meet new patterns, each compiling a kernel variant in the middle of serving."""
+    seqs = _scenario()
+    seqs.append(SeqChunk([1] * (extra + 2), 0, [60, 61], True))  # an odd number of tokens and table entries
+    seqs[0] = SeqChunk(seqs[0].token_ids, seqs[0].start + 4 * extra, seqs[0].block_table + list(range(56, 56 + extra)), True)
+    batch = PagedBatch.build(seqs, BLOCK, torch.device("cpu"))
+    arrays = (batch.ids, batch.positions, batch.slots, batch.sample_rows, batch.block_tables, batch.row_seq,
+              batch.ctx_lens)
+    assert all(a.data_ptr() % 16 == 0 for a in arrays), [a.data_ptr() % 16 for a in arrays]
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (6, 3)])
 def test_gather_path_equals_reference(heads, kv_heads):
     torch.manual_seed(0)

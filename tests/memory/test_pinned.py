@@ -150,3 +150,14 @@ def test_upload_keeps_values_and_dtype_on_the_cpu():
     t = upload(np.array([3, 1, 2]), torch.int32, torch.device("cpu"))
     assert t.dtype == torch.int32 and t.tolist() == [3, 1, 2]
     assert upload([[1, 2], [3, 4]], torch.long, torch.device("cpu")).tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.long])
+def test_upload_parts_keeps_values_and_starts_each_part_on_16_bytes(dtype):
+    from flexserve.memory.pinned import upload_parts
+
+    parts = [np.arange(5), [7], [], np.array([[1, 2, 3], [4, 5, 6]]), list(range(9))]
+    got = upload_parts(parts, dtype, torch.device("cpu"))
+    assert [t.tolist() for t in got] == [list(range(5)), [7], [], [1, 2, 3, 4, 5, 6], list(range(9))]
+    assert all(t.dtype == dtype for t in got)
+    assert all(t.data_ptr() % 16 == 0 for t in got)
