@@ -497,10 +497,10 @@ ENTRIES = [
     Entry("moe-mixtral-8x7b-large-block",
           "Mixtral-8x7B bf16, experts on the CPU, a 64x4 block with CPU attention: decode throughput against the "
           "PCIe bound of the experts a step reaches",
-          "1 GPU", 360,
+          "1 GPU", 580,
           (Cmd("flexserve bench throughput --model dummy:mixtral-8x7b --dtype bfloat16 --percent 20 80 0 100 100 0 "
                "--gpu-batch-size 64 --num-gpu-batches 4 --cpu-cache-compute --prompt-len 512 --gen-len 32 --json",
-               340),)),
+               570),)),
     Entry("moe-accelerate-peer-mixtral-8x7b",
           "Hugging Face Accelerate device_map offloading of the same Mixtral-8x7B shape under the 24 GiB cap: "
           "batch-1 decode (the peer of moe-mixtral-8x7b-cap24-batch1)",
