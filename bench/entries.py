@@ -454,11 +454,12 @@ ENTRIES = [
           note="FlexGen's block is gpu batch x gpu batches x ranks (4 x 1 x 2 = 8 prompts, as flexserve's)."),
     # --- quantization (fp8, int8, 4-bit weights; fp8 KV cache) ---------------------------------------------
     Entry("gpu-tests-quantization",
-          "Do the GPU-only quantization tests pass: the fused 4-bit dequantize-and-multiply Triton kernel, "
-          "torch._scaled_mm and torch._int_mm against the portable math, the paged-attention kernel over an fp8 "
-          "pool",
+          "Do the GPU-only quantization tests pass: the fused 4-bit dequantize-and-multiply Triton kernel, the "
+          "fused per-token activation quantiser, torch._scaled_mm and torch._int_mm against the portable math, the "
+          "paged-attention kernel over an fp8 pool",
           "1 GPU", 150,
-          (Cmd("pytest -q -rs tests/kernels/test_dequant_matmul_kernel.py tests/compression/test_quant_schemes.py "
+          (Cmd("pytest -q -rs tests/kernels/test_dequant_matmul_kernel.py tests/kernels/test_act_quant_kernel.py "
+               "tests/compression/test_quant_schemes.py "
                "tests/engine/test_paged_fp8_kv.py tests/kernels/test_paged_attention_kernel.py", 240),)),
     Entry("quant-llama3-70b-weights-cpu",
           "Llama-3-70B with weights streamed from the CPU: decode with fp8, rtn4 and awq weights (the bf16 row, "

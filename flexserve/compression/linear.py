@@ -9,33 +9,44 @@ layer code. Per scheme:
 - int8: the activation (divided by its smoothing factor) is rounded to int8 per token; the int8 x int8
   product accumulates in int32 (`torch._int_mm` on a GPU; on a CPU an exact float64 matmul, since every
   partial sum is an integer below 2**53) and is rescaled by the token and channel scales.
-- 4-bit (rtn4, awq): weight-only; the CPU path dequantises and multiplies. The GPU decode path that never
-  rebuilds the matrix is the fused kernel in `flexserve.kernels.dequant_matmul`, chosen by the model layer.
+- 4-bit (rtn4, awq, a GGUF file's Q4_0/Q4_1 under gguf): weight-only; the CPU path dequantises and multiplies.
+  The GPU decode path that never rebuilds the matrix is the fused kernel in `flexserve.kernels.dequant_matmul`,
+  chosen by the model layer.
+- 8-bit groups (a GGUF file's Q8_0 under gguf): weight-only, dequantised and multiplied on every device.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .qweight import FP8_DTYPE, FP8_MAX, INT8_MAX, Fp8Weight, Int4Weight, Int8Weight
+from .qweight import FP8_DTYPE, FP8_MAX, INT8_MAX, Fp8Weight, Int4Weight, Int8GroupWeight, Int8Weight
 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm needs more than 16 rows
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+# Per-token activation quantiser: x [M, K], the 8-bit dtype, its largest magnitude -> (8-bit x, float32 scales
+# [M, 1]). The default is the portable PyTorch math below; the model layer passes the fused GPU kernel, which
+# returns the same bits.
+ActQuantizer = Callable[[torch.Tensor, torch.dtype, float], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+           quantize: ActQuantizer | None = None) -> torch.Tensor:
     """x [..., K] @ weight.T (+ bias) -> [..., N] in x's dtype, whatever form `weight` is stored in.
 
     A weight that is neither a tensor nor a known quantised type may supply `linear(x, bias)` itself
-    (calibration wraps weights this way to observe their inputs)."""
+    (calibration wraps weights this way to observe their inputs). `quantize` rounds the activation of the fp8
+    and int8 schemes (default: `per_token`)."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
     if isinstance(weight, Fp8Weight):
-        return _add_bias(fp8_linear(x, weight), bias)
+        return _add_bias(fp8_linear(x, weight, quantize or per_token), bias)
     if isinstance(weight, Int8Weight):
-        return _add_bias(int8_linear(x, weight), bias)
-    if isinstance(weight, Int4Weight):
+        return _add_bias(int8_linear(x, weight, quantize or per_token), bias)
+    if isinstance(weight, (Int4Weight, Int8GroupWeight)):  # weight-only: rebuild the matrix, then multiply
         return F.linear(x, weight.dequantize(x.dtype), bias)  # the dequantised matrix carries 1 / smooth
     return weight.linear(x, bias)
 
@@ -51,22 +62,29 @@ def _per_token(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor
     return x.float() / scale, scale
 
 
+def per_token(x: torch.Tensor, dtype: torch.dtype, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (`dtype` [M, K], float32 scales [M, 1]), each row's largest magnitude at `qmax`; an integer
+    dtype is rounded to nearest (ties to even) first, a float8 one by the cast."""
+    scaled, scale = _per_token(x, qmax)
+    if not dtype.is_floating_point:
+        scaled.round_()
+    return scaled.clamp_(-qmax, qmax).to(dtype), scale
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with each row's largest magnitude at 448."""
-    scaled, scale = _per_token(x, FP8_MAX)
-    return scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return per_token(x, FP8_DTYPE, FP8_MAX)
 
 
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (int8 [M, K], float32 scales [M, 1]), symmetric, each row's largest magnitude at 127."""
-    scaled, scale = _per_token(x, INT8_MAX)
-    return scaled.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return per_token(x, torch.int8, INT8_MAX)
 
 
-def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: Fp8Weight, quantize: ActQuantizer = per_token) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    xq, xs = quantize_fp8_per_token(x2)
+    xq, xs = quantize(x2, FP8_DTYPE, FP8_MAX)
     if _has_scaled_mm(x.device) and k % 16 == 0 and w.shape[0] % 16 == 0:
         y = torch._scaled_mm(xq, w.weight.t(), scale_a=xs, scale_b=w.scale.t(), out_dtype=x.dtype)
     else:  # the same rounded operands, multiplied in the activation's dtype
@@ -74,9 +92,9 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*lead, -1)
 
 
-def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, w: Int8Weight, quantize: ActQuantizer = per_token) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
-    xq, xs = quantize_int8_per_token(smoothed(x, w.smooth).reshape(-1, k))  # [M, K] int8, [M, 1]
+    xq, xs = quantize(smoothed(x, w.smooth).reshape(-1, k), torch.int8, INT8_MAX)  # [M, K] int8, [M, 1]
     acc = int8_matmul(xq, w.weight)  # [M, N] exact integer sums
     return (acc.float() * xs * w.scale.t()).to(x.dtype).reshape(*lead, -1)
 

@@ -4,7 +4,8 @@ The quantised storage and its portable math live in `flexserve.compression` (lay
 `flexserve.kernels` (layer 3 too); the model layer is the first that may use both, so the choice between them
 is made here: a 4-bit weight meeting a decode-sized activation on a GPU goes to the fused
 dequantise-and-multiply kernel (the matrix is never rebuilt in fp16), everything else to
-`compression.linear.linear`.
+`compression.linear.linear`, which rounds the activations of the fp8 and int8 schemes with the fused per-token
+kernel on a GPU (`kernels.act_quant`) and with the same math in PyTorch elsewhere.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from ..compression.linear import linear as quantized_linear
 from ..compression.linear import smoothed
 from ..compression.qweight import Int4Weight
+from ..kernels.act_quant import per_token_quant, per_token_quant_available
 from ..kernels.dequant_matmul import int4_matmul, is_fused_int4_shape
 
 
@@ -21,4 +23,6 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, Int4Weight) and is_fused_int4_shape(x, weight.in_features, weight.group_size):
         y = int4_matmul(smoothed(x, weight.smooth), weight.data, weight.scale, weight.min)
         return y if bias is None else y + bias
-    return quantized_linear(x, weight, bias)
+    if isinstance(weight, torch.Tensor):
+        return quantized_linear(x, weight, bias)
+    return quantized_linear(x, weight, bias, per_token_quant if per_token_quant_available(x) else None)
