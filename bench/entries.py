@@ -300,6 +300,16 @@ ENTRIES = [
            launch(f"{BATCH256_TRACE} --engine-process", 150),
            launch(f"{BATCH256_TRACE} --no-engine-process", 150)),
           peer="transformers generate_batch (bench/peer_transformers_serving.py)"),
+    Entry("serve-offloaded-opt30b",
+          "Serving a model whose weights mostly live in CPU memory (OPT-30B fp16, 30% of the weights on the GPU) "
+          "through HTTP: throughput against the bound of streaming the other 70% over PCIe every step, and the "
+          "offline executor at the same placement in the same call",
+          "1 GPU", 330,
+          (Cmd("flexserve bench serve --json --launch --model dummy:opt-30b --dtype float16 --percent 30 70 100 0 "
+               "100 0 --trace poisson --rate 100 --prompt-len 256 --output-len 32 --max-output-len 48 "
+               "--num-requests 64 --max-num-seqs 64 --schedulers fcfs --engine-process", 200),
+           Cmd("flexserve bench throughput --model dummy:opt-30b --dtype float16 --percent 30 70 100 0 100 0 "
+               "--gpu-batch-size 64 --prompt-len 256 --gen-len 32 --json", 150))),
     Entry("prefill-heavy-batch-llama3-8b",
           "Prefill-heavy offline batch (128 prompts of 1k-3k tokens, 32 out): prompt tokens per second against "
           "the measured matmul rate, with the derived token budget and with 8,192",

@@ -10,7 +10,10 @@ what the machine allows.
   the same tokens' matmuls can take longer than that traffic: decode counts whichever of the two is larger.
 
 The bound is the sum of the two (a step does either kind of work at the rate that limits it; mixing them in one
-step overlaps little on a GPU that is saturated by either). It is the bound of a saturated server: for a trace
+step overlaps little on a GPU that is saturated by either). When part of the weights lives off the GPU (a
+served offloaded model), every step also streams those bytes over PCIe, overlapped with the step's compute: the
+bound is then the larger of the GPU's time and the stream's, the stream counting the fewest steps any engine
+needs (the decode steps above, or all tokens over the step's token budget, whichever is larger). It is the bound of a saturated server: for a trace
 whose arrivals are slower than service the makespan is set by the arrivals, and the fraction says how idle
 the machine was, not how fast the engine is.
 """
@@ -25,15 +28,30 @@ from ..config import ModelConfig
 class WorkloadBound:
     prefill_s: float
     decode_s: float
+    stream_s: float = 0.0  # weights off the GPU crossing PCIe once per step (overlapping the GPU's work)
 
     @property
     def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
+        return max(self.prefill_s + self.decode_s, self.stream_s)
 
     def row(self, makespan_s: float) -> dict:
         """Columns for a report: the bound and the fraction of it a run of `makespan_s` reached."""
-        return {"bound_prefill_s": round(self.prefill_s, 3), "bound_decode_s": round(self.decode_s, 3),
-                "fraction_of_bound": round(self.total_s / makespan_s, 3) if makespan_s > 0 else None}
+        row = {"bound_prefill_s": round(self.prefill_s, 3), "bound_decode_s": round(self.decode_s, 3),
+               "fraction_of_bound": round(self.total_s / makespan_s, 3) if makespan_s > 0 else None}
+        if self.stream_s:
+            row["bound_stream_s"] = round(self.stream_s, 3)
+        return row
+
+
+def stream_bound_s(prompt_lens: list[int], output_lens: list[int], max_num_seqs: int, max_batched_tokens: int,
+                   streamed_weight_bytes: float, h2d_bw: float) -> float:
+    """Least seconds to stream the off-GPU weights once per step over the fewest steps the trace needs: one per
+    output token of the longest request, the output tokens over the seats, and every token (prompt and output)
+    over the step's token budget, whichever is most."""
+    outputs = sum(output_lens)
+    steps = max(max(output_lens, default=0), -(-outputs // max(1, max_num_seqs)),
+                -(-(sum(prompt_lens) + outputs) // max(1, max_batched_tokens)))
+    return steps * streamed_weight_bytes / h2d_bw
 
 
 def workload_bound(cfg: ModelConfig, dtype_bytes: int, resident_weight_bytes: float, prompt_lens: list[int],

@@ -119,24 +119,37 @@ def _launch_one(bench: ServeBenchSettings, scheduler: str, shared: dict) -> dict
 
 
 def _bound_columns(engine, config, shared: dict, makespan_s: float) -> dict:
-    """The run's fraction of the GPU's bound (see `bounds.py`), for resident weights on a GPU, from the rates
-    the engine measured at start."""
+    """The run's fraction of the GPU's bound (see `bounds.py`), from the rates the engine measured at start. With
+    weights off the GPU, the policy's share of them (`100 - w_gpu_percent`) streams every step at the
+    host-to-device rate measured here (disk-resident weights counted at that rate too, so the bound stays a
+    bound)."""
     import torch
 
-    from .bounds import workload_bound
+    from .bounds import stream_bound_s, workload_bound
 
-    placed = config.policy is None or config.policy.w_gpu_percent == 100
     rates = engine.rates
-    if rates is None or not placed:
+    if rates is None:
         return {}
     cfg = engine.model_config
     dtype_bytes = torch.empty((), dtype=engine.dtype).element_size()
     trace = shared["trace"]
-    bound = workload_bound(cfg, dtype_bytes, cfg.stored_weight_bytes(dtype_bytes), [r.prompt_len for r in trace],
-                           [r.output_len for r in trace], engine.settings.max_num_seqs, rates.matmul_flops,
-                           rates.memory_bw)
+    prompts, outputs = [r.prompt_len for r in trace], [r.output_len for r in trace]
+    seats = engine.settings.max_num_seqs
+    weight_bytes = cfg.stored_weight_bytes(dtype_bytes)
+    off_gpu = 0.0 if config.policy is None else 1.0 - config.policy.w_gpu_percent / 100
+    bound = workload_bound(cfg, dtype_bytes, weight_bytes * (1.0 - off_gpu), prompts, outputs, seats,
+                           rates.matmul_flops, rates.memory_bw)
+    extra = {}
+    if off_gpu > 0:
+        from ..planner.calibrate import copy_bandwidths
+
+        h2d = copy_bandwidths(torch.device("cuda"))["h2d_pinned_bw"]
+        stream = stream_bound_s(prompts, outputs, seats, engine.settings.max_num_batched_tokens,
+                                weight_bytes * off_gpu, h2d)
+        bound = dataclasses.replace(bound, stream_s=stream)
+        extra = {"h2d_gbps": round(h2d / 1e9, 1)}
     return {**bound.row(makespan_s), "matmul_tflops": round(rates.matmul_flops / 1e12, 1),
-            "memory_gbps": round(rates.memory_bw / 1e9, 1)}
+            "memory_gbps": round(rates.memory_bw / 1e9, 1), **extra}
 
 
 def sim_cost(step_overhead_ms: float | None = None, seq_overhead_us: float | None = None) -> LinearCostModel:

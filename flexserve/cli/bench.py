@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..benchmarks.settings import BENCH_MODEL, ServeBenchSettings, ThroughputSettings, TraceSettings
-from .common import add_model_arguments, add_policy_arguments, add_quant_arguments, policy_for_model
+from .common import add_model_arguments, add_policy_arguments, policy_for_model
 from .serve import add_engine_arguments, engine_config_from_args
 
 
@@ -63,7 +63,7 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="write every request's latencies (one CSV row per request and run) to this file; "
                         "`--plot-records A.csv,B.csv --plot P.png` plots runs made apart on one figure")
     add_engine_arguments(p, with_scheduler=False)
-    add_quant_arguments(p)  # EngineConfig fields of the same names
+    add_policy_arguments(p)  # --launch: where the served model's weights live (`flexserve serve`'s flags)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,9 @@
 """The serving workload bound: its arithmetic on a hand-checked case, and which term limits where."""
+import dataclasses
+
 import pytest
 
-from flexserve.benchmarks.bounds import workload_bound
+from flexserve.benchmarks.bounds import stream_bound_s, workload_bound
 from flexserve.config import preset
 
 
@@ -25,3 +27,21 @@ def test_decode_steps_limited_by_seats_and_compute():
     assert few.decode_s > many.decode_s  # 32 steps of weight reads against 8
     slow = workload_bound(cfg, 2, 16e9, [10] * 64, [8] * 64, max_num_seqs=64, matmul_flops=1e12, memory_bw=1e15)
     assert slow.decode_s == pytest.approx(512 * 2 * cfg.num_layers * cfg.num_layer_params() / 1e12)
+
+
+def test_offloaded_weights_bound_each_step_by_their_stream():
+    cfg = preset("llama-3-8b")
+    prompts, outputs = [100] * 32, [20] * 32
+    gpu = workload_bound(cfg, 2, 16e9, prompts, outputs, max_num_seqs=32, matmul_flops=1e15, memory_bw=4e12)
+    # 20 decode steps at least; 3,840 tokens over a 2,048-token budget is 2 steps: the decode steps count
+    stream = stream_bound_s(prompts, outputs, 32, 2048, streamed_weight_bytes=8e9, h2d_bw=50e9)
+    assert stream == pytest.approx(20 * 8e9 / 50e9)
+    # few seats: the output tokens over the seats; a small budget: every token over it
+    assert stream_bound_s(prompts, outputs, 8, 2048, 8e9, 50e9) == pytest.approx(80 * 8e9 / 50e9)
+    assert stream_bound_s(prompts, outputs, 32, 64, 8e9, 50e9) == pytest.approx(60 * 8e9 / 50e9)
+    both = dataclasses.replace(gpu, stream_s=stream)
+    assert both.total_s == pytest.approx(max(gpu.total_s, stream)) and both.total_s == stream
+    row = both.row(2 * stream)
+    assert row["bound_stream_s"] == pytest.approx(stream, abs=1e-3) and row["fraction_of_bound"] == 0.5
+    assert "bound_stream_s" not in gpu.row(1.0)  # resident weights: the GPU's bound alone
+
