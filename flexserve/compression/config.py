@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexserve.compression.names import STORED_SCHEMES
 from flexserve.errors import PolicyError
 
 SUPPORTED_BITS = (4, 8)
@@ -71,8 +72,10 @@ def layer_ratio(config, scheme: str | None, group_size: int, dtype_bytes: int, p
     """Stored bytes per original byte of a decoder layer under `--quantization` (`packed_ratio` without, and
     for mixtures of experts, whose experts stay unquantized): fp8 and int8 keep one byte per weight (their
     per-channel scales are negligible), the 4-bit schemes pack two per byte plus a scale and minimum in the
-    model's dtype per group. Norm weights count as packed too, a rounding error of the count."""
-    if scheme is None or config.is_moe:
+    model's dtype per group. Norm weights count as packed too, a rounding error of the count. `gguf` keeps
+    what the file stores, which the config does not say (a K-quant file is read dense): it counts as unquantized,
+    an upper bound."""
+    if scheme is None or config.is_moe or scheme in STORED_SCHEMES:
         return packed_ratio
     if scheme in ("rtn4", "awq"):
         return (0.5 + 2 * dtype_bytes / group_size) / dtype_bytes

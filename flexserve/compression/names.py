@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from ..errors import PolicyError
 
-SCHEMES = ("fp8", "int8", "rtn4", "awq")
+SCHEMES = ("fp8", "int8", "rtn4", "awq", "gguf")
+# Schemes that round nothing: they keep the quantised form a checkpoint already stores (`gguf`: a GGUF file's
+# Q4_0, Q4_1 and Q8_0 projections, see `compression.ggml`), so they apply only to such a checkpoint.
+STORED_SCHEMES = ("gguf",)
 GROUPED_SCHEMES = ("rtn4", "awq")  # the schemes `--quant-group-size` applies to
 CALIBRATED_SCHEMES = ("int8", "awq")
 DEFAULT_GROUP_SIZE = 128

@@ -134,10 +134,42 @@ class Int4Weight(QuantWeight):
     def shape(self) -> torch.Size:
         return torch.Size((self.data.shape[0], self.in_features))
 
-    def packed(self) -> CompressedTensor:
-        """The same bytes as a `CompressedTensor` (for `decompress`)."""
+    def packed(self, dtype: torch.dtype | None = None) -> CompressedTensor:
+        """The same bytes as a `CompressedTensor` (for `decompress`), its scale and min in `dtype` (default:
+        as stored)."""
+        dtype = dtype or self.scale.dtype
         cfg = CompressionConfig(num_bits=4, group_size=self.group_size, group_dim=-1)
-        return CompressedTensor(self.data, self.scale, self.min, self.shape, self.scale.dtype, cfg)
+        return CompressedTensor(self.data, self.scale.to(dtype), self.min.to(dtype), self.shape, dtype, cfg)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._unsmooth(decompress(self.packed()), self.smooth).to(dtype)
+        # Rebuilt in the wider of the scale's dtype and `dtype`: fp16 scales (a GGUF file's) asked for in float32
+        # or bfloat16 are computed in float32, where min + q * scale of an fp16 pair rounds once, as llama.cpp's.
+        work = torch.promote_types(self.scale.dtype, dtype)
+        return self._unsmooth(decompress(self.packed(work)), self.smooth).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int8GroupWeight(QuantWeight):
+    """Symmetric 8-bit weights in groups along the input dimension, weight-only:
+    W[n, g*G + j] = weight[n, g, j] * scale[n, g].
+
+    This is GGUF's Q8_0 (groups of 32, fp16 scales; see `ggml`). Unlike `Int8Weight` the activation is never
+    rounded: the matmul rebuilds W in the activation's dtype, so a model keeps the outputs of its dequantised
+    checkpoint while storing one byte per value."""
+
+    weight: torch.Tensor  # int8 [N, num_groups, group_size]
+    scale: torch.Tensor  # [N, num_groups, 1]
+
+    @property
+    def group_size(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.weight.shape[0], self.weight.shape[1] * self.weight.shape[2]))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        # q * scale is exact in float32 for an fp16 scale (8 by 11 significant bits), so the one rounding is
+        # the cast to `dtype`, as for the dequantised checkpoint
+        work = torch.promote_types(self.scale.dtype, dtype)
+        return (self.weight.to(work) * self.scale.to(work)).reshape(self.shape).to(dtype)  # [N, K]

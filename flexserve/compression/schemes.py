@@ -6,6 +6,7 @@
 | `int8` | int8, per-output-channel scale | int8, per-token scale (dynamic) | SmoothQuant factors |
 | `rtn4` | 4-bit groups along K (asymmetric) | the model's dtype | none |
 | `awq` | as `rtn4` | the model's dtype | AWQ's per-channel scale search |
+| `gguf` | a GGUF file's own Q4_0/Q4_1 (4-bit, groups of 32) and Q8_0 (8-bit, groups of 32) blocks | the model's dtype | none: nothing is rounded (`ggml`) |
 
 Smoothing and scale search live in `smoothing`; this module only rounds a given matrix.
 """
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import PolicyError
 from .config import CompressionConfig
-from .names import CALIBRATED_SCHEMES, DEFAULT_GROUP_SIZE, GROUPED_SCHEMES, check_scheme
+from .names import CALIBRATED_SCHEMES, DEFAULT_GROUP_SIZE, GROUPED_SCHEMES, STORED_SCHEMES, check_scheme
 from .quantize import compress
 from .qweight import FP8_DTYPE, FP8_MAX, INT8_MAX, Fp8Weight, Int4Weight, Int8Weight, QuantWeight
 
@@ -46,6 +47,11 @@ class QuantConfig:
     @property
     def is_calibrated(self) -> bool:
         return self.scheme in CALIBRATED_SCHEMES
+
+    @property
+    def is_stored(self) -> bool:
+        """Whether the scheme keeps the checkpoint's own quantised weights instead of rounding float ones."""
+        return self.scheme in STORED_SCHEMES
 
 
 def quantize_fp8(w: torch.Tensor) -> Fp8Weight:
@@ -78,6 +84,8 @@ def quantize(scheme: str, w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
         return quantize_int8(w, smooth)
     if scheme in GROUPED_SCHEMES:
         return quantize_int4(w, group_size, smooth)
+    if scheme in STORED_SCHEMES:  # a float matrix has no stored blocks to keep
+        raise PolicyError(f"{scheme} keeps a checkpoint's quantized weights; it does not quantize a float matrix")
     raise PolicyError(f"unknown quantization scheme {scheme!r}")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compression.ggml import ggml_weight
 from ..compression.layer_quant import quantize_layer
 from ..compression.qweight import QuantWeight
 from ..compression.schemes import QuantConfig
@@ -19,6 +20,7 @@ from ..config import ModelConfig
 from ..errors import PolicyError
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.calibrate import Calibrator, calibration_ids
+from ..weights import GGUFBlocks, keep_quantized
 
 
 @dataclass
@@ -72,6 +74,9 @@ class LayerQuantizer:
 
     def layer(self, w: dict[str, torch.Tensor]) -> dict:
         """The next decoder layer's weights, quantised (on the compute device; placement moves them on)."""
+        if self.qcfg.is_stored:  # the file's own blocks become weights as they are; nothing is rounded
+            return {k: ggml_weight(v.type_name, v.blocks, v.in_features) if isinstance(v, GGUFBlocks) else v
+                    for k, v in w.items()}
         w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in w.items()}
         inputs = None
         if self.qcfg.is_calibrated:
@@ -89,5 +94,7 @@ def layer_quantizer(policy, source, device: torch.device, dtype: torch.dtype) ->
     if policy.quantization is None:
         return None
     qcfg = QuantConfig(policy.quantization, policy.quant_group_size)
+    if qcfg.is_stored:
+        keep_quantized(source)  # a GGUF file's Q4_0/Q4_1/Q8_0 projections are read as blocks from now on
     model_path = getattr(source, "path", None) or getattr(source, "folder", None)
     return LayerQuantizer(qcfg, source.config, model_path, device, dtype)

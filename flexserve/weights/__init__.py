@@ -12,9 +12,10 @@ import sys
 import torch
 
 from ..config import preset
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, PolicyError
 from .base import Tensors, WeightSource, fuse_layer
 from .dummy import DummySource
+from .gguf_blocks import GGUFBlocks
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -96,10 +97,23 @@ def open_source(model: str | None, dtype: torch.dtype = torch.float16,
     raise ModelLoadError(f"{model!r} is neither a Hugging Face folder, a .gguf file nor dummy:PRESET")
 
 
+def keep_quantized(source: WeightSource) -> int:
+    """Make `source` hand over the projections its file stores quantised as their blocks (`--quantization gguf`,
+    see `gguf_reader`); returns how many it keeps. Only a GGUF file read directly has such blocks."""
+    keep = getattr(source, "keep_quantized", None)
+    if keep is None:
+        where = getattr(source, "path", None) or getattr(source, "folder", None) or source.config.name
+        raise PolicyError(f"--quantization gguf keeps the Q4_0/Q4_1/Q8_0 weights of a .gguf file as they are "
+                          f"stored, and {where} is not a .gguf file read on one device: quantize other models "
+                          f"with fp8, int8, rtn4 or awq")
+    return keep()
+
+
 def layer_weights(source: WeightSource, index: int) -> Tensors:
     """Canonical (fused) weights of one layer, whatever the reader."""
     parts = source.layer_parts(index)
     return parts if getattr(source, "is_fused", False) else fuse_layer(source.config, parts, index)
 
 
-__all__ = ["open_source", "resolve_model", "layer_weights", "default_model_path", "DummySource", "Tensors", "WeightSource"]
+__all__ = ["open_source", "resolve_model", "layer_weights", "keep_quantized", "default_model_path", "DummySource",
+           "GGUFBlocks", "Tensors", "WeightSource"]

@@ -4,7 +4,8 @@ A reader yields, per decoder layer and for the global tensors, a dict of *raw pa
 (`q.weight`, `k.weight`, `gate.weight`, `fc1.weight`, ...). `fuse_layer` turns those into the canonical layer
 weights the model math uses (`qkv.weight`, `up.weight`, ...), so that fusion lives in one place for every reader.
 Readers are lazy: a layer's tensors are read only when asked for, so a large model streams straight into its
-target storage instead of being materialised whole first.
+target storage instead of being materialised whole first. A projection may also arrive as the quantised blocks
+its file stores (`GGUFBlocks`, under `--quantization gguf`); fusion keeps those as blocks.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from .gguf_blocks import cat_rows
 
 Tensors = dict[str, torch.Tensor]
 
@@ -33,7 +35,8 @@ class WeightSource(Protocol):
 
 
 def fuse_layer(cfg: ModelConfig, parts: Tensors, index: int) -> Tensors:
-    """Canonical weights of one layer from its raw parts: q/k/v and gate/up are concatenated row-wise."""
+    """Canonical weights of one layer from its raw parts: q/k/v and gate/up are concatenated row-wise
+    (`cat_rows`: kept quantised blocks of one encoding stay blocks)."""
     def need(name: str) -> torch.Tensor:
         if name not in parts:
             raise ModelLoadError(f"layer {index}: tensor {name!r} is missing from the checkpoint")
@@ -41,7 +44,7 @@ def fuse_layer(cfg: ModelConfig, parts: Tensors, index: int) -> Tensors:
 
     out: Tensors = {
         "attn_norm.weight": need("attn_norm.weight"),
-        "qkv.weight": torch.cat([need("q.weight"), need("k.weight"), need("v.weight")], dim=0),
+        "qkv.weight": cat_rows([need("q.weight"), need("k.weight"), need("v.weight")]),
         "o.weight": need("o.weight"),
         "mlp_norm.weight": need("mlp_norm.weight"),
     }
@@ -51,7 +54,7 @@ def fuse_layer(cfg: ModelConfig, parts: Tensors, index: int) -> Tensors:
         out.update(_fuse_experts(cfg, need))
     else:
         out["down.weight"] = need("down.weight")
-        out["up.weight"] = torch.cat([need("gate.weight"), need("up.weight")]) if cfg.gated_mlp else need("up.weight")
+        out["up.weight"] = cat_rows([need("gate.weight"), need("up.weight")]) if cfg.gated_mlp else need("up.weight")
     if cfg.norm_bias:
         out["attn_norm.bias"] = need("attn_norm.bias")
         out["mlp_norm.bias"] = need("mlp_norm.bias")

@@ -1,6 +1,11 @@
 """GGUF files (llama.cpp's format): metadata into `ModelConfig` (header parsed by `gguf_file`), tensors
 dequantised on load by the `gguf` package (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K and every other type `gguf.quants` knows).
 
+`keep_quantized()` (what `--quantization gguf` calls) makes the dense decoder projections (q, k, v, o, gate, up,
+down) that the file stores as Q4_0, Q4_1 or Q8_0 come back as their blocks (`GGUFBlocks`), to become quantised
+weights without any rounding (`flexserve.compression.ggml`). Everything else is still dequantised: K-quants,
+IQ types, F16/F32 projections, the embedding, norms, LM head, and a mixture of experts' router and experts.
+
 Rotary scaling comes two ways: linear scaling as metadata (`{arch}.rope.scaling.type` and `.factor`), and
 Llama 3.1's frequency-dependent scaling as the tensor `rope_freqs.weight`, one divisor per rotary frequency,
 which llama.cpp's converter computes from the checkpoint's `rope_scaling` and keeps in place of it. The divisors
@@ -14,8 +19,9 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, PolicyError
 from .base import Tensors, finish_globals
+from .gguf_blocks import KEPT_TYPES, GGUFBlocks
 from .gguf_file import GGUFFile
 
 _LAYER = {
@@ -31,6 +37,9 @@ _ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe")
 # llama.cpp's converter interleaves Q/K rows for these (their rotary is the interleaved kind); the Qwen ones keep
 # Hugging Face's rotate-half layout ("NEOX" rotary) and are read as they are.
 _PERMUTED = ("llama", "mistral")
+# The raw part names `keep_quantized` may keep as blocks: a dense layer's projections (experts stay dense, as the
+# expert offloader moves plain tensors).
+_PROJECTIONS = ("q.weight", "k.weight", "v.weight", "o.weight", "gate.weight", "up.weight", "down.weight")
 
 
 def _field(reader, key: str, default=None):
@@ -56,6 +65,7 @@ class GGUFSource:
             raise ModelLoadError(f"{path} is not a valid GGUF file (corrupt or truncated?): {e}") from None
         self._dequantize = gguf.quants.dequantize
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self.is_keeping_quantized = False
         self.config = self._config()
         self._layers: dict[int, dict[str, str]] = {}
         self._globals: dict[str, str] = {}
@@ -138,6 +148,32 @@ class GGUFSource:
             scaling["freq_factors"] = tuple(factors.tolist())
         return None if scaling == {"rope_type": "default"} else scaling
 
+    def keep_quantized(self) -> int:
+        """From now on hand over the projections stored as Q4_0/Q4_1/Q8_0 as their blocks (module docstring);
+        returns how many tensors that keeps. A file with none of them is refused: the option would do nothing."""
+        kept = [n for i in self._layers.values() for part, n in i.items()
+                if part in _PROJECTIONS and self._tensors[n].tensor_type.name in KEPT_TYPES]
+        if not kept:
+            stored = sorted({self._tensors[n].tensor_type.name for i in self._layers.values()
+                             for part, n in i.items() if part in _PROJECTIONS})
+            raise PolicyError(f"--quantization gguf keeps projections stored as {', '.join(KEPT_TYPES)}; "
+                              f"{os.path.basename(self.path)} stores them as {', '.join(stored) or 'experts only'}, "
+                              f"which are read dequantized: load it without --quantization gguf")
+        self.is_keeping_quantized = True
+        return len(kept)
+
+    def _blocks(self, name: str) -> GGUFBlocks:
+        t = self._tensors[name]
+        rows, cols = (int(s) for s in reversed(t.shape))  # GGUF lists dimensions fastest-first
+        return GGUFBlocks(t.tensor_type.name, torch.from_numpy(np.array(t.data).reshape(rows, -1)), cols)
+
+    def _part(self, part: str, name: str) -> torch.Tensor | GGUFBlocks:
+        """A layer part, as blocks where `keep_quantized` keeps it, else dequantised."""
+        if (self.is_keeping_quantized and part in _PROJECTIONS
+                and self._tensors[name].tensor_type.name in KEPT_TYPES):
+            return self._blocks(name)
+        return self._get(name)
+
     def _get(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
         try:
@@ -152,7 +188,7 @@ class GGUFSource:
         return finish_globals(self.config, {k: self._get(v) for k, v in self._globals.items()})
 
     def layer_parts(self, index: int) -> Tensors:
-        parts = {k: self._get(v) for k, v in self._layers[index].items()}
+        parts = {k: self._part(k, v) for k, v in self._layers[index].items()}
         for key in [k for k in parts if k.startswith("stacked.")]:  # [E, rows, cols] -> one tensor per expert
             part = key.split(".")[1]
             for e, t in enumerate(parts.pop(key).unbind(0)):
@@ -161,8 +197,11 @@ class GGUFSource:
         if _field(self._reader, "general.architecture") not in _PERMUTED:
             return parts
         for key, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
-            if f"{key}.weight" in parts:
-                parts[f"{key}.weight"] = _unpermute(parts[f"{key}.weight"], heads)
+            w = parts.get(f"{key}.weight")
+            if isinstance(w, GGUFBlocks):  # whole rows move, so the blocks are permuted as they are
+                parts[f"{key}.weight"] = w.map_rows(lambda b: _unpermute(b, heads))
+            elif w is not None:
+                parts[f"{key}.weight"] = _unpermute(w, heads)
             if f"{key}.bias" in parts:
                 parts[f"{key}.bias"] = _unpermute(parts[f"{key}.bias"], heads)
         return parts
