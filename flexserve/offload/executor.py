@@ -381,6 +381,7 @@ class OffloadExecutor:
             self._release_weights(j)
             if layer.experts:  # every batch of the block has run the layer: its copied experts can go
                 self.experts.release()
+        self.experts.end_step(self.layers)  # between steps: the most routed experts may take the GPU's share
 
     def embed_batch(self, layer: PseudoLayer, w, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Embeddings of ids [B, S]; a table left in host memory is read row by row (B*S rows cross PCIe)."""

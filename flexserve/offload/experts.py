@@ -20,6 +20,14 @@ with an expert batch k copied instead of copying it again (FlexGen's reuse of a 
 block, applied to experts): an expert crosses PCIe once per layer and block while the block's copied experts
 fit in the slots, and the slots never grow past what the planner and memory check count.
 
+Which experts hold the GPU's share is not fixed by index: the placement decides how many, H per layer, and
+the routing decides which (`hot_experts`). Every call counts the tokens routed to each expert from the
+per-expert counts already on the host, decaying per step; after a warm-up, then periodically, `end_step`
+swaps each off-GPU expert that out-counts a resident with that resident, between steps: the newcomer is read
+into a copy slot, the resident is written where the newcomer lived, and the two buffers trade places, so the
+GPU keeps H experts, every other tier its own count, and the copies run on the expert lane while the next
+step's earlier layers compute. The weights are unchanged, so the tokens are too.
+
 With `compress_weight` every expert is kept group-wise quantised on its tier, the GPU's too (FlexGen's meaning
 of the flag): a packed expert on the GPU is unpacked into a slot, one elsewhere crosses packed and is unpacked
 on the GPU, or is unpacked on the CPU and computed there. Only the packed bytes move.
@@ -37,6 +45,7 @@ from ..config import ModelConfig
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.moe import ExpertWork, expert_mlp
+from .hot_experts import HotExperts, choose_swaps
 from .policy import EXPERT_RULES
 
 EXPERT_SLOTS = 2  # GPU slots for copied experts: what `planner.moe_cost.staging_bytes` reserves per layer
@@ -127,18 +136,24 @@ class ExpertStreamer:
     rule: str = "auto"
     rates: ExpertRates = field(default_factory=ExpertRates)
     overlap: bool = True
-    counts: collections.Counter = field(default_factory=collections.Counter)  # "gpu", "copied", "cpu" runs
+    counts: collections.Counter = field(default_factory=collections.Counter)  # runs; "promoted" exchanges
     slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
+    hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
     def __post_init__(self) -> None:
         self.lane = Lane(self.device, self.overlap)
         self._slots: list[_Slot] = []
         self._used: dict[int, int] = {}  # slot -> when an expert last ran from it
         self._tick = 0
+        self._swapped: dict[int, object] = {}  # id(layer's offloaded experts) -> event of its last exchanges
+        self.hot = HotExperts(self.cfg.num_experts)
 
     def run(self, w, offloaded: dict[str, Handle], work: ExpertWork) -> list[torch.Tensor]:
         """Each expert of `work` over its tokens, the ones in `w` on the device, the others copied in or computed
         on the host by `copies_expert`."""
+        self.hot.counter.observe(id(offloaded), ((e, x.shape[0]) for e, x in work))  # host ints: no sync
+        swapped = self._swapped.pop(id(offloaded), None)  # the hot set changed since the layer last ran
+        current_wait(swapped)
         out: list[torch.Tensor | None] = [None] * len(work)
         to_copy, on_host = [], []
         params = self.cfg.expert_params()
@@ -170,6 +185,8 @@ class ExpertStreamer:
                 nxt += 1
 
         queue_loads(0)
+        if on_host and swapped is not None:  # the host reads weights the exchange may still be writing
+            swapped.synchronize()
         for i in on_host:  # while the first copies are in flight
             e, x = work[i]
             out[i] = self._on_host(offloaded, e, x)
@@ -188,6 +205,72 @@ class ExpertStreamer:
         """Forget what the slots hold: the executor has moved on from the layer for this block."""
         for slot in self._slots:
             slot.holds = None
+
+    def end_step(self, layers) -> None:
+        """The executor has walked every layer (a step): count it, and when the hot set is due, exchange in
+        each layer the off-GPU experts routed to more than a resident one (see `hot_experts`)."""
+        if not self.hot.step():
+            return
+        self.release()  # the exchanges recycle slot buffers: what they held is gone
+        ready = current_record(self.device)  # every computation so far, readers of the residents included
+        for layer in layers:
+            residents = self._residents(layer)
+            if not residents:
+                continue
+            others = {expert_index(n) for n in layer.experts} - residents
+            for promote, demote in choose_swaps(self.hot.counter.counts(id(layer.experts)), residents, others):
+                self._exchange(layer, promote, demote, ready)
+                self.counts["promoted"] += 1  # and as many sent back
+
+    def _residents(self, layer) -> set[int]:
+        """The routed experts of a layer that live on the GPU beside others that do not (else empty)."""
+        if not layer.experts:
+            return set()
+        plain = {expert_index(n) for n in layer.resident} - {None}
+        packed = {expert_index(n) for n, h in layer.experts.items()
+                  if not isinstance(h, Handle) and h.tier is Tier.GPU}
+        return plain | packed
+
+    def _exchange(self, layer, promote: int, demote: int, ready) -> None:
+        """Expert `promote` takes the GPU storage of resident `demote`, which takes `promote`'s storage off the
+        GPU, through slot 0: the slot receives `promote`, `demote` is written where `promote` lived, then the
+        slot's buffers and `demote`'s trade places. Every tier keeps its bytes; the copies run on the expert
+        lane, and the layer's next `run` waits for them."""
+        slot = self._slot(0)
+        self.lane.wait(ready)
+        self.lane.wait(slot.released)
+        with self.lane.context():
+            for part in ("up", "down"):
+                coming, going = f"experts.{promote}.{part}.weight", f"experts.{demote}.{part}.weight"
+                home = layer.experts.pop(coming)
+                if isinstance(home, Handle):  # plain: the resident is a tensor of the layer's GPU weights
+                    gpu, into = layer.resident.pop(going), getattr(slot, part)
+                    self._trade(slot, part, gpu, home, into)
+                    layer.resident[coming] = into
+                    setattr(slot, part, gpu)
+                else:  # packed: the resident is a packed handle whose parts live on the device
+                    resident = layer.experts.pop(going)
+                    if part not in slot.packed:
+                        slot.packed[part] = home.empty_on(self.device)
+                    into = slot.packed[part]
+                    freed = {k: piece.data for k, piece in resident.parts.items()}
+                    for k, piece in home.parts.items():
+                        self._trade(slot, f"{part}.{k}", freed[k], piece, getattr(into, k))
+                        resident.parts[k].data = getattr(into, k)
+                    slot.packed[part] = CompressedTensor(data=freed["data"], scale=freed["scale"],
+                                                         min=freed["min"], shape=into.shape, dtype=into.dtype,
+                                                         config=into.config)
+                    layer.experts[coming] = resident
+                layer.experts[going] = home
+            slot.loaded = self.lane.record()
+        self._swapped[id(layer.experts)] = slot.loaded
+
+    def _trade(self, slot: _Slot, key: str, gpu: torch.Tensor, home: Handle, into: torch.Tensor) -> None:
+        """`into` (on the device) receives what `home` stores, then `home` stores `gpu`: the order of one lane
+        (and of the slot's staging buffer) keeps the second copy from overwriting before the first has read."""
+        staging = self._staging(slot, key, home)
+        self.tiers.read_rows(home, into, 0, home.shape[0], staging)
+        self.tiers.write_rows(home, gpu, 0, home.shape[0], staging)
 
     def _held(self, offloaded: dict, e: int) -> int | None:
         """The slot holding expert e of the layer whose off-GPU experts are `offloaded`, or None."""

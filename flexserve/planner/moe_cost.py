@@ -7,6 +7,11 @@ costs either its bytes at the PCIe rate (copied in) or its tokens' FLOPs at the 
 weights from host memory (computed where it lives), whichever `copies_expert`, the executor's own rule, picks;
 a disk-resident expert is read from disk first either way. Dense weights (attention, router, norms, shared
 expert) go to the GPU first, so the weights off the GPU are taken to be experts.
+
+The executor keeps the most routed experts on the GPU (`offload.hot_experts`). With `hot_capture`, the
+fraction of routed tokens those GPU experts take, each expert off the GPU is reached as if it had the
+uniform k/E of a token scaled by (1 - hot_capture) / (1 - g), g the GPU's share of the experts: the skew
+moves traffic, not bytes. Left out, routing is uniform (hot_capture = g) and nothing changes.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from dataclasses import dataclass
 
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
-from ..offload.experts import EXPERT_SLOTS, ExpertRates, copies_expert
+from ..memory.tiers import Tier
+from ..offload.experts import EXPERT_SLOTS, ExpertRates, assign_moe_tiers, copies_expert, expert_index
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
@@ -50,20 +56,38 @@ class MoeLayer:
         return load, compute
 
 
-def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, dtype_bytes: int) -> MoeLayer:
-    """The terms of one GPU batch of `tokens` new tokens (gpu_batch_size × tokens per sequence)."""
+def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, dtype_bytes: int,
+              hot_capture: float | None = None) -> MoeLayer:
+    """The terms of one GPU batch of `tokens` new tokens (gpu_batch_size × tokens per sequence); `hot_capture`:
+    the fraction of routed tokens the GPU's experts take (None: uniform routing, see the module docstring)."""
     cfg, b = config, dtype_bytes
     stored = b * (compression_ratio(policy.comp_num_bits, policy.comp_group_size, b) if policy.compress_weight
                   else 1.0)  # bytes per parameter of an expert as it moves (packed with compress_weight)
-    expert, layer = cfg.expert_params(), cfg.num_layer_params()
-    hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, tokens)
+    expert, layer, k = cfg.expert_params(), cfg.num_layer_params(), cfg.experts_per_token
+    hit = expected_experts_hit(cfg.num_experts, k, tokens)
+    cold_k = k * cold_traffic(cfg, policy, hot_capture)  # an off-GPU expert's share of a token, times E
+    cold_hit = expected_experts_hit(cfg.num_experts, min(cold_k, cfg.num_experts), tokens)
     rates = ExpertRates(cpu_flops=hw.cpu_flops, host_read_bytes=hw.cpu_mem_bw, pcie_bytes=hw.h2d_pinned_bw)
-    per_expert_tokens = max(1.0, tokens * cfg.experts_per_token / max(hit, 1e-9))
+    per_expert_tokens = max(1.0, tokens * cold_k / max(cold_hit, 1e-9))  # tokens of one reached off-GPU expert
     copies = copies_expert(round(per_expert_tokens), expert, stored, rates, policy.expert_compute)
     cpu_s = 2.0 * per_expert_tokens * expert / rates.cpu_flops + expert * stored / rates.host_read_bytes
     return MoeLayer(active_params=cfg.active_layer_params(), hit=hit,
                     read_bytes16=(layer - (cfg.num_experts - hit) * expert) * b, expert_bytes=expert * stored,
-                    copies=copies, expert_cpu_s=cpu_s, hit_per_share=hit * layer / (expert * cfg.num_experts))
+                    copies=copies, expert_cpu_s=cpu_s,
+                    hit_per_share=cold_hit * layer / (expert * cfg.num_experts))
+
+
+def cold_traffic(config: ModelConfig, policy: Policy, hot_capture: float | None) -> float:
+    """How many times the uniform share of the routed tokens one expert off the GPU gets, when the experts
+    `policy` keeps on the GPU take `hot_capture` of them (1 when None, or when no expert or every expert is
+    on the GPU)."""
+    if hot_capture is None:
+        return 1.0
+    if not 0 <= hot_capture <= 1:
+        raise ValueError(f"hot_capture must be within 0..1, got {hot_capture}")
+    tiers = assign_moe_tiers(config.layer_weight_sizes(), policy.w_gpu_percent, policy.w_cpu_percent)
+    gpu = len({expert_index(n) for n, t in tiers.items() if t is Tier.GPU} - {None}) / config.num_experts
+    return 1.0 if gpu in (0.0, 1.0) else (1 - hot_capture) / (1 - gpu)
 
 
 def staging_bytes(config: ModelConfig, dtype_bytes: int) -> float:
