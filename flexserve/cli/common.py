@@ -42,13 +42,16 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     add_quant_arguments(p)
 
 
-def add_quant_arguments(p: argparse.ArgumentParser) -> None:
-    """`--quantization`, `--quant-group-size`, `--kv-cache-dtype`: the `Policy` fields of the same names."""
+def add_quant_arguments(p: argparse.ArgumentParser, auto: bool = False) -> None:
+    """`--quantization`, `--quant-group-size`, `--kv-cache-dtype`: the `Policy` fields of the same names.
+    `auto` adds `--quantization auto` (the planner tries each scheme: `flexserve plan`)."""
     g = p.add_argument_group("quantization")
-    g.add_argument("--quantization", choices=SCHEMES, default=None,
+    g.add_argument("--quantization", choices=(*SCHEMES, "auto") if auto else SCHEMES, default=None,
                    help="quantise the decoder projections: fp8 (e4m3 weights and per-token activations), int8 "
                         "(W8A8 with SmoothQuant), rtn4 (4-bit groups, round to nearest), awq (4-bit groups with "
-                        "AWQ's activation-aware scales); int8 and awq calibrate on a shipped text at load")
+                        "AWQ's activation-aware scales); int8 and awq calibrate on a shipped text at load"
+                        + ("; auto: plan with none and each scheme and keep the fastest that fits, the "
+                           "unquantized model (or the better-quality scheme) when within 5%% of it" if auto else ""))
     g.add_argument("--quant-group-size", type=int, default=None,
                    help=f"input channels per 4-bit group for rtn4 and awq (default {DEFAULT_GROUP_SIZE})")
     g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..errors import PolicyError
+from .common import add_quant_arguments
 
 PLAN_DTYPES = ("bfloat16", "float16", "float32")  # the planner's (planner.shapes.DTYPE_BYTES); named here so
 # that building the parser (and `--help`) does not import the planner, and with it torch
@@ -28,6 +29,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=PLAN_DTYPES)
     parser.add_argument("--compress", action="store_true", help="allow 4-bit weight/cache compression")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quant_arguments(parser, auto=True)
     g = parser.add_argument_group("several GPUs (the memory flags are then per GPU and its share of the host)")
     g.add_argument("--tensor-parallel", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel", "-pp", type=int, default=1)
@@ -68,9 +70,12 @@ def _size_arg(value: str | None, flag: str) -> float | None:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Search the fastest policy and print it (text or `--json`)."""
+    from ..compression.names import DEFAULT_GROUP_SIZE, GROUPED_SCHEMES
     from ..planner.hardware import resolve_hardware
     from ..planner.parallel import estimate_parallel, rank_config
-    from ..planner.report import Workload, format_parallel, format_plan, parallel_to_dict, plan_to_dict
+    from ..planner.quant_choice import choose_quantization
+    from ..planner.report import (Workload, format_parallel, format_plan, format_quant_choice, parallel_to_dict,
+                                  plan_to_dict, quant_choice_to_dict)
     from ..planner.auto import default_hardware
     from ..planner.search import search
     from ..planner.shapes import resolve_model_config
@@ -85,23 +90,45 @@ def run_plan(args: argparse.Namespace) -> int:
     from ..planner.shapes import DTYPE_BYTES
 
     dtype_bytes = DTYPE_BYTES[args.dtype]
-    plan = search(config, hw, args.prompt_len, args.gen_len, dtype_bytes,
-                  gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),
-                  disk=_size_arg(args.disk, "--disk"), allow_compression=args.compress, dtype=args.dtype)
+    caps = dict(gpu_mem=_size_arg(args.gpu_mem, "--gpu-mem"), cpu_mem=_size_arg(args.cpu_mem, "--cpu-mem"),
+                disk=_size_arg(args.disk, "--disk"))
+    auto = args.quantization == "auto"
+
+    def plan_for(scheme: str | None):
+        # with `auto` the group size is for the 4-bit schemes only; given with another scheme, Policy refuses it
+        group = args.quant_group_size if not auto or scheme in GROUPED_SCHEMES else None
+        return search(config, hw, args.prompt_len, args.gen_len, dtype_bytes, **caps,
+                      allow_compression=args.compress, dtype=args.dtype, quantization=scheme,
+                      quant_group_size=group, kv_cache_dtype=args.kv_cache_dtype)
+
+    choice = None
+    if auto:
+        if args.compress:
+            raise PolicyError("--quantization auto chooses the weights' scheme; --compress (FlexGen's 4-bit "
+                              "compression) is another: give one of them")
+        choice = choose_quantization(plan_for)
+        plan = choice.plan
+    else:
+        plan = plan_for(args.quantization)
     par = None
     if grid:
         par = estimate_parallel(full, plan.policy, hw, args.prompt_len, args.gen_len, tp, pp, args.num_micro_batches,
                                 dtype_bytes, args.dtype, _size_arg(args.link_bw, "--link-bw"))
     work = Workload(args.model, args.dtype, args.prompt_len, args.gen_len)
+    group = args.quant_group_size or DEFAULT_GROUP_SIZE
     if args.json:
         out = plan_to_dict(plan, config, work)
         if par is not None:
             out["parallel"] = parallel_to_dict(par)
+        if choice is not None:
+            out["quantization_choice"] = quant_choice_to_dict(choice, config, args.dtype, group)
         print(json.dumps(out))
     else:
         print(format_plan(plan, config, work))
         if par is not None:
             print(format_parallel(par))
+        if choice is not None:
+            print(format_quant_choice(choice, config, args.dtype, group))
     return 0
 
 

@@ -8,6 +8,7 @@ import math
 from ..config import ModelConfig
 from ..offload.policy import Policy
 from .hardware import Hardware
+from .quant_choice import AUTO, choose_quantization
 from .search import Plan, search
 
 
@@ -23,8 +24,13 @@ def auto_plan(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hard
     (its free memory moved since calibration), the short tier is lowered by the shortfall and the search runs
     again, a few rounds at most; then the executor's refusal is raised as it would be at load time.
     Sizes may be bytes or strings such as "16GiB"; `hardware` a profile, a built-in name or a file; other
-    keywords go to `search` (block shapes, options).
+    keywords go to `search` (block shapes, options, `quantization`). `quantization="auto"` plans with none and
+    each scheme and keeps one by `quant_choice.choose_quantization`'s rule (the unquantized model when it fits
+    within 5% of the fastest); the choice is printed on stderr when `progress`.
     """
+    if search_kw.get("quantization") == AUTO:
+        return _auto_quantized(config, prompt_len, gen_len, hardware, gpu_mem, cpu_mem, disk, dtype_bytes, device,
+                               progress, rounds, **search_kw)
     import psutil
     import torch
 
@@ -57,6 +63,28 @@ def auto_plan(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hard
         hw = dataclasses.replace(hw, **{f"{k}_mem": v for k, v in lower.items()})
     check_fits(config, plan.policy, dtype_bytes, seq_len, dev, gpu_limit, cpu_limit)  # raises the executor's words
     return plan
+
+
+def _auto_quantized(config: ModelConfig, prompt_len: int, gen_len: int, hardware, gpu_mem, cpu_mem, disk,
+                    dtype_bytes: int, device: str | None, progress: bool, rounds: int, **search_kw) -> Plan:
+    import sys
+
+    from ..compression.names import GROUPED_SCHEMES
+
+    from .hardware import resolve_hardware
+
+    group = search_kw.pop("quant_group_size", None)
+    hardware = resolve_hardware(hardware) or default_hardware(progress=progress)  # once, not per scheme
+
+    def plan_for(scheme: str | None) -> Plan:
+        return auto_plan(config, prompt_len, gen_len, hardware, gpu_mem, cpu_mem, disk, dtype_bytes, device,
+                         False, rounds, **{**search_kw, "quantization": scheme,
+                                           "quant_group_size": group if scheme in GROUPED_SCHEMES else None})
+
+    choice = choose_quantization(plan_for)
+    if progress:
+        print(f"quantization auto: {choice.scheme or 'none'} ({choice.reason})", file=sys.stderr, flush=True)
+    return choice.plan
 
 
 def auto_policy(config: ModelConfig, prompt_len: int, gen_len: int, hardware: Hardware | str | None = None,

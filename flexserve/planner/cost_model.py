@@ -24,6 +24,7 @@ from ..offload.policy import Policy
 from . import moe_cost
 from .hardware import Hardware, format_size
 from .linear import Linear, Switch, TierMemory, total
+from .quant import projection_time_s
 from .sizes import Sizes, dtype_name, model_sizes
 
 RESOURCES = ("load", "store", "compute")
@@ -161,19 +162,23 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         return {"act pcie": off * (act_bytes / hw.h2d_pinned_bw + act_bytes / hw.d2h_pinned_bw),
                 "act disk": share("act", "disk") * (act_bytes / hw.disk_read_bw + act_bytes / hw.disk_write_bw)}
 
-    def linear_time(tokens: float, params: float, weight_bytes16: float) -> tuple[float, bool]:
+    def linear_time(tokens: float, params: float, weight_bytes16: float, scheme: str | None = None,
+                    stored_bytes: float = 0.0) -> tuple[float, bool]:
         per_batch_flops = 2.0 * gbs * tokens * params / flops
-        per_batch_mem = weight_bytes16 / hw.gpu_mem_bw  # every GPU batch reads the layer's weights from HBM
-        return nb * max(per_batch_flops, per_batch_mem), per_batch_mem > per_batch_flops
+        # every GPU batch reads the layer's weights from HBM; a quantised layer its own bytes (planner/quant.py)
+        per_batch, mem_bound = projection_time_s(scheme, gbs * tokens, per_batch_flops, stored_bytes,
+                                                 weight_bytes16, hw)
+        return nb * per_batch, mem_bound
 
     off_cache = share("cache", "cpu") + share("cache", "disk")  # cache that is not on the GPU
     moe = moe_cost.applies(cfg, p)  # experts placed and run one by one: see moe_cost
+    scheme = None if cfg.is_moe else p.quantization  # `layer_ratio`: a mixture's layers stay unquantized
     stages = []
     # --- decoder layers ------------------------------------------------------------------------------------
     for phase, tokens, ctx, steps in (("prefill", prompt_len, prompt_len, 1), ("decode", 1, s_dec, gen_len - 1)):
         m = moe_cost.moe_layer(cfg, p, hw, gbs * tokens, b) if moe else None
         lin, mem_bound = (linear_time(tokens, m.active_params, m.read_bytes16) if m is not None
-                          else linear_time(tokens, sz.layer_params, sz.layer_w16))
+                          else linear_time(tokens, sz.layer_params, sz.layer_w16, scheme, sz.layer_w))
         cpu_attends = p.cpu_cache_compute and phase == "decode"
         new_cache = blk * tokens * sz.kv_token
         if phase == "prefill":

@@ -12,17 +12,21 @@ from ..errors import PolicyError
 from .cost_model import TIERS, CostModel, build, evaluate
 from .hardware import Hardware
 from .linear import Linear
+from .quant import quant_policy_fields
 from .search import Plan, _candidates, _option_sets, weight_options
 
 
 def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int = 2,
                 step: int = 10, gpu_batch_sizes: Sequence[int] = (1, 4, 16, 64),
                 num_gpu_batches: Sequence[int] = (1, 2, 4), cpu_cache_compute: bool | None = None,
-                allow_compression: bool = False, overlap: bool = True, weight_placement: str = "flexgen") -> Plan:
+                allow_compression: bool = False, overlap: bool = True, weight_placement: str = "flexgen",
+                quantization: str | None = None, kv_cache_dtype: str | None = None) -> Plan:
     """Exhaustive search over percentages in steps of `step` with the same cost model (vectorised with numpy).
 
-    Slow and coarse; it exists to check that the MILP never does worse.
+    Slow and coarse; it exists to check that the MILP never does worse (`quantization` and `kv_cache_dtype`
+    as `search` takes them).
     """
+    quant = quant_policy_fields(quantization, None, kv_cache_dtype)
     if step < 1 or 100 % step:
         raise PolicyError(f"grid step must divide 100, got {step}")
     start = time.perf_counter()
@@ -35,8 +39,8 @@ def grid_search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_le
                       np.tile(pairs, (nw * n, 1))])  # every (weights, cache, activations) combination
     best: tuple[float, CostModel, np.ndarray] | None = None
     count = 0
-    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
-                           overlap):
+    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression,
+                                                                          quant), overlap, quant):
         model = build(config, pol.replace(weight_placement=weight_placement), hardware, prompt_len, gen_len,
                       dtype_bytes)
         count += 1

@@ -7,12 +7,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..compression.names import DEFAULT_GROUP_SIZE, GROUPED_SCHEMES
 from ..config import ModelConfig
+from ..offload.policy import Policy
 from .accuracy import accuracy, spread_line
 from .cost_model import placed_point
 from .hardware import Hardware, format_size
 from .parallel import ParallelEstimate
+from .quant import RESULTS_REF, SHORT_NOTES, quality_note
+from .quant_choice import QuantChoice
 from .search import Plan, describe_policy
+from .sizes import model_sizes
 from .shapes import DTYPE_BYTES
 
 
@@ -30,12 +35,20 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
+def weight_bytes(config: ModelConfig, policy: Policy, dtype: str) -> dict[str, float]:
+    """One decoder layer's weights and all of them, as `policy` stores them (quantised or not)."""
+    sz = model_sizes(config, policy, DTYPE_BYTES[dtype])
+    return {"per_layer": sz.layer_w, "total": sz.total_w, "kv_per_token_layer": sz.kv_token}
+
+
 def plan_to_dict(plan: Plan, config: ModelConfig, work: Workload) -> dict:
     e, hw, p = plan.estimate, plan.hardware, plan.policy
     return {
         "model": config.name, "hardware": hw.name, "dtype": work.dtype,
         "prompt_len": work.prompt_len, "gen_len": work.gen_len,
         "policy": dataclasses.asdict(p), "percent": list(p.percent), "flags": p.percent_flags(),
+        "quantization": p.quantization, "kv_cache_dtype": p.kv_cache_dtype, "quality": quality_note(p),
+        "weight_bytes": weight_bytes(config, p, work.dtype),
         "block_size": p.block_size,
         "prefill_tok_s": e.prefill_tok_s, "decode_tok_s": e.decode_tok_s, "total_tok_s": e.total_tok_s,
         "prefill_s": e.prefill_s, "decode_s_per_step": e.decode_s_per_step, "total_s": e.total_s,
@@ -83,6 +96,8 @@ def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
                      f"{p.gpu_batch_size}x{p.num_gpu_batches} = {p.block_size} sequences"),
         ("policy", describe_policy(p) + ("; CPU attention" if p.cpu_cache_compute else "")),
         ("flags", p.percent_flags()),
+        ("weights", _weights_line(config, p, work.dtype)),
+        ("quality", quality_note(p)),
         ("predicted", f"prefill {e.prefill_tok_s:,.1f} tok/s, decode {e.decode_tok_s:,.2f} tok/s, "
                       f"total {e.total_tok_s:,.2f} tok/s ({format_seconds(e.prefill_s)} prefill, "
                       f"{format_seconds(e.decode_s_per_step)} per decode step)"),
@@ -93,6 +108,44 @@ def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
         ("search", f"{plan.num_candidates} block shapes, {plan.num_solved} LP/MILP solves, {plan.search_s:.2f} s"),
     ]
     return "\n".join(f"{k:<11}{v}" for k, v in rows)
+
+
+def _weights_line(config: ModelConfig, p: Policy, dtype: str) -> str:
+    b = weight_bytes(config, p, dtype)
+    kind = p.quantization or ("4-bit compressed" if p.compress_weight else dtype)
+    return (f"{format_size(b['total'])} as stored ({kind} decoder layers of {format_size(b['per_layer'])} each)"
+            + ("; KV cache fp8" if p.kv_cache_dtype == "fp8" else ""))
+
+
+def _scheme_policy(scheme: str | None, group_size: int) -> Policy:
+    return Policy(quantization=scheme, quant_group_size=group_size if scheme in GROUPED_SCHEMES
+                  else DEFAULT_GROUP_SIZE)
+
+
+def format_quant_choice(choice: QuantChoice, config: ModelConfig, dtype: str,
+                        group_size: int = DEFAULT_GROUP_SIZE) -> str:
+    """`--quantization auto`: the chosen scheme and why, then a row per scheme tried."""
+    lines = [f"{'quantize':<11}auto chose {choice.scheme or 'none'}: {choice.reason}",
+             f"{'':<11}{'scheme':<8}{'fits':<6}{'total tok/s':>13}{'decode tok/s':>14}  {'weights':>10}  "
+             f"quality ({RESULTS_REF}, SmolLM2-135M)"]
+    for t in choice.trials:
+        total = weight_bytes(config, _scheme_policy(t.scheme, group_size), dtype)["total"]
+        tok = f"{t.total_tok_s:>13,.2f}{t.plan.estimate.decode_tok_s:>14,.2f}" if t.fits else f"{'-':>13}{'-':>14}"
+        mark = " <- chosen" if t.scheme == choice.scheme else ""
+        lines.append(f"{'':<11}{t.name:<8}{'yes' if t.fits else 'no':<6}{tok}  {format_size(total):>10}  "
+                     f"{SHORT_NOTES.get(t.scheme, 'not measured')}{mark}")
+    lines += [f"{'':<11}{t.name} does not fit: {t.why_not}" for t in choice.trials if not t.fits]
+    return "\n".join(lines)
+
+
+def quant_choice_to_dict(choice: QuantChoice, config: ModelConfig, dtype: str,
+                         group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    return {"chosen": choice.scheme, "reason": choice.reason, "tolerance": choice.tolerance,
+            "trials": [{"scheme": t.scheme, "fits": t.fits, "why_not": t.why_not or None,
+                        "total_tok_s": t.total_tok_s if t.fits else None,
+                        "decode_tok_s": t.plan.estimate.decode_tok_s if t.fits else None,
+                        "weight_bytes": weight_bytes(config, _scheme_policy(t.scheme, group_size), dtype)["total"]}
+                       for t in choice.trials]}
 
 
 def format_parallel(par: ParallelEstimate) -> str:

@@ -28,6 +28,7 @@ from ..offload.policy import Policy
 from .cost_model import TIERS, CostModel, Estimate, build, evaluate, placed_point
 from .hardware import Hardware, format_size
 from .linear import NUM_VARS, minimum, point
+from .quant import quant_policy_fields
 from .sizes import model_sizes
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -57,19 +58,22 @@ class _Options:
     compress_cache: bool
 
 
-def _option_sets(cpu_cache_compute: bool | None, allow_compression: bool) -> list[_Options]:
+def _option_sets(cpu_cache_compute: bool | None, allow_compression: bool,
+                 quant: dict | None = None) -> list[_Options]:
     ccc = (False, True) if cpu_cache_compute is None else (bool(cpu_cache_compute),)
     comp = (False, True) if allow_compression else (False,)
+    q = quant or {}  # a weight scheme replaces FlexGen's weight compression, an fp8 cache its cache compression
     # FlexGen's CPU attention reads an uncompressed cache, so the two are never combined
-    return [_Options(c, w, k) for c, w, k in itertools.product(ccc, comp, comp) if not (c and k)]
+    return [_Options(c, w, k) for c, w, k in itertools.product(ccc, comp, comp) if not (c and k)
+            and not (w and q.get("quantization")) and not (k and q.get("kv_cache_dtype") == "fp8")]
 
 
 def _candidates(gpu_batch_sizes: Iterable[int], num_gpu_batches: Iterable[int], options: list[_Options],
-                overlap: bool) -> list[Policy]:
+                overlap: bool, quant: dict | None = None) -> list[Policy]:
     return [Policy(gpu_batch_size=g, num_gpu_batches=n, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
                    cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, overlap=overlap,
                    cpu_cache_compute=o.cpu_cache_compute, compress_weight=o.compress_weight,
-                   compress_cache=o.compress_cache)
+                   compress_cache=o.compress_cache, **(quant or {}))
             for g in gpu_batch_sizes for n in num_gpu_batches for o in options]
 
 
@@ -186,20 +190,23 @@ def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_l
                  disk: float | str | None = None, allow_compression: bool = False,
                  cpu_cache_compute: bool | None = None, overlap: bool = True,
                  gpu_batch_sizes: Sequence[int] = GPU_BATCH_SIZES, num_gpu_batches: Sequence[int] = NUM_GPU_BATCHES,
-                 dtype: str | None = None, weight_placement: str = "flexgen") -> Plan:
+                 dtype: str | None = None, weight_placement: str = "flexgen", quantization: str | None = None,
+                 quant_group_size: int | None = None, kv_cache_dtype: str | None = None) -> Plan:
     """The policy of highest total throughput (generated tokens/s over prefill + decode) that fits the memory.
 
     `gpu_mem`/`cpu_mem`/`disk` cap the hardware's sizes (bytes or "16GiB"); `cpu_cache_compute=None` tries
-    both; compression is tried only when allowed, as it changes the numbers the model computes. Raises
+    both; compression is tried only when allowed, as it changes the numbers the model computes; the
+    quantization settings are the `Policy` fields of those names, fixed for every candidate. Raises
     `PolicyError` with the reason when nothing fits.
     """
     start = time.perf_counter()
+    quant = quant_policy_fields(quantization, quant_group_size, kv_cache_dtype)
     hw = hardware.with_memory(gpu_mem, cpu_mem, disk)
     limits, pool = hw.limits(), hw.pool_limit()
-    _check_basic_feasibility(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression)
+    _check_basic_feasibility(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression, quant)
     models = []
-    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression),
-                           overlap):
+    for pol in _candidates(gpu_batch_sizes, num_gpu_batches, _option_sets(cpu_cache_compute, allow_compression,
+                                                                          quant), overlap, quant):
         model = build(config, pol.replace(weight_placement=weight_placement), hw, prompt_len, gen_len, dtype_bytes,
                       dtype)
         if any(model.memory[t].minimum() > limits[t] for t in TIERS) or (
@@ -231,7 +238,7 @@ def _search_once(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_l
             best = (work / out[0], problem, out[0])
     if best is None:
         raise PolicyError(_explain_infeasible(config, hw, prompt_len, gen_len, dtype_bytes, allow_compression,
-                                              len(models)))
+                                              len(models), quant))
     _, problem, t_best = best
     tied = problem.solve(tie_break_within=t_best * (1 + 1e-7))
     _, x, pct = tied if tied is not None else problem.solve()
@@ -317,21 +324,22 @@ def search(config: ModelConfig, hardware: Hardware, prompt_len: int, gen_len: in
 
 
 def _check_basic_feasibility(config: ModelConfig, hw: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int,
-                             allow_compression: bool) -> None:
+                             allow_compression: bool, quant: dict) -> None:
     """Reasons that rule out every shape, worded for people, before any solving."""
     if prompt_len < 1 or gen_len < 1:
         raise PolicyError(f"prompt_len and gen_len must be >= 1, got {prompt_len} and {gen_len}")
     if hw.gpu_mem <= 0:
         raise PolicyError("the GPU (compute device) memory is 0: it must hold at least the staging buffers of "
                           "one layer and the working set of one batch")
-    probe = Policy(compress_weight=allow_compression, compress_cache=allow_compression)
+    probe = Policy(compress_weight=allow_compression and not quant["quantization"],
+                   compress_cache=allow_compression and quant["kv_cache_dtype"] != "fp8", **quant)
     sz = model_sizes(config, probe, dtype_bytes)
     seq = prompt_len + gen_len
     cache_one = seq * config.num_layers * sz.kv_token
     pool = hw.pool_limit()
     have = (pool if pool is not None else hw.gpu_mem + hw.cpu_mem) + hw.disk
     if sz.total_w + cache_one > have:
-        kind = "4-bit compressed" if allow_compression else f"{8 * dtype_bytes}-bit"
+        kind = quant["quantization"] or ("4-bit compressed" if allow_compression else f"{8 * dtype_bytes}-bit")
         raise PolicyError(
             f"{config.name or 'the model'} needs {format_size(sz.total_w)} of weights ({kind}) plus "
             f"{format_size(cache_one)} of KV cache for one sequence of {seq} tokens, but "
@@ -339,13 +347,15 @@ def _check_basic_feasibility(config: ModelConfig, hw: Hardware, prompt_len: int,
                f"({format_size(pool)} + {format_size(hw.disk)})" if pool is not None else
                f"GPU + CPU + disk give {format_size(have)} ({format_size(hw.gpu_mem)} + {format_size(hw.cpu_mem)} "
                f"+ {format_size(hw.disk)})")
-            + ("" if allow_compression else "; allowing compression would shrink the weights about 3.5x"))
+            + ("" if allow_compression or quant["quantization"] else "; allowing compression would shrink the "
+               "weights about 3.5x (--compress; --quantization awq or rtn4 likewise)"))
 
 
 def _explain_infeasible(config: ModelConfig, hw: Hardware, prompt_len: int, gen_len: int, dtype_bytes: int,
-                        allow_compression: bool, num_candidates: int) -> str:
+                        allow_compression: bool, num_candidates: int, quant: dict) -> str:
     smallest = build(config, Policy(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0,
-                                    act_gpu_percent=0, act_cpu_percent=0, compress_weight=allow_compression),
+                                    act_gpu_percent=0, act_cpu_percent=0,
+                                    compress_weight=allow_compression and not quant["quantization"], **quant),
                      hw, prompt_len, gen_len, dtype_bytes)
     gpu_need = smallest.memory["gpu"].minimum()
     if gpu_need > hw.gpu_mem:
@@ -380,6 +390,8 @@ def _explain(config: ModelConfig, policy: Policy, est: Estimate, hw: Hardware, n
         f"block {policy.gpu_batch_size}x{policy.num_gpu_batches} = {policy.block_size} sequences; "
         + describe_policy(policy) + f"; decode attention {attn}"
         + ("; weights 4-bit compressed" if policy.compress_weight else "")
+        + (f"; weights {policy.quantization}" if policy.quantization else "")
+        + ("; cache fp8" if policy.kv_cache_dtype == "fp8" else "")
         + ("; cache 4-bit compressed" if policy.compress_cache else ""),
         f"decode: {est.decode_s_per_step:.3g} s per step of {policy.block_size} tokens, bound by "
         f"{est.decode_bottleneck}; prefill: {est.prefill_s:.3g} s, bound by {est.prefill_bottleneck}",
