@@ -19,6 +19,8 @@ from typing import Iterable
 HOT_WARMUP_STEPS = 8  # steps counted before the first choice (a prefill alone is a poor sample)
 HOT_PERIOD_STEPS = 32  # steps between later choices: each one may copy H experts per layer each way
 HOT_DECAY = 0.98  # per step: a count halves in about 34 steps
+HOT_MARGIN = 1.25  # an expert displaces a resident only when routed this many times as much: a swap copies two
+# experts (one each way), and near-uniform routing would otherwise trade residents back and forth on noise
 _RENORMALISE = 1e6  # the increment's growth at which the stored sums are rescaled
 
 
@@ -55,14 +57,17 @@ class RoutingCounter:
         return [c / self._weight for c in sums] if sums else [0.0] * self.num_experts
 
 
-def choose_swaps(counts: list[float], residents: set[int], others: set[int]) -> list[tuple[int, int]]:
-    """(expert to bring to the GPU, resident to send back) pairs that make the residents the len(residents)
-    most counted experts of `residents | others`. A resident wins a tie, so equal counts never swap."""
+def choose_swaps(counts: list[float], residents: set[int], others: set[int],
+                 margin: float = HOT_MARGIN) -> list[tuple[int, int]]:
+    """(expert to bring to the GPU, resident to send back) pairs that move the residents towards the
+    len(residents) most counted experts of `residents | others`: the most counted newcomer against the least
+    counted resident, and so on, each pair kept only when the newcomer was routed more than `margin` times as
+    many tokens. A resident wins a tie, so equal counts never swap."""
     ranked = sorted(residents | others, key=lambda e: (-counts[e], e not in residents, e))
     hot = set(ranked[:len(residents)])
     promote = sorted(hot - residents, key=lambda e: (-counts[e], e))
     demote = sorted(residents - hot, key=lambda e: (counts[e], e))
-    return list(zip(promote, demote))
+    return [(p, d) for p, d in zip(promote, demote) if counts[p] > margin * counts[d]]
 
 
 @dataclass

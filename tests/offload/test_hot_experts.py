@@ -61,6 +61,8 @@ def test_the_most_counted_experts_become_residents_and_ties_keep_them():
     assert choose_swaps(counts, {2, 3}, {0, 1, 4}) == []  # expert 4 only ties resident 3
     assert choose_swaps(counts, {0}, {1}) == []  # never a colder expert for a warmer one
     assert choose_swaps([0.0] * 4, {0, 1}, {2, 3}) == []  # nothing counted: the placement stays
+    assert choose_swaps([4.5, 5.0], {0}, {1}) == []  # near-equal routing: a swap would not pay its copies
+    assert choose_swaps([4.5, 5.0], {0}, {1}, margin=1.0) == [(1, 0)]
 
 
 def test_the_hot_set_is_chosen_after_warm_up_then_every_period():
