@@ -68,10 +68,10 @@ def policy_from_args(args: argparse.Namespace, config: ModelConfig | None = None
     """The `Policy` the flags describe, or None (fully resident, automatic batch) when none were given.
     `--policy auto` asks the planner for one, which needs the model's `config`."""
     quant = quant_fields(args)
-    if getattr(args, "policy", None) == "auto":
-        return auto_plan_from_args(args, config, prompt_len, gen_len).policy.replace(**quant)
-    placement_flags = (*quant.values(), args.percent, args.gpu_batch_size, args.cpu_cache_compute or None, args.no_overlap or None,
-                       args.compress_weight or None, args.compress_cache or None,
+    if getattr(args, "policy", None) == "auto":  # the planner counts the scheme's bytes and costs
+        return auto_plan_from_args(args, config, prompt_len, gen_len).policy
+    placement_flags = (*quant.values(), args.percent, args.gpu_batch_size, args.cpu_cache_compute or None,
+                       args.no_overlap or None, args.compress_weight or None, args.compress_cache or None,
                        args.num_gpu_batches if args.num_gpu_batches != 1 else None, args.cpu_attention_dtype,
                        args.weight_placement, args.expert_compute)
     if all(f is None for f in placement_flags):
@@ -98,7 +98,7 @@ def auto_plan_from_args(args: argparse.Namespace, config: ModelConfig, prompt_le
     dtype = resolve_dtype(getattr(args, "dtype", None) or "auto", device, config.family)
     dtype_bytes = dtype.itemsize
     plan = auto_plan(config, prompt_len, gen_len, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem, disk=args.disk,
-                     dtype_bytes=dtype_bytes, device=str(device), progress=True)
+                     dtype_bytes=dtype_bytes, device=str(device), progress=True, **quant_fields(args))
     print(format_auto_line(plan, prompt_len, gen_len), file=sys.stderr, flush=True)
     return plan
 

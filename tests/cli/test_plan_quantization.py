@@ -102,3 +102,34 @@ def test_an_unknown_scheme_is_refused_naming_the_choices(cli, capsys):
 def test_conflicting_quantization_flags_are_one_clear_error(cli, flags, msg):
     rc, _, err = cli(*FITS, *flags)
     assert rc == 1 and msg in err and "Traceback" not in err
+
+
+def test_policy_auto_plans_with_the_quantization_flags(monkeypatch):
+    """`generate --policy auto --quantization rtn4` hands the scheme to the planner, which counts its bytes in
+    every candidate, instead of setting it on an unquantized plan afterwards."""
+    import argparse
+
+    import flexserve.planner as planner
+    from flexserve.cli.common import add_model_arguments, add_policy_arguments, policy_from_args
+    from flexserve.config import preset
+    from flexserve.offload.policy import Policy
+
+    seen = {}
+
+    class _Plan:
+        policy = Policy.from_percent((0, 100, 100, 0, 100, 0), quantization="rtn4")
+        estimate = type("E", (), {"total_tok_s": 1.0, "decode_tok_s": 1.0, "bottleneck": "pcie"})()
+        hardware = type("H", (), {"name": "test"})()
+
+    def fake_auto_plan(config, prompt_len, gen_len, **kw):
+        seen.update(kw)
+        return _Plan()
+
+    monkeypatch.setattr(planner, "auto_plan", fake_auto_plan)
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    add_policy_arguments(p)
+    args = p.parse_args(["--policy", "auto", "--quantization", "rtn4", "--kv-cache-dtype", "fp8", "--device", "cpu"])
+    policy = policy_from_args(args, preset("opt-125m"))
+    assert seen["quantization"] == "rtn4" and seen["kv_cache_dtype"] == "fp8"
+    assert policy.quantization == "rtn4"
