@@ -132,10 +132,9 @@ def serving_plan_from_args(args: argparse.Namespace, fields: dict) -> dict:
     plan = serving_plan(config, hw, dtype.itemsize, str(dtype).removeprefix("torch."),
                         block_size=fields.get("block_size", 16),
                         max_num_batched_tokens=fields.get("max_num_batched_tokens") or 2048,
-                        allow_disk=bool(getattr(args, "offload_dir", None)))
+                        allow_disk=bool(getattr(args, "offload_dir", None)), quant=quant_fields(args))
     print(f"policy auto (serving): {plan.summary()}", file=sys.stderr, flush=True)
-    chosen = dict(policy=plan.policy.replace(weight_placement=args.weight_placement or "flexgen",
-                                             **quant_fields(args)),
+    chosen = dict(policy=plan.policy.replace(weight_placement=args.weight_placement or "flexgen"),
                   num_gpu_blocks=plan.num_gpu_blocks, num_cpu_blocks=plan.num_cpu_blocks,
                   max_num_seqs=plan.max_num_seqs)
     return {k: v for k, v in chosen.items() if fields.get(k) is None}

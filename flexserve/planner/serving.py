@@ -56,12 +56,15 @@ class ServingPlan:
 
 def serving_plan(config: ModelConfig, hardware: Hardware, dtype_bytes: int = 2, dtype: str | None = None,
                  block_size: int = 16, typical_context: int = 2048, max_num_batched_tokens: int = 2048,
-                 allow_disk: bool = False) -> ServingPlan:
-    """The fastest weight placement with its KV pool and seats that fit `hardware`'s (capped) sizes."""
+                 allow_disk: bool = False, quant: dict | None = None) -> ServingPlan:
+    """The fastest weight placement with its KV pool and seats that fit `hardware`'s (capped) sizes. `quant`:
+    the `Policy` quantization fields the server will run with (weights counted as stored, an fp8 KV pool at one
+    byte per value)."""
+    quant = quant or {}
     limits, pool = hardware.limits(), hardware.pool_limit()
-    sz = model_sizes(config, Policy(), dtype_bytes)
+    sz = model_sizes(config, Policy(**quant), dtype_bytes)
     context = max(1, min(typical_context, config.max_position))
-    kv_token = config.kv_bytes_per_token(dtype_bytes)
+    kv_token = config.kv_bytes_per_token(1 if quant.get("kv_cache_dtype") == "fp8" else dtype_bytes)
     per_block = kv_token * block_size
     budget = max_num_batched_tokens
     act = 4 * budget * max(config.intermediate_size * 2, config.q_size + 2 * config.kv_size,
@@ -72,7 +75,7 @@ def serving_plan(config: ModelConfig, hardware: Hardware, dtype_bytes: int = 2, 
     best: tuple[float, ServingPlan] | None = None
     reasons = []
     for share_gpu, share_cpu, w_gpu, w_cpu in sorted(weight_options(config), key=lambda o: (-o[0], -o[1])):
-        policy = Policy(w_gpu_percent=w_gpu, w_cpu_percent=w_cpu)
+        policy = Policy(w_gpu_percent=w_gpu, w_cpu_percent=w_cpu, **quant)
         w = weight_bytes(config, policy, dtype_bytes)
         if w.disk and not allow_disk:
             continue

@@ -42,6 +42,23 @@ def test_a_cap_below_the_weights_streams_part_of_them_and_still_fits():
     assert more.policy.w_gpu_percent >= plan.policy.w_gpu_percent and more.decode_tok_s > plan.decode_tok_s
 
 
+def test_quantized_weights_and_an_fp8_pool_are_counted_as_stored():
+    """Under a cap that makes bf16 weights stream, fp8 weights stay resident, and an fp8 KV pool holds twice
+    the blocks in the same bytes."""
+    cfg = preset("llama-3-8b")  # 16.1 GB of bf16 weights, 8 GB in fp8
+    hw = H100.with_memory(gpu_mem=14e9, cpu_mem=64e9)
+    bf16 = serving_plan(cfg, hw, 2, "bfloat16")
+    fp8 = serving_plan(cfg, hw, 2, "bfloat16", quant={"quantization": "fp8"})
+    assert bf16.policy.w_gpu_percent < 100 and fp8.policy.w_gpu_percent == 100
+    assert fp8.policy.quantization == "fp8"
+    assert weight_bytes(cfg, fp8.policy, 2).gpu < 0.6 * weight_bytes(cfg, bf16.policy.replace(w_gpu_percent=100,
+                                                                                               w_cpu_percent=0), 2).gpu
+    roomy = H100.with_memory(gpu_mem=80e9)
+    kv16 = serving_plan(cfg, roomy, 2, "bfloat16")
+    kv8 = serving_plan(cfg, roomy, 2, "bfloat16", quant={"kv_cache_dtype": "fp8"})
+    assert kv8.num_gpu_blocks == pytest.approx(2 * kv16.num_gpu_blocks, rel=0.01)
+
+
 def test_one_memory_counts_weights_and_both_pools_once():
     cfg = preset("opt-1.3b")
     hw = dataclasses.replace(H100.with_memory(gpu_mem=12e9, cpu_mem=12e9), unified_memory=True)
