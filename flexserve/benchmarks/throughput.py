@@ -175,6 +175,27 @@ def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
         "disk_io": "buffered (page cache not bypassed)" if bound["offloaded_disk_bytes"] else None,
         "fraction_of_bound": decode_tps / bound_tps if bound_tps else None, **bound,
     }
+    if config.is_moe:
+        result.update(expert_columns(ex, block, decode_tps))
     print_result(result, args.json)
     llm.close()
     return 0
+
+
+def expert_columns(ex, block: int, decode_tps: float) -> dict:
+    """For a mixture of experts: how its off-GPU experts ran (`expert_runs`: on the GPU, copied in, reused from
+    a slot, computed on the CPU), the rates the rule measured, and the decode bound had every reached expert been
+    computed on the CPU at the measured host-read rate (the transfer bound assumes they are copied)."""
+    from ..planner.moe_cost import reached_expert_bytes
+
+    out = {"expert_runs": dict(ex.experts.counts)}
+    rates = ex.experts.rates
+    if rates is not None:
+        out["expert_rates"] = {"cpu_flops": rates.cpu_flops, "host_read_gbps": rates.host_read_bytes / 1e9,
+                               "pcie_gbps": rates.pcie_bytes / 1e9}
+        cpu_bytes = reached_expert_bytes(ex, ex.policy.gpu_batch_size, ex.policy.num_gpu_batches)["cpu"]
+        if cpu_bytes:
+            bound = block / (cpu_bytes / rates.host_read_bytes)
+            out["bound_decode_tok_s_cpu_experts"] = bound
+            out["fraction_of_cpu_experts_bound"] = decode_tps / bound
+    return out

@@ -45,6 +45,7 @@ from ..config import ModelConfig
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.moe import ExpertWork, expert_mlp
+from .expert_rates import ExpertRates, copies_expert, copy_threshold, measure_expert_rates  # noqa: F401 (re-export)
 from .hot_experts import HotExperts, choose_swaps
 from .policy import EXPERT_RULES
 
@@ -79,39 +80,6 @@ def assign_moe_tiers(sizes: dict[str, int], gpu_percent: float, cpu_percent: flo
     return out
 
 
-@dataclass(frozen=True)
-class ExpertRates:
-    """The rates `copies_expert` weighs. The defaults are a PCIe 4/5 host with pinned memory and a many-core
-    CPU; an executor can be handed measured ones."""
-
-    cpu_flops: float = 1.0e12  # CPU matmul FLOP/s in the model's dtype
-    host_read_bytes: float = 100e9  # host memory bandwidth a CPU matmul reads weights at
-    pcie_bytes: float = 25e9  # host-to-device copy bandwidth from pinned memory
-
-
-def copies_expert(tokens: int, expert_params: int, dtype_bytes: float, rates: ExpertRates,
-                  rule: str = "auto") -> bool:
-    """Whether an expert off the GPU that `tokens` tokens are routed to is copied in (True) or computed on the
-    CPU where it lives (False). Computing on the CPU costs its FLOPs (2 per parameter per token) at the CPU
-    rate plus one read of the weights from host memory; copying costs the weights' bytes at the PCIe rate (the
-    GPU's own compute is small next to either). A disk-resident expert is read from disk either way."""
-    if rule not in EXPERT_RULES:
-        raise ValueError(f"expert rule must be one of {EXPERT_RULES}, got {rule!r}")
-    if rule != "auto":
-        return rule == "copy"
-    weight_bytes = expert_params * dtype_bytes
-    cpu_s = 2.0 * tokens * expert_params / rates.cpu_flops + weight_bytes / rates.host_read_bytes
-    copy_s = weight_bytes / rates.pcie_bytes
-    return copy_s < cpu_s
-
-
-def copy_threshold(expert_params: int, dtype_bytes: int, rates: ExpertRates) -> int:
-    """The fewest routed tokens for which `copies_expert` copies (for reports and the planner)."""
-    weight_bytes = expert_params * dtype_bytes
-    spare = weight_bytes / rates.pcie_bytes - weight_bytes / rates.host_read_bytes
-    return max(0, int(spare * rates.cpu_flops / (2.0 * expert_params)) + 1)
-
-
 @dataclass
 class _Slot:
     """A GPU buffer pair for one copied expert, with pinned staging for disk reads."""
@@ -134,7 +102,7 @@ class ExpertStreamer:
     device: torch.device
     dtype: torch.dtype
     rule: str = "auto"
-    rates: ExpertRates = field(default_factory=ExpertRates)
+    rates: ExpertRates | None = None  # None: measured on this machine at the first off-GPU expert (rule auto)
     overlap: bool = True
     counts: collections.Counter = field(default_factory=collections.Counter)  # runs; "promoted" exchanges
     slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
@@ -157,6 +125,8 @@ class ExpertStreamer:
         out: list[torch.Tensor | None] = [None] * len(work)
         to_copy, on_host = [], []
         params = self.cfg.expert_params()
+        if self.rates is None and self.rule == "auto":
+            self._measure(offloaded, work)
         for i, (e, x) in enumerate(work):
             handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
             if f"experts.{e}.up.weight" in w:
@@ -164,8 +134,8 @@ class ExpertStreamer:
                 self.counts["gpu"] += 1
             elif all(_packed_on(h, self.device) is not None for h in handles):  # packed on the GPU: unpacked
                 to_copy.append(i)
-            elif copies_expert(x.shape[0], params, sum(h.nbytes for h in handles) / params, self.rates,
-                               self.rule):
+            elif copies_expert(x.shape[0], params, sum(h.nbytes for h in handles) / params,
+                               self.rates or ExpertRates(), self.rule):
                 to_copy.append(i)
             else:
                 on_host.append(i)
@@ -200,6 +170,18 @@ class ExpertStreamer:
             self.counts["gpu" if on_gpu else "copied" if steps[n][1] else "reused"] += 1
             queue_loads(n + 1)
         return out  # type: ignore[return-value]
+
+    def _measure(self, offloaded: dict[str, Handle], work: ExpertWork) -> None:
+        """Set `rates` from this machine (`measure_expert_rates`) with an expert of `work` that lives in plain host
+        memory; none such yet (on the GPU, on disk or packed): keep waiting."""
+        for e, x in work:
+            handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
+            if all(isinstance(h, Handle) and h.tier is Tier.CPU and h.data is not None for h in handles):
+                probe = torch.zeros(1, x.shape[-1], dtype=x.dtype, device=x.device)
+                self.rates = measure_expert_rates(
+                    lambda n: self._on_host(offloaded, e, probe.expand(n, -1)), self.cfg.expert_params(),
+                    sum(h.nbytes for h in handles), self.device)
+                return
 
     def release(self) -> None:
         """Forget what the slots hold: the executor has moved on from the layer for this block."""

@@ -170,3 +170,57 @@ def test_copied_experts_are_reused_by_the_blocks_other_batches(tiny_model, tmp_p
     assert fitting and all(g["copies"] <= len(g["routed"]) for g in fitting)
     if slots is not None:
         assert len(fitting) == len(groups)  # all four experts fit: never more copies than distinct experts
+
+
+@pytest.mark.parametrize("rule", ["auto", "copy"])
+def test_the_rule_measures_its_rates_on_this_machine(tiny_model, tmp_path, rule):
+    """With the rule `auto` the streamer times an off-GPU expert on the CPU and a host-to-device copy the first
+    time it meets one, and decides by those rates from then on; a fixed rule measures nothing."""
+    policy = Policy.from_percent((60, 40, 100, 0, 100, 0), gpu_batch_size=2, num_gpu_batches=1, expert_compute=rule)
+    with LLM(tiny_model("mixtral")[0], dtype="float32", device="cpu", policy=policy,
+             offload_dir=str(tmp_path)) as llm:
+        assert llm.executor.experts.rates is None
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY)
+        rates = llm.executor.experts.rates
+    if rule == "copy":
+        assert rates is None
+        return
+    assert rates is not None and rates != ExpertRates()
+    for value in (rates.cpu_flops, rates.host_read_bytes, rates.pcie_bytes):
+        assert 0 < value < float("inf")
+
+
+def test_measured_rates_come_from_the_timed_runs(monkeypatch):
+    """The host read rate is the expert's bytes over its 1-token time, the CPU FLOP/s the 256-token FLOPs over
+    their time, the copy rate the probe's bytes (at least 1 MiB) over the copy's time."""
+    from flexserve.offload import expert_rates
+
+    timings = iter([0.008, 0.050, 0.002])  # 1 token, 256 tokens, the copy probe, in the order they are timed
+
+    def fake_best_of(fn, sync, repeats=3):
+        fn()
+        return next(timings)
+
+    monkeypatch.setattr(expert_rates, "_best_of", fake_best_of)
+    calls = []
+    rates = expert_rates.measure_expert_rates(calls.append, expert_params=1000, expert_bytes=2000,
+                                              device=torch.device("cpu"))
+    assert calls == [1, 256]
+    assert rates.host_read_bytes == pytest.approx(2000 / 0.008)
+    assert rates.cpu_flops == pytest.approx(2 * 256 * 1000 / 0.050)
+    assert rates.pcie_bytes == pytest.approx((1 << 20) / 0.002)
+
+
+def test_bench_throughput_reports_how_the_experts_ran(tiny_model, capsys):
+    from .test_offload import bench_result
+
+    flags = "--percent 60 40 100 0 100 0 --gpu-batch-size 2 --num-gpu-batches 1"
+    rc, res, _ = bench_result(capsys, ["bench", "throughput", "--model", tiny_model("mixtral")[0], "--device",
+                                       "cpu", "--dtype", "float32", "--prompt-len", "8", "--gen-len", "3",
+                                       *flags.split(), "--json"])
+    runs = res["expert_runs"]
+    assert rc == 0 and runs.get("cpu", 0) + runs.get("copied", 0) + runs.get("reused", 0) > 0
+    assert set(res["expert_rates"]) == {"cpu_flops", "host_read_gbps", "pcie_gbps"}
+    assert res["bound_decode_tok_s_cpu_experts"] > 0
+    assert res["fraction_of_cpu_experts_bound"] == pytest.approx(
+        res["decode_tok_s"] / res["bound_decode_tok_s_cpu_experts"], rel=1e-9)
