@@ -3,8 +3,6 @@
 Tiny GGUF files are written from a tiny random Llama with a mix of encodings per projection; what is kept must
 dequantise to exactly what the plain reader gives, and the model must give the same logits and greedy tokens
 as when loaded dense."""
-import gguf
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from flexserve.offload.executor import OffloadExecutor
 from flexserve.offload.policy import Policy
 from flexserve.weights import GGUFBlocks, default_model_path, keep_quantized, layer_weights, open_source
 from flexserve.weights.gguf_reader import GGUFSource
-from tests.weights.test_gguf_reader import gguf_tensors, metadata
+from tests.weights.test_gguf_reader import gguf_tensors, metadata, write_gguf
 
 # per layer: GGUF projection name -> encoding (F32/F16 written as floats)
 MIXED = [
@@ -27,23 +25,13 @@ MIXED = [
 
 def write(path, hf, types: list[dict[str, str]], embedding: str = "Q8_0") -> str:
     """A GGUF file of the tiny model, each layer's projections in `types`, embedding and head in `embedding`."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in metadata(hf).items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(key, value)
-    for name, t in gguf_tensors(hf, tied=False).items():
+    def encoding(name: str, t: torch.Tensor) -> str:
         parts = name.split(".")
-        kind = types[int(parts[1])].get(parts[2], "F32") if parts[0] == "blk" else (
-            embedding if t.dim() == 2 else "F32")
-        if kind in ("F32", "F16"):
-            w.add_tensor(name, t.numpy().astype(np.float16 if kind == "F16" else np.float32))
-        else:
-            qtype = gguf.GGMLQuantizationType[kind]
-            w.add_tensor(name, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+        if parts[0] == "blk":
+            return types[int(parts[1])].get(parts[2], "F32")
+        return embedding if t.dim() == 2 else "F32"
+
+    return write_gguf(path, "llama", metadata(hf), gguf_tensors(hf, tied=False), encoding=encoding)
 
 
 @pytest.fixture

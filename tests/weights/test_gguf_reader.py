@@ -52,13 +52,23 @@ def metadata(hf, arch="llama") -> dict:
             "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.bos_token_id": 1}
 
 
-def write_gguf(path, arch: str, meta: dict, tensors: dict[str, torch.Tensor], dtype=np.float32) -> str:
+def write_gguf(path, arch: str, meta: dict, tensors: dict[str, torch.Tensor], dtype=np.float32,
+               encoding=None) -> str:
+    """A GGUF file of `tensors`: matrices in `dtype`, vectors in float32, unless `encoding(name, tensor)` names a
+    GGML type (e.g. "Q4_0", "F16"; None: the default) for a tensor."""
     w = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         add = w.add_float32 if isinstance(value, float) else w.add_string if isinstance(value, str) else w.add_uint32
         add(key, value)
     for name, t in tensors.items():
-        w.add_tensor(name, t.numpy().astype(dtype if t.dim() == 2 else np.float32))
+        kind = encoding(name, t) if encoding is not None else None
+        if kind in ("F32", "F16"):
+            w.add_tensor(name, t.numpy().astype(np.float16 if kind == "F16" else np.float32))
+        elif kind is not None:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(t.numpy(), qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, t.numpy().astype(dtype if t.dim() == 2 else np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
