@@ -486,6 +486,14 @@ ENTRIES = [
            throughput("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --compress-weight", timeout_s=170),
            flexgen("opt-30b", OPT30B_POLICY, "16x3", f"{CCC} --compress-weight", timeout_s=220)),
           wheels=FLEXGEN_WHEELS, peer=FLEXGEN_PEER),
+    Entry("quant-opt175b-4bit-one-gpu",
+          "OPT-175B on one GPU with 4-bit weights (40% on the GPU, 60% in CPU memory, batch 8): the fused 4-bit "
+          "kernel (rtn4, group 64) against the unpack-to-fp16 --compress-weight path (the recorded figure's), same "
+          "call",
+          "1 GPU", 420,
+          (throughput("opt-175b", "40 60 100 0 100 0", "8x1", "--compress-weight", gen=8, timeout_s=200),
+           throughput("opt-175b", "40 60 100 0 100 0", "8x1", "--quantization rtn4 --quant-group-size 64", gen=8,
+                      timeout_s=200))),
     Entry("quant-serving-fp8-llama3-8b",
           "The REFERENCE serving batch (Llama-3-8B, 256 requests) with fp8 weights and an fp8 KV cache against "
           "bf16, through HTTP, same call",
