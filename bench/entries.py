@@ -122,6 +122,7 @@ MOE_BATCH1 = ("flexserve bench throughput --model dummy:mixtral-8x7b --dtype bfl
 LLAMA8 = "--model dummy:llama-3-8b --dtype bfloat16"
 BATCH256_TRACE = "--trace bench/traces/batch256_uniform.csv --num-requests 256 --schedulers fcfs"
 BATCH256 = f"{BATCH256_TRACE} --max-num-seqs 256 --max-num-batched-tokens 8192"
+COLD_CACHE = "/tmp/flexserve-cold-triton-cache"  # outside OUT: thousands of small files that need not come back
 HEAVY = "--trace gamma --cv 3 --prompt-len 256 --output-dist pareto --output-len 16"
 HEAVY_8_SEATS = f"{HEAVY} --num-requests 600 --max-num-seqs 8 --num-levels 8"
 KV_LIMITED = (f"{HEAVY} --rate 8 --num-requests 3000 --max-context 3072 --max-num-seqs 64 --num-gpu-blocks 192 "
@@ -300,6 +301,14 @@ ENTRIES = [
            launch(f"{BATCH256_TRACE} --engine-process", 150),
            launch(f"{BATCH256_TRACE} --no-engine-process", 150)),
           peer="transformers generate_batch (bench/peer_transformers_serving.py)"),
+    Entry("serving-cold-cache-llama3-8b",
+          "Does serving compile kernels after start-up: the REFERENCE batch twice, each in a new server process, on "
+          "a Triton cache emptied first (throughput of each run, and when each kernel variant was compiled)",
+          "1 GPU", 150,
+          (Cmd(f"python bench/triton_cache_times.py --cache {COLD_CACHE} --clear", 30),
+           launch(f"{BATCH256} --engine-process", 150, env=f"TRITON_CACHE_DIR={COLD_CACHE}"),
+           launch(f"{BATCH256} --engine-process", 150, env=f"TRITON_CACHE_DIR={COLD_CACHE}"),
+           Cmd(f"python bench/triton_cache_times.py --cache {COLD_CACHE}", 30))),
     Entry("serve-offloaded-opt30b",
           "Serving a model whose weights mostly live in CPU memory (OPT-30B fp16, 30% of the weights on the GPU) "
           "through HTTP: throughput against the bound of streaming the other 70% over PCIe every step, and the "

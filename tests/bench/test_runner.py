@@ -79,7 +79,7 @@ def test_every_script_file_and_flag_named_exists():
     for e in ENTRIES:
         for c in e.commands():
             argv, env = bench_run.expand(c, Path("/tmp/out"))
-            assert set(env) <= {"FLEXSERVE_PAGED_ATTENTION"}, c.line
+            assert set(env) <= {"FLEXSERVE_PAGED_ATTENTION", "TRITON_CACHE_DIR"}, c.line
             for w in words(c):
                 if w.startswith("{peers}/"):
                     assert w.split("/", 1)[1] in KNOWN_PEER_SCRIPTS, c.line
