@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import PolicyError
 
-SCHEMES = ("fp8", "int8", "rtn4", "awq", "gguf")
+SCHEMES = ("fp8", "int8", "rtn4", "awq", "gguf", "awq-checkpoint")
 # Schemes that round nothing: they keep the quantised form a checkpoint already stores (`gguf`: a GGUF file's
-# Q4_0, Q4_1 and Q8_0 projections, see `compression.ggml`), so they apply only to such a checkpoint.
-STORED_SCHEMES = ("gguf",)
+# Q4_0, Q4_1 and Q8_0 projections, see `compression.ggml`; `awq-checkpoint`: an AutoAWQ folder's 4-bit
+# projections, see `compression.awq_checkpoint`, the default for such a folder), so they apply only to such a
+# checkpoint.
+STORED_SCHEMES = ("gguf", "awq-checkpoint")
 GROUPED_SCHEMES = ("rtn4", "awq")  # the schemes `--quant-group-size` applies to
 CALIBRATED_SCHEMES = ("int8", "awq")
 DEFAULT_GROUP_SIZE = 128

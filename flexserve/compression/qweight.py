@@ -121,8 +121,8 @@ class Int4Weight(QuantWeight):
     Byte j of a group holds value j in its low nibble and value j + group_size/2 in its high nibble."""
 
     data: torch.Tensor  # uint8 [N, num_groups, group_size // 2]
-    scale: torch.Tensor  # [N, num_groups, 1], the model's dtype
-    min: torch.Tensor  # [N, num_groups, 1]
+    scale: torch.Tensor  # [N, num_groups, 1], the model's dtype (a stored checkpoint's: its own)
+    min: torch.Tensor  # [N, num_groups, 1], the scale's dtype or float32
     in_features: int
     smooth: torch.Tensor | None = None  # float32 [K]
 
@@ -134,17 +134,23 @@ class Int4Weight(QuantWeight):
     def shape(self) -> torch.Size:
         return torch.Size((self.data.shape[0], self.in_features))
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The wider of the scale's and the min's dtypes (they differ for an AWQ checkpoint's weights)."""
+        return torch.promote_types(self.scale.dtype, self.min.dtype)
+
     def packed(self, dtype: torch.dtype | None = None) -> CompressedTensor:
         """The same bytes as a `CompressedTensor` (for `decompress`), its scale and min in `dtype` (default:
-        as stored)."""
-        dtype = dtype or self.scale.dtype
+        the wider of their stored dtypes)."""
+        dtype = dtype or self.stored_dtype
         cfg = CompressionConfig(num_bits=4, group_size=self.group_size, group_dim=-1)
         return CompressedTensor(self.data, self.scale.to(dtype), self.min.to(dtype), self.shape, dtype, cfg)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        # Rebuilt in the wider of the scale's dtype and `dtype`: fp16 scales (a GGUF file's) asked for in float32
-        # or bfloat16 are computed in float32, where min + q * scale of an fp16 pair rounds once, as llama.cpp's.
-        work = torch.promote_types(self.scale.dtype, dtype)
+        # Rebuilt in the widest of the scale's, the min's and `dtype`: fp16 scales (a GGUF file's) asked for in
+        # float32 or bfloat16 are computed in float32, where min + q * scale of an fp16 pair rounds once, as
+        # llama.cpp's; an AWQ checkpoint's float32 min (-z * s, exact) keeps even an fp16 rebuild in float32.
+        work = torch.promote_types(self.stored_dtype, dtype)
         return self._unsmooth(decompress(self.packed(work)), self.smooth).to(dtype)
 
 

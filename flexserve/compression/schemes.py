@@ -7,6 +7,7 @@
 | `rtn4` | 4-bit groups along K (asymmetric) | the model's dtype | none |
 | `awq` | as `rtn4` | the model's dtype | AWQ's per-channel scale search |
 | `gguf` | a GGUF file's own Q4_0/Q4_1 (4-bit, groups of 32) and Q8_0 (8-bit, groups of 32) blocks | the model's dtype | none: nothing is rounded (`ggml`) |
+| `awq-checkpoint` | an AutoAWQ checkpoint's own 4-bit groups (its group size) | the model's dtype | none: nothing is rounded (`awq_checkpoint`) |
 
 Smoothing and scale search live in `smoothing`; this module only rounds a given matrix.
 """

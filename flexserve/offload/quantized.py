@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compression.awq_checkpoint import awq_checkpoint_weight
 from ..compression.ggml import ggml_weight
 from ..compression.layer_quant import quantize_layer
 from ..compression.qweight import QuantWeight
@@ -20,7 +21,7 @@ from ..config import ModelConfig
 from ..errors import PolicyError
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.calibrate import Calibrator, calibration_ids
-from ..weights import GGUFBlocks, keep_quantized
+from ..weights import AWQBlocks, GGUFBlocks, default_scheme, keep_quantized
 
 
 @dataclass
@@ -75,8 +76,7 @@ class LayerQuantizer:
     def layer(self, w: dict[str, torch.Tensor]) -> dict:
         """The next decoder layer's weights, quantised (on the compute device; placement moves them on)."""
         if self.qcfg.is_stored:  # the file's own blocks become weights as they are; nothing is rounded
-            return {k: ggml_weight(v.type_name, v.blocks, v.in_features) if isinstance(v, GGUFBlocks) else v
-                    for k, v in w.items()}
+            return {k: _stored_weight(v) for k, v in w.items()}
         w = {k: v.to(device=self.device, dtype=self.dtype) for k, v in w.items()}
         inputs = None
         if self.qcfg.is_calibrated:
@@ -88,13 +88,27 @@ class LayerQuantizer:
             return quantize_layer(self.cfg, w, self.qcfg, inputs)
 
 
+def _stored_weight(value):
+    """A stored checkpoint's quantised matrix as the weight holding it; anything else as it is."""
+    if isinstance(value, GGUFBlocks):
+        return ggml_weight(value.type_name, value.blocks, value.in_features)
+    if isinstance(value, AWQBlocks):
+        return awq_checkpoint_weight(*value.unpacked())
+    return value
+
+
 def layer_quantizer(policy, source, device: torch.device, dtype: torch.dtype) -> LayerQuantizer | None:
     """The quantiser `policy.quantization` asks for over `source`, or None. The tokenizer of the calibration
     text is found where the checkpoint is (a GGUF file or a Hugging Face folder)."""
-    if policy.quantization is None:
+    stored = default_scheme(source)  # an AWQ folder keeps its 4-bit weights unless asked otherwise
+    scheme = policy.quantization or stored
+    if scheme is None:
         return None
-    qcfg = QuantConfig(policy.quantization, policy.quant_group_size)
+    qcfg = QuantConfig(scheme, policy.quant_group_size)
     if qcfg.is_stored:
-        keep_quantized(source)  # a GGUF file's Q4_0/Q4_1/Q8_0 projections are read as blocks from now on
+        keep_quantized(source, scheme)  # its stored projections are read as such from now on
+    elif stored is not None:
+        raise PolicyError(f"--quantization {scheme} rounds float weights, and this checkpoint's are already "
+                          f"quantized ({stored}); load it without --quantization to keep them")
     model_path = getattr(source, "path", None) or getattr(source, "folder", None)
     return LayerQuantizer(qcfg, source.config, model_path, device, dtype)

@@ -13,6 +13,8 @@ import torch
 
 from ..config import preset
 from ..errors import ModelLoadError, PolicyError
+from .awq_blocks import SCHEME as AWQ_CHECKPOINT
+from .awq_blocks import AWQBlocks
 from .base import Tensors, WeightSource, fuse_layer
 from .dummy import DummySource
 from .gguf_blocks import GGUFBlocks
@@ -97,16 +99,26 @@ def open_source(model: str | None, dtype: torch.dtype = torch.float16,
     raise ModelLoadError(f"{model!r} is neither a Hugging Face folder, a .gguf file nor dummy:PRESET")
 
 
-def keep_quantized(source: WeightSource) -> int:
-    """Make `source` hand over the projections its file stores quantised as their blocks (`--quantization gguf`,
-    see `gguf_reader`); returns how many it keeps. Only a GGUF file read directly has such blocks."""
-    keep = getattr(source, "keep_quantized", None)
-    if keep is None:
+def keep_quantized(source: WeightSource, scheme: str = "gguf") -> int:
+    """Make `source` hand over the projections its checkpoint stores quantised as they are stored (`gguf`: a
+    GGUF file's blocks, see `gguf_reader`; `awq-checkpoint`: an AWQ folder's, see `safetensors_reader`);
+    returns how many it keeps. Only a checkpoint of that kind read directly has them."""
+    if getattr(source, "stored_scheme", None) != scheme:
         where = getattr(source, "path", None) or getattr(source, "folder", None) or source.config.name
+        if scheme == AWQ_CHECKPOINT:
+            raise PolicyError(f"--quantization {AWQ_CHECKPOINT} keeps the 4-bit weights of an AutoAWQ checkpoint "
+                              f"folder as they are stored, and {where} is not one read on one device: quantize "
+                              f"other models with fp8, int8, rtn4 or awq")
         raise PolicyError(f"--quantization gguf keeps the Q4_0/Q4_1/Q8_0 weights of a .gguf file as they are "
                           f"stored, and {where} is not a .gguf file read on one device: quantize other models "
                           f"with fp8, int8, rtn4 or awq")
-    return keep()
+    return source.keep_quantized()
+
+
+def default_scheme(source: WeightSource) -> str | None:
+    """The stored scheme `source` loads with when no `--quantization` is asked for (an AWQ folder's
+    `awq-checkpoint`: it has no dense weights to fall back to), else None."""
+    return getattr(source, "default_scheme", None)
 
 
 def layer_weights(source: WeightSource, index: int) -> Tensors:
@@ -115,5 +127,5 @@ def layer_weights(source: WeightSource, index: int) -> Tensors:
     return parts if getattr(source, "is_fused", False) else fuse_layer(source.config, parts, index)
 
 
-__all__ = ["open_source", "resolve_model", "layer_weights", "keep_quantized", "default_model_path", "DummySource",
-           "GGUFBlocks", "Tensors", "WeightSource"]
+__all__ = ["open_source", "resolve_model", "layer_weights", "keep_quantized", "default_scheme", "default_model_path",
+           "AWQBlocks", "DummySource", "GGUFBlocks", "Tensors", "WeightSource"]

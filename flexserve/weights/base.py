@@ -5,7 +5,8 @@ A reader yields, per decoder layer and for the global tensors, a dict of *raw pa
 weights the model math uses (`qkv.weight`, `up.weight`, ...), so that fusion lives in one place for every reader.
 Readers are lazy: a layer's tensors are read only when asked for, so a large model streams straight into its
 target storage instead of being materialised whole first. A projection may also arrive as the quantised blocks
-its file stores (`GGUFBlocks`, under `--quantization gguf`); fusion keeps those as blocks.
+its file stores (`GGUFBlocks` under `--quantization gguf`, `AWQBlocks` of an AWQ checkpoint); fusion keeps
+those as they are stored.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
-from .gguf_blocks import cat_rows
+from .stored import cat_rows
 
 Tensors = dict[str, torch.Tensor]
 

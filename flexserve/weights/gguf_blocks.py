@@ -3,9 +3,9 @@
 Why: under `--quantization gguf` a reader hands over a projection stored as Q4_0, Q4_1 or Q8_0 as its bytes,
 not dequantised, so that `flexserve.compression.ggml` can turn it into a quantised weight with nothing rounded.
 Every row of such a matrix is its own run of blocks, so the operations loading needs on whole rows work on the
-bytes: concatenating matrices (fusion) and permuting rows (llama.cpp's Q/K order). The weights package may not
-import `compression` (one layer), so the bytes travel in this plain carrier until the offload layer converts
-them.
+bytes: concatenating matrices (fusion, `stored.cat_rows`) and permuting rows (llama.cpp's Q/K order). The
+weights package may not import `compression` (one layer), so the bytes travel in this plain carrier until the
+offload layer converts them.
 """
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ class GGUFBlocks:
         """The matrix with its rows rearranged by `fn`, a function of a tensor's leading dimension only."""
         return replace(self, blocks=fn(self.blocks))
 
+    def joined(self, parts: Sequence[object]) -> "GGUFBlocks | None":
+        """`parts` (self first) stacked row-wise as blocks (for `stored.cat_rows`); None unless all are blocks
+        of this encoding and width."""
+        if not all(isinstance(p, GGUFBlocks) and p.type_name == self.type_name
+                   and p.in_features == self.in_features for p in parts):
+            return None
+        return replace(self, blocks=torch.cat([p.blocks for p in parts]))
+
     def dequantize(self) -> torch.Tensor:
         """The float32 matrix, by `gguf.quants.dequantize` (what reading it dense gives)."""
         import gguf
@@ -48,14 +56,3 @@ class GGUFBlocks:
         data = np.asarray(gguf.quants.dequantize(self.blocks.numpy(), qtype), dtype=np.float32)
         return torch.from_numpy(data.reshape(tuple(self.shape)))
 
-
-def cat_rows(parts: Sequence[torch.Tensor | GGUFBlocks]) -> torch.Tensor | GGUFBlocks:
-    """`torch.cat(parts)` along rows, for tensors and kept blocks alike: blocks of one encoding stay blocks;
-    any other mix is dequantised first (one fused weight has one form, and re-rounding would change values)."""
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(list(parts))
-    first = parts[0]
-    if all(isinstance(p, GGUFBlocks) and p.type_name == first.type_name and p.in_features == first.in_features
-           for p in parts):
-        return replace(first, blocks=torch.cat([p.blocks for p in parts]))
-    return torch.cat([p.dequantize() if isinstance(p, GGUFBlocks) else p for p in parts])

@@ -66,6 +66,7 @@ class GGUFSource:
         self._dequantize = gguf.quants.dequantize
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.is_keeping_quantized = False
+        self.stored_scheme = "gguf"  # what `weights.keep_quantized` checks the asked-for scheme against
         self.config = self._config()
         self._layers: dict[int, dict[str, str]] = {}
         self._globals: dict[str, str] = {}
