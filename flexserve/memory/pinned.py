@@ -97,10 +97,11 @@ def upload_parts(parts, dtype: torch.dtype, device: torch.device) -> list[torch.
     parts packed end to end would start at offsets that change with the batch, and a step meeting a new pattern
     would stall on a compilation in the middle of serving."""
     arrays = [np.asarray(p).ravel() for p in parts]
-    step = max(1, ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    step = max(1, ALIGN_BYTES // np_dtype.itemsize)
     sizes = [a.size for a in arrays]
     padded = [-(-n // step) * step for n in sizes]
-    packed = np.zeros(sum(padded), dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    packed = np.zeros(sum(padded), dtype=np_dtype)
     at = 0
     for a, n, width in zip(arrays, sizes, padded):
         packed[at:at + n] = a

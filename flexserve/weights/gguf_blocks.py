@@ -1,4 +1,4 @@
-"""A GGUF matrix kept in its file's quantised blocks, and the row-wise concatenation that fuses q/k/v and gate/up.
+"""A GGUF matrix kept in its file's quantised blocks, with the row operations loading needs on them.
 
 Why: under `--quantization gguf` a reader hands over a projection stored as Q4_0, Q4_1 or Q8_0 as its bytes,
 not dequantised, so that `flexserve.compression.ggml` can turn it into a quantised weight with nothing rounded.
