@@ -7,7 +7,7 @@ one program per token row reads the row twice (its maximum, then the scaled valu
 and its scale once.
 
 The result is the portable path's (`flexserve.compression.linear.per_token`) bit for bit: the same float32
-scale (row maximum, floored at 1e-12, over the 8-bit maximum), the same float32 division, clamp, and rounding to
+scale (row maximum, floored at 1e-12, over the 8-bit maximum), the same correctly rounded float32 division, clamp, and rounding to
 nearest with ties to even. The GPU test holds the two equal.
 """
 from __future__ import annotations
@@ -41,12 +41,13 @@ if triton is not None:
         for start in range(0, n, BLOCK):
             x = tl.load(X + row * stride_x + start + cols, mask=start + cols < n, other=0.0).to(tl.float32)
             peak = tl.maximum(peak, tl.abs(x))
-        scale = tl.maximum(tl.max(peak, 0), 1e-12) / qmax
+        scale = tl.math.div_rn(tl.maximum(tl.max(peak, 0), 1e-12), qmax)
         tl.store(S + row, scale)
         for start in range(0, n, BLOCK):
             live = start + cols < n
             x = tl.load(X + row * stride_x + start + cols, mask=live, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(x / scale, -qmax), qmax)
+            # IEEE division (div_rn): Triton's `/` is the approximate one, a unit in the last place off at times
+            y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -qmax), qmax)
             if ROUND:  # to the nearest integer, ties to even (torch.round): exact for |y| <= 127
                 r = tl.floor(y + 0.5)
                 tie_to_odd = ((r - y) == 0.5) & ((r - 2.0 * tl.floor(r * 0.5)) != 0.0)
