@@ -58,7 +58,8 @@ def smoothed(x: torch.Tensor, smooth: torch.Tensor | None) -> torch.Tensor:
 
 def _per_token(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] in float32 scaled so that each row's largest magnitude is `qmax`, and the scales [M, 1]."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12) / qmax
+    # times the float32 reciprocal, not divided by qmax: the one rounding the fused kernel repeats exactly
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12).mul_(1.0 / qmax)
     return x.float() / scale, scale
 
 

@@ -7,8 +7,8 @@ one program per token row reads the row twice (its maximum, then the scaled valu
 and its scale once.
 
 The result is the portable path's (`flexserve.compression.linear.per_token`) bit for bit: the same float32
-scale (row maximum, floored at 1e-12, over the 8-bit maximum), the same correctly rounded float32 division, clamp, and rounding to
-nearest with ties to even. The GPU test holds the two equal.
+scale (row maximum, floored at 1e-12, times the reciprocal of the 8-bit maximum), the same correctly rounded
+float32 division, clamp, and rounding to nearest with ties to even. The GPU test holds the two equal.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def per_token_quant_available(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _per_token_quant_kernel(X, Q, S, n, stride_x, stride_q, qmax, BLOCK: tl.constexpr,
+    def _per_token_quant_kernel(X, Q, S, n, stride_x, stride_q, qmax, inv_qmax, BLOCK: tl.constexpr,
                                 ROUND: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -41,7 +41,7 @@ if triton is not None:
         for start in range(0, n, BLOCK):
             x = tl.load(X + row * stride_x + start + cols, mask=start + cols < n, other=0.0).to(tl.float32)
             peak = tl.maximum(peak, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(peak, 0), 1e-12), qmax)
+        scale = tl.maximum(tl.max(peak, 0), 1e-12) * inv_qmax
         tl.store(S + row, scale)
         for start in range(0, n, BLOCK):
             live = start + cols < n
@@ -67,6 +67,6 @@ def per_token_quant(x: torch.Tensor, out_dtype: torch.dtype, qmax: float) -> tup
     q = torch.empty((m, k), dtype=out_dtype, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), float(qmax), BLOCK=_BLOCK,
-                                      ROUND=not out_dtype.is_floating_point, num_warps=4)
+        _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), float(qmax), 1.0 / qmax,
+                                      BLOCK=_BLOCK, ROUND=not out_dtype.is_floating_point, num_warps=4)
     return q, scale
