@@ -205,20 +205,26 @@ def capped_cases(model: str, hw, args, sweep: bool) -> list[tuple]:
     from flexserve.errors import PolicyError
     from flexserve.planner import search
 
-    def best(sizes=None):
-        kw = {"gpu_batch_sizes": sizes} if sizes else {}
+    def best(sizes=None, **kw):
+        if sizes:
+            kw["gpu_batch_sizes"] = sizes
         return search(preset(model), hw, args.prompt_len, args.gen_len, gpu_mem=args.gpu_mem,
                       cpu_mem=args.cpu_mem, **kw).policy
 
     auto = best()
     cases = [("auto", *case_of(auto))]
-    for size in (CAP_BATCH_SIZES if sweep else ()):
+    # other block shapes, and the other side of the CPU-attention choice: a different kind of policy, not a
+    # neighbour of the auto one
+    alternatives = [(f"planner best at gpu batch {size}", [size], {}) for size in CAP_BATCH_SIZES]
+    alternatives.append((f"planner best with {'GPU' if auto.cpu_cache_compute else 'CPU'} attention", None,
+                         {"cpu_cache_compute": not auto.cpu_cache_compute}))
+    for label, sizes, kw in (alternatives if sweep else ()):
         try:
-            case = case_of(best([size]))
+            case = case_of(best(sizes, **kw))
         except PolicyError:
             continue
         if case not in [c[1:] for c in cases]:
-            cases.append((f"planner best at gpu batch {size}", *case))
+            cases.append((label, *case))
     for label, *case in (CAP_HAND_POLICIES.get(model, []) if sweep else []):
         if tuple(case) not in [c[1:] for c in cases]:
             cases.append((label, *case))
