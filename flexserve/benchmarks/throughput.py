@@ -62,6 +62,7 @@ class TimedBlock:
     token_ids: list[list[int]]  # per prompt, the generated tokens
     prefill_s: float  # the prefill, up to the first tokens on the host
     decode_s: float  # every decode step after it
+    probed: float | None = None  # what `probe` grew by over the decode steps (None without a probe)
 
 
 class _StepClock:
@@ -69,10 +70,11 @@ class _StepClock:
     synchronised at those marks only, so the weights of the next step keep loading during a step), moves the
     progress bar, and profiles the last two decode steps when asked."""
 
-    def __init__(self, device: torch.device, gen_len: int, profile: str | None, bar):
-        self.device, self.gen_len, self.profile, self.bar = device, gen_len, profile, bar
+    def __init__(self, device: torch.device, gen_len: int, profile: str | None, bar, probe=None):
+        self.device, self.gen_len, self.profile, self.bar, self.probe = device, gen_len, profile, bar, probe
         self.start = self.decode_start = 0.0
         self.prefill_s = self.decode_s = 0.0
+        self.probe_marks: list[float] = []
         self.prof = None
 
     def __call__(self, steps: int) -> None:
@@ -85,6 +87,8 @@ class _StepClock:
                 self.prefill_s, self.decode_start = now - self.start, now
             if steps == self.gen_len:
                 self.decode_s = now - self.decode_start
+            if self.probe is not None and steps in (1, self.gen_len):
+                self.probe_marks.append(self.probe())
         if steps:
             self.bar.update(1)
         if self.profile and steps >= 1 and steps == self.gen_len - 2:
@@ -96,10 +100,11 @@ class _StepClock:
 
 
 def greedy_block(ex, prompts: list[list[int]], gen_len: int, gpu_batch_size: int, profile: str | None = None,
-                 progress: bool = True) -> TimedBlock:
+                 progress: bool = True, probe=None) -> TimedBlock:
     """Generate `gen_len` greedy tokens for every prompt (eos ignored) as one block of `gpu_batch_size` batches,
     through the generation loop `LLM.generate` runs; `profile` writes a torch.profiler trace of the last two
-    decode steps there."""
+    decode steps there; `probe()`, a running total read at the first and last decode step, is reported as what
+    it grew by over the decode."""
     from tqdm import tqdm
 
     from ..engine.block import run_block
@@ -110,7 +115,7 @@ def greedy_block(ex, prompts: list[list[int]], gen_len: int, gpu_batch_size: int
     unused = torch.Generator()  # greedy: no draws
     seqs = [Sequence(list(p), params, unused, set()) for p in prompts]
     bar = tqdm(total=gen_len, desc="bench", unit="step", disable=not progress)
-    clock = _StepClock(ex.device, gen_len, profile, bar)
+    clock = _StepClock(ex.device, gen_len, profile, bar, probe)
     run_block(ex, seqs, gpu_batch_size, on_step=clock)
     bar.close()
     if clock.prof is not None:
@@ -118,7 +123,9 @@ def greedy_block(ex, prompts: list[list[int]], gen_len: int, gpu_batch_size: int
         clock.prof.export_chrome_trace(profile)
         for key in (["self_cuda_time_total"] if ex.device.type == "cuda" else []) + ["self_cpu_time_total"]:
             print(clock.prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=50))
-    return TimedBlock([s.out_ids for s in seqs], clock.prefill_s, clock.decode_s)
+    marks = clock.probe_marks
+    return TimedBlock([s.out_ids for s in seqs], clock.prefill_s, clock.decode_s,
+                      marks[-1] - marks[0] if len(marks) == 2 else None)
 
 
 def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
@@ -148,7 +155,8 @@ def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
                weights_placed=True)
     # First CUDA/cuBLAS use pays one-off initialisation: a 16-token prefill and a decode step, before the clock.
     greedy_block(ex, [[1] * 16], 2, 1, progress=False)
-    timed = greedy_block(ex, prompts, args.gen_len, bs, args.profile)
+    modelled = (lambda: ex.experts.modelled_s) if config.is_moe else None
+    timed = greedy_block(ex, prompts, args.gen_len, bs, args.profile, probe=modelled)
     prefill_s, decode_s = timed.prefill_s, timed.decode_s
     block = bs * nb
     if ex.timers:
@@ -176,16 +184,18 @@ def run_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
         "fraction_of_bound": decode_tps / bound_tps if bound_tps else None, **bound,
     }
     if config.is_moe:
-        result.update(expert_columns(ex, block, decode_tps))
+        result.update(expert_columns(ex, block, decode_tps, timed.probed, args.gen_len - 1))
     print_result(result, args.json)
     llm.close()
     return 0
 
 
-def expert_columns(ex, block: int, decode_tps: float) -> dict:
+def expert_columns(ex, block: int, decode_tps: float, modelled_s: float | None = None, steps: int = 0) -> dict:
     """For a mixture of experts: how its off-GPU experts ran (`expert_runs`: on the GPU, copied in, reused from
-    a slot, computed on the CPU), the rates the rule measured, and the decode bound had every reached expert been
-    computed on the CPU at the measured host-read rate (the transfer bound assumes they are copied)."""
+    a slot, computed on the CPU), the rates the rule measured, the decode bound of the division the streamer
+    made (`modelled_s`: its off-GPU experts' time over the `steps` decode steps at those rates, the CPU and the
+    copies running at the same time), and the bound had every reached expert been computed on the CPU at the
+    measured host-read rate (the transfer bound assumes they are copied)."""
     from ..planner.moe_cost import reached_expert_bytes
 
     out = {"expert_runs": dict(ex.experts.counts)}
@@ -198,4 +208,8 @@ def expert_columns(ex, block: int, decode_tps: float) -> dict:
             bound = block / (cpu_bytes / rates.host_read_bytes)
             out["bound_decode_tok_s_cpu_experts"] = bound
             out["fraction_of_cpu_experts_bound"] = decode_tps / bound
+    if modelled_s and steps:
+        bound = block * steps / modelled_s
+        out["bound_decode_tok_s_split_experts"] = bound
+        out["fraction_of_split_experts_bound"] = decode_tps / bound
     return out

@@ -9,10 +9,12 @@ the same percentages, stays the rule for dense models.
 
 Execution (`ExpertStreamer`). An expert off the GPU is never streamed with its layer. When the router has
 sent tokens to it, it is either copied in (its bytes cross PCIe, then the GPU computes) or computed on the CPU
-where it lives (the tokens cross, the CPU reads the weights from host memory): `copies_expert` picks whichever
-the rates say is faster for that many tokens, so a decode step's one or two tokens stay on the CPU and a
-prefill's hundreds go to the GPU. Copies run on their own lane into `EXPERT_SLOTS` GPU slots, the next copy
-landing while the previous expert computes; experts computed on the CPU run while the copies are in flight.
+where it lives (the tokens cross, the CPU reads the weights from host memory). The two sides are different
+resources, so a layer's off-GPU experts are divided between them to finish together (`split_experts`, by the
+rates of `expert_rates`): a decode token's two experts run one on each side at once, a prefill's hundreds of
+tokens per expert go to the GPU. Copies run on their own lane into `EXPERT_SLOTS` GPU slots, the next copy
+landing while the previous expert computes, and all of a layer's copies and their GPU work are queued before
+the CPU starts on its share.
 
 A slot keeps the expert it holds until the executor moves on from the layer (`ExpertStreamer.release`), so
 under the zig-zag schedule, where one layer serves every GPU batch of the block in turn, batch k+1 computes
@@ -45,7 +47,8 @@ from ..config import ModelConfig
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.moe import ExpertWork, expert_mlp
-from .expert_rates import ExpertRates, copies_expert, copy_threshold, measure_expert_rates  # noqa: F401 (re-export)
+from .expert_rates import (ExpertRates, copies_expert, copy_threshold, expert_seconds,  # noqa: F401 (re-export)
+                           measure_expert_rates, split_experts, split_seconds)
 from .hot_experts import HotExperts, choose_swaps
 from .policy import EXPERT_RULES
 
@@ -105,6 +108,7 @@ class ExpertStreamer:
     rates: ExpertRates | None = None  # None: measured on this machine at the first off-GPU expert (rule auto)
     overlap: bool = True
     counts: collections.Counter = field(default_factory=collections.Counter)  # runs; "promoted" exchanges
+    modelled_s: float = 0.0  # the off-GPU experts' time at the rates, as divided: what the bench bounds by
     slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
     hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
@@ -117,30 +121,19 @@ class ExpertStreamer:
         self.hot = HotExperts(self.cfg.num_experts)
 
     def run(self, w, offloaded: dict[str, Handle], work: ExpertWork) -> list[torch.Tensor]:
-        """Each expert of `work` over its tokens, the ones in `w` on the device, the others copied in or computed
-        on the host by `copies_expert`."""
+        """Each expert of `work` over its tokens: the ones in `w` on the device, the others copied in or computed
+        on the host, divided by `split_experts` (rule auto) or by the fixed rule. Every copy and the GPU work
+        that reads it is queued before the CPU starts on its share, so the two sides run at the same time."""
         self.hot.counter.observe(id(offloaded), ((e, x.shape[0]) for e, x in work))  # host ints: no sync
         swapped = self._swapped.pop(id(offloaded), None)  # the hot set changed since the layer last ran
         current_wait(swapped)
         out: list[torch.Tensor | None] = [None] * len(work)
-        to_copy, on_host = [], []
-        params = self.cfg.expert_params()
-        if self.rates is None and self.rule == "auto":
-            self._measure(offloaded, work)
-        for i, (e, x) in enumerate(work):
-            handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
-            if f"experts.{e}.up.weight" in w:
-                out[i] = expert_mlp(w, f"experts.{e}.", x)
-                self.counts["gpu"] += 1
-            elif all(_packed_on(h, self.device) is not None for h in handles):  # packed on the GPU: unpacked
-                to_copy.append(i)
-            elif copies_expert(x.shape[0], params, sum(h.nbytes for h in handles) / params,
-                               self.rates or ExpertRates(), self.rule):
-                to_copy.append(i)
-            else:
-                on_host.append(i)
+        to_copy, on_host = self._divide(w, offloaded, work, out)
         to_copy.sort(key=lambda i: self._held(offloaded, work[i][0]) is None)  # held ones first: no copy
         steps = self._plan(offloaded, [work[i][0] for i in to_copy])
+        # the CPU's inputs leave the device first: reading them waits for the compute stream, which from here
+        # on waits for copies
+        host_in = {i: work[i][1].to("cpu") for i in on_host}
         loads: dict[int, object] = {}
         nxt = 0
 
@@ -155,12 +148,6 @@ class ExpertStreamer:
                 nxt += 1
 
         queue_loads(0)
-        if on_host and swapped is not None:  # the host reads weights the exchange may still be writing
-            swapped.synchronize()
-        for i in on_host:  # while the first copies are in flight
-            e, x = work[i]
-            out[i] = self._on_host(offloaded, e, x)
-            self.counts["cpu"] += 1
         for n, i in enumerate(to_copy):
             slot = self._slots[steps[n][0]]
             current_wait(loads.pop(n) if n in loads else slot.loaded)
@@ -169,7 +156,40 @@ class ExpertStreamer:
             on_gpu = _packed_on(offloaded[f"experts.{work[i][0]}.up.weight"], self.device) is not None
             self.counts["gpu" if on_gpu else "copied" if steps[n][1] else "reused"] += 1
             queue_loads(n + 1)
+        if on_host and swapped is not None:  # the host reads weights the exchange may still be writing
+            swapped.synchronize()
+        for i in on_host:  # while the copies are in flight
+            e, x = work[i]
+            out[i] = self._on_host(offloaded, e, host_in[i]).to(x.device, x.dtype)
+            self.counts["cpu"] += 1
         return out  # type: ignore[return-value]
+
+    def _divide(self, w, offloaded: dict[str, Handle], work: ExpertWork,
+                out: list) -> tuple[list[int], list[int]]:
+        """Run the experts of `work` that live on the GPU (into `out`) and return the indices of the others,
+        (copied in, computed on the host); adds the division's time at the rates to `modelled_s`."""
+        if self.rates is None and self.rule == "auto":
+            self._measure(offloaded, work)
+        rates = self.rates or ExpertRates()
+        params = self.cfg.expert_params()
+        to_copy, placed, cpu_s, copy_s, fixed = [], [], [], [], []
+        for i, (e, x) in enumerate(work):
+            handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
+            if f"experts.{e}.up.weight" in w:
+                out[i] = expert_mlp(w, f"experts.{e}.", x)
+                self.counts["gpu"] += 1
+            elif all(_packed_on(h, self.device) is not None for h in handles):  # packed on the GPU: unpacked
+                to_copy.append(i)
+            else:
+                cpu, copy = expert_seconds(x.shape[0], params, sum(h.nbytes for h in handles) / params, rates)
+                placed.append(i)
+                cpu_s.append(cpu)
+                copy_s.append(0.0 if self._held(offloaded, e) is not None else copy)
+                fixed.append(self.rule == "copy")
+        copied = split_experts(cpu_s, copy_s) if self.rule == "auto" else fixed
+        self.modelled_s += split_seconds(cpu_s, copy_s, copied)
+        to_copy += [i for i, c in zip(placed, copied) if c]
+        return to_copy, [i for i, c in zip(placed, copied) if not c]
 
     def _measure(self, offloaded: dict[str, Handle], work: ExpertWork) -> None:
         """Set `rates` from this machine (`measure_expert_rates`) with an expert of `work` that lives in plain host
@@ -177,7 +197,7 @@ class ExpertStreamer:
         for e, x in work:
             handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
             if all(isinstance(h, Handle) and h.tier is Tier.CPU and h.data is not None for h in handles):
-                probe = torch.zeros(1, x.shape[-1], dtype=x.dtype, device=x.device)
+                probe = torch.zeros(1, x.shape[-1], dtype=x.dtype)
                 self.rates = measure_expert_rates(
                     lambda n: self._on_host(offloaded, e, probe.expand(n, -1)), self.cfg.expert_params(),
                     sum(h.nbytes for h in handles), self.device)
@@ -322,10 +342,10 @@ class ExpertStreamer:
         return slot.staging[key]
 
     def _on_host(self, offloaded: dict[str, Handle], e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on the CPU where its weights are (read from disk first if they live there)."""
+        """Expert e on the CPU where its weights are (read from disk first if they live there), over the tokens
+        `x` already in host memory; the output stays there."""
         w = {f"{p}.weight": self._host_tensor(offloaded[f"experts.{e}.{p}.weight"]) for p in ("up", "down")}
-        y = expert_mlp(w, "", x.to("cpu", w["up.weight"].dtype))
-        return y.to(x.device, x.dtype)
+        return expert_mlp(w, "", x.to(w["up.weight"].dtype))
 
     def _host_tensor(self, h) -> torch.Tensor:
         """A weight in host memory, read from disk or unpacked first when it has to be."""

@@ -4,9 +4,13 @@ A GPU batch of T tokens routes T·k token slots over E experts. With the router'
 expected number of distinct experts it hits is E·(1 - (1 - k/E)^T): k for one token, all E for a large
 prefill. Only those experts are read (from HBM when they live on the GPU), and each one that lives off the GPU
 costs either its bytes at the PCIe rate (copied in) or its tokens' FLOPs at the CPU rate plus one read of its
-weights from host memory (computed where it lives), whichever `copies_expert`, the executor's own rule, picks;
-a disk-resident expert is read from disk first either way. Dense weights (attention, router, norms, shared
-expert) go to the GPU first, so the weights off the GPU are taken to be experts.
+weights from host memory (computed where it lives); a disk-resident expert is read from disk first either way.
+The executor's rule `auto` divides a layer's off-GPU experts between the two sides, which run at the same time
+(`offload.expert_rates.split_experts`); the model copies the fraction c / (c + p) of them (c and p: one
+expert's CPU and copy seconds), where both sides take equally long. That is the division of a continuum of
+experts: a layer that reaches one or two off-GPU experts cannot always split that evenly, so at batch 1 the
+model is optimistic by up to a fifth. The fixed rules copy all or none. Dense weights (attention, router,
+norms, shared expert) go to the GPU first, so the weights off the GPU are taken to be experts.
 
 The executor keeps the most routed experts on the GPU (`offload.hot_experts`). With `hot_capture`, the
 fraction of routed tokens those GPU experts take, each expert off the GPU is reached as if it had the
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..memory.tiers import Tier
-from ..offload.experts import EXPERT_SLOTS, ExpertRates, assign_moe_tiers, copies_expert, expert_index
+from ..offload.experts import EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expert_index, expert_seconds
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
@@ -39,7 +43,7 @@ class MoeLayer:
     hit: float  # expected experts the batch reaches
     read_bytes16: float  # bytes of weights the GPU reads for the batch: dense ones and the hit experts'
     expert_bytes: float  # one expert, as stored
-    copies: bool  # an off-GPU expert is copied in (else computed on the CPU)
+    copy_fraction: float  # of the off-GPU experts reached, the share copied in (the rest computed on the CPU)
     expert_cpu_s: float  # one hit expert computed on the CPU
     hit_per_share: float  # hit experts off the GPU per unit of the layer's off-GPU share
 
@@ -49,10 +53,10 @@ class MoeLayer:
         n = batches * self.hit_per_share
         load: dict[str, Linear] = {"weights disk": share_disk * (n * self.expert_bytes / hw.disk_read_bw)}
         compute: dict[str, Linear] = {}
-        if self.copies:
-            load["experts pcie"] = (1 - share_gpu) * (n * self.expert_bytes / hw.h2d_pinned_bw)
-        else:
-            compute["cpu experts"] = (1 - share_gpu) * (n * self.expert_cpu_s)
+        if self.copy_fraction > 0:
+            load["experts pcie"] = (1 - share_gpu) * (self.copy_fraction * n * self.expert_bytes / hw.h2d_pinned_bw)
+        if self.copy_fraction < 1:
+            compute["cpu experts"] = (1 - share_gpu) * ((1 - self.copy_fraction) * n * self.expert_cpu_s)
         return load, compute
 
 
@@ -69,11 +73,11 @@ def moe_layer(config: ModelConfig, policy: Policy, hw: Hardware, tokens: float, 
     cold_hit = expected_experts_hit(cfg.num_experts, min(cold_k, cfg.num_experts), tokens)
     rates = ExpertRates(cpu_flops=hw.cpu_flops, host_read_bytes=hw.cpu_mem_bw, pcie_bytes=hw.h2d_pinned_bw)
     per_expert_tokens = max(1.0, tokens * cold_k / max(cold_hit, 1e-9))  # tokens of one reached off-GPU expert
-    copies = copies_expert(round(per_expert_tokens), expert, stored, rates, policy.expert_compute)
-    cpu_s = 2.0 * per_expert_tokens * expert / rates.cpu_flops + expert * stored / rates.host_read_bytes
+    cpu_s, copy_s = expert_seconds(per_expert_tokens, expert, stored, rates)
+    fraction = {"copy": 1.0, "cpu": 0.0}.get(policy.expert_compute, cpu_s / (cpu_s + copy_s))
     return MoeLayer(active_params=cfg.active_layer_params(), hit=hit,
                     read_bytes16=(layer - (cfg.num_experts - hit) * expert) * b, expert_bytes=expert * stored,
-                    copies=copies, expert_cpu_s=cpu_s,
+                    copy_fraction=fraction, expert_cpu_s=cpu_s,
                     hit_per_share=cold_hit * layer / (expert * cfg.num_experts))
 
 

@@ -8,7 +8,7 @@ from flexserve import LLM, Policy, SamplingParams
 from flexserve.config import preset
 from flexserve.memory.tiers import Tier
 from flexserve.offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, copies_expert, copy_threshold,
-                                       expert_index)
+                                       expert_index, split_experts, split_seconds)
 from flexserve.offload.placement import layer_weight_shares
 
 from ..conftest import PROMPTS, hf_greedy
@@ -80,6 +80,53 @@ def test_copy_or_compute_follows_the_rates():
     assert copies_expert(1, expert, 2, rates, rule="copy") and not copies_expert(10 ** 6, expert, 2, rates, "cpu")
     with pytest.raises(ValueError):
         copies_expert(1, expert, 2, rates, rule="sometimes")
+
+
+def test_a_layers_experts_are_split_so_both_sides_finish_together():
+    """The CPU and the copy lane run at the same time: two decode experts go one to each side, an expert held in
+    a slot (no copy) is always copied, experts with hundreds of tokens all cross, and the split is as good as the
+    best of every division (brute force) for experts of equal size and never worse than either side alone."""
+    import itertools
+    import random
+
+    assert split_experts([5.6, 5.6], [6.4, 6.4]) in ([True, False], [False, True])
+    assert split_experts([5.6], [6.4]) == [False]
+    assert split_experts([5.6, 5.6], [0.0, 6.4]) == [True, False]
+    assert split_experts([184.0] * 3, [14.0] * 3) == [True] * 3
+    assert split_experts([], []) == []
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 6)
+        c, p = rng.uniform(1, 10), rng.uniform(1, 10)
+        cpu, copy = [c] * n, [p] * n
+        if rng.random() < 0.5:  # unequal experts: a different token count each
+            cpu = [c * rng.uniform(0.5, 3) for _ in range(n)]
+        got = split_seconds(cpu, copy, split_experts(cpu, copy))
+        best = min(split_seconds(cpu, copy, list(d)) for d in itertools.product([False, True], repeat=n))
+        assert got <= min(sum(cpu), sum(copy)) + 1e-12
+        if len(set(cpu)) == 1:
+            assert got == pytest.approx(best)
+        else:  # the prefix split is off the best by at most one expert's time
+            assert got <= best + max(max(cpu), max(copy)) + 1e-12
+
+
+def test_the_rule_auto_runs_experts_on_both_sides_and_keeps_the_tokens(tiny_model, tmp_path):
+    """With rates under which one expert costs about the same on either side, a decode step's off-GPU experts
+    are divided: some copied, some computed on the CPU at the same time, and the tokens are the resident run's;
+    the streamer adds up the division's time at those rates."""
+    folder = tiny_model("mixtral")[0]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(folder, dtype="float32", device="cpu", policy=Policy.from_percent((100, 0, 100, 0, 100, 0))) as llm:
+        resident = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    policy = Policy.from_percent((0, 100, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=1)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy) as llm:
+        streamer = llm.executor.experts
+        streamer.rates = ExpertRates(cpu_flops=1e15, host_read_bytes=50e9, pcie_bytes=50e9)  # equal sides
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts[:1], GREEDY)]
+        counts, modelled = dict(streamer.counts), streamer.modelled_s
+    assert got == resident[:1]
+    assert counts.get("cpu", 0) > 0 and counts.get("copied", 0) + counts.get("reused", 0) > 0
+    assert modelled > 0
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
@@ -224,3 +271,6 @@ def test_bench_throughput_reports_how_the_experts_ran(tiny_model, capsys):
     assert res["bound_decode_tok_s_cpu_experts"] > 0
     assert res["fraction_of_cpu_experts_bound"] == pytest.approx(
         res["decode_tok_s"] / res["bound_decode_tok_s_cpu_experts"], rel=1e-9)
+    assert res["bound_decode_tok_s_split_experts"] > 0  # the division the streamer made, at its rates
+    assert res["fraction_of_split_experts_bound"] == pytest.approx(
+        res["decode_tok_s"] / res["bound_decode_tok_s_split_experts"], rel=1e-9)
