@@ -190,6 +190,26 @@ def test_bench_throughput_reports(capsys):
     assert res["fraction_of_bound"] == pytest.approx(res["decode_tok_s"] / res["bound_decode_tok_s"], rel=1e-9)
 
 
+def test_bench_throughput_warms_up_at_the_timed_gpu_batch_size(capsys, monkeypatch):
+    """Before the clock, one GPU batch of the timed size runs a short prefill and a decode step, so the timed
+    decode meets no matrix shape for the first time (first-use costs stay out of the figure)."""
+    from flexserve.benchmarks import throughput
+
+    calls = []
+    real = throughput.greedy_block
+
+    def spy(ex, prompts, gen_len, gpu_batch_size, *args, **kw):
+        calls.append((len(prompts), len(prompts[0]), gen_len, gpu_batch_size))
+        return real(ex, prompts, gen_len, gpu_batch_size, *args, **kw)
+
+    monkeypatch.setattr(throughput, "greedy_block", spy)
+    flags = "--percent 100 0 100 0 100 0 --gpu-batch-size 3 --num-gpu-batches 2"
+    rc, res, _ = bench_result(capsys, ["bench", "throughput", "--model", "dummy:opt-125m", "--device", "cpu",
+                                       "--prompt-len", "24", "--gen-len", "3", *flags.split(), "--json"])
+    assert rc == 0 and res["block"] == 6
+    assert calls == [(3, 16, 2, 3), (6, 24, 3, 3)]  # the warm-up: one batch of 3; then the timed block of 6
+
+
 def test_bench_throughput_on_the_paged_engine(capsys):
     """The same benchmark through the serving engine: every sequence gets its tokens, figures are reported;
     weights-only offloading works there too, cache offloading is refused."""
