@@ -261,13 +261,15 @@ ENTRIES = [
     Entry("planner-qwen2-recheck",
           "The two Qwen2-7B held-out runs again (the planner's two misses), with the benchmark's warm-up at the "
           "timed GPU batch size: were one-off first-use costs inside the timed decode? Beside them resident "
-          "Mistral-7B (gen 16) and OPT-6.7B (gen 8), whose step the same costs would have slowed",
-          "1 GPU", 330,
+          "Mistral-7B (gen 16) and OPT-6.7B (gen 8), whose step the same costs would have slowed, and Qwen2-7B "
+          "resident at gen 64",
+          "1 GPU", 420,
           (Cmd(HELD_OUT_FIT, 120),
            Cmd("python bench/planner_validation.py --held-out --hardware {out}/fitted.json --timeout 200 "
                "--held-out-pick 5,6 --accuracy {out}/held_out_qwen2.json", 420),
            throughput("mistral-7b", ALL_GPU, "32x1", dtype="bfloat16", gen=16),
-           throughput("opt-6.7b", ALL_GPU, "32x1", gen=8)),
+           throughput("opt-6.7b", ALL_GPU, "32x1", gen=8),
+           throughput("qwen2-7b", ALL_GPU, "32x1", dtype="bfloat16", gen=64)),  # a per-step cost stays at gen 64
           writes=("fitted.json", "held_out_qwen2.json"), note=HELD_OUT_NOTE),
     held_out_auto("llama-2-13b", "12GiB", 512, "Llama-2-13B fp16", 450),
     held_out_auto("llama-2-7b", "4GiB", 256, "Llama-2-7B fp16", 400),
