@@ -158,9 +158,11 @@ class ExpertStreamer:
             queue_loads(n + 1)
         if on_host and swapped is not None:  # the host reads weights the exchange may still be writing
             swapped.synchronize()
-        for i in on_host:  # while the copies are in flight
-            e, x = work[i]
-            out[i] = self._on_host(offloaded, e, host_in[i]).to(x.device, x.dtype)
+        # while the copies are in flight; the outputs go back after the last one, as an upload waits for the
+        # compute stream and so for the copies
+        done = {i: self._on_host(offloaded, work[i][0], host_in[i]) for i in on_host}
+        for i, y in done.items():
+            out[i] = y.to(work[i][1].device, work[i][1].dtype)
             self.counts["cpu"] += 1
         return out  # type: ignore[return-value]
 
