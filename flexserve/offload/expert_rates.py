@@ -24,15 +24,13 @@ from typing import Callable
 
 import torch
 
-from .policy import EXPERT_RULES
-
 _COPY_PROBE_BYTES = 64 << 20  # enough for the copy engine's steady rate, small enough to pin in a blink
 _WIDE = 256  # tokens of the second CPU timing: enough that the FLOPs, not the weight read, set its time
 
 
 @dataclass(frozen=True)
 class ExpertRates:
-    """The rates `copies_expert` weighs. The defaults are a PCIe 4/5 host with pinned memory and a many-core
+    """The rates `expert_seconds` weighs. The defaults are a PCIe 4/5 host with pinned memory and a many-core
     CPU; an executor measures its own (`measure_expert_rates`)."""
 
     cpu_flops: float = 1.0e12  # CPU matmul FLOP/s in the model's dtype
@@ -48,19 +46,6 @@ def expert_seconds(tokens: int, expert_params: int, dtype_bytes: float, rates: E
     weight_bytes = expert_params * dtype_bytes
     return (2.0 * tokens * expert_params / rates.cpu_flops + weight_bytes / rates.host_read_bytes,
             weight_bytes / rates.pcie_bytes)
-
-
-def copies_expert(tokens: int, expert_params: int, dtype_bytes: float, rates: ExpertRates,
-                  rule: str = "auto") -> bool:
-    """Whether one expert off the GPU that `tokens` tokens are routed to is faster copied in (True) than
-    computed on the CPU where it lives, taken alone; `rule` "copy" or "cpu" forces the answer. (A layer's
-    experts together are divided by `split_experts`.)"""
-    if rule not in EXPERT_RULES:
-        raise ValueError(f"expert rule must be one of {EXPERT_RULES}, got {rule!r}")
-    if rule != "auto":
-        return rule == "copy"
-    cpu_s, copy_s = expert_seconds(tokens, expert_params, dtype_bytes, rates)
-    return copy_s < cpu_s
 
 
 def split_experts(cpu_s: list[float], copy_s: list[float]) -> list[bool]:
@@ -85,13 +70,6 @@ def split_experts(cpu_s: list[float], copy_s: list[float]) -> list[bool]:
 def split_seconds(cpu_s: list[float], copy_s: list[float], copied: list[bool]) -> float:
     """The time of a split at the rates: its two sides run at the same time."""
     return max(sum(t for t, c in zip(copy_s, copied) if c), sum(t for t, c in zip(cpu_s, copied) if not c))
-
-
-def copy_threshold(expert_params: int, dtype_bytes: int, rates: ExpertRates) -> int:
-    """The fewest routed tokens for which `copies_expert` copies an expert taken alone (for reports)."""
-    weight_bytes = expert_params * dtype_bytes
-    spare = weight_bytes / rates.pcie_bytes - weight_bytes / rates.host_read_bytes
-    return max(0, int(spare * rates.cpu_flops / (2.0 * expert_params)) + 1)
 
 
 def _best_of(fn: Callable[[], object], sync: Callable[[], None], repeats: int = 3) -> float:

@@ -47,8 +47,7 @@ from ..config import ModelConfig
 from ..memory.streams import Lane, current_record, current_wait
 from ..memory.tiers import Handle, Tier, Tiers
 from ..models.moe import ExpertWork, expert_mlp
-from .expert_rates import (ExpertRates, copies_expert, copy_threshold, expert_seconds,  # noqa: F401 (re-export)
-                           measure_expert_rates, split_experts, split_seconds)
+from .expert_rates import ExpertRates, expert_seconds, measure_expert_rates, split_experts, split_seconds
 from .hot_experts import HotExperts, choose_swaps
 from .policy import EXPERT_RULES
 
@@ -113,6 +112,8 @@ class ExpertStreamer:
     hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
     def __post_init__(self) -> None:
+        if self.rule not in EXPERT_RULES:
+            raise ValueError(f"expert rule must be one of {EXPERT_RULES}, got {self.rule!r}")
         self.lane = Lane(self.device, self.overlap)
         self._slots: list[_Slot] = []
         self._used: dict[int, int] = {}  # slot -> when an expert last ran from it
@@ -174,7 +175,7 @@ class ExpertStreamer:
             self._measure(offloaded, work)
         rates = self.rates or ExpertRates()
         params = self.cfg.expert_params()
-        to_copy, placed, cpu_s, copy_s, fixed = [], [], [], [], []
+        to_copy, placed, cpu_s, copy_s = [], [], [], []
         for i, (e, x) in enumerate(work):
             handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
             if f"experts.{e}.up.weight" in w:
@@ -187,8 +188,7 @@ class ExpertStreamer:
                 placed.append(i)
                 cpu_s.append(cpu)
                 copy_s.append(0.0 if self._held(offloaded, e) is not None else copy)
-                fixed.append(self.rule == "copy")
-        copied = split_experts(cpu_s, copy_s) if self.rule == "auto" else fixed
+        copied = split_experts(cpu_s, copy_s) if self.rule == "auto" else [self.rule == "copy"] * len(placed)
         self.modelled_s += split_seconds(cpu_s, copy_s, copied)
         to_copy += [i for i, c in zip(placed, copied) if c]
         return to_copy, [i for i, c in zip(placed, copied) if not c]

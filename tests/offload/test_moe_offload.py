@@ -7,8 +7,8 @@ import torch
 from flexserve import LLM, Policy, SamplingParams
 from flexserve.config import preset
 from flexserve.memory.tiers import Tier
-from flexserve.offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, copies_expert, copy_threshold,
-                                       expert_index, split_experts, split_seconds)
+from flexserve.offload.experts import (EXPERT_SLOTS, ExpertRates, ExpertStreamer, assign_moe_tiers, expert_index,
+                                       expert_seconds, split_experts, split_seconds)
 from flexserve.offload.placement import layer_weight_shares
 
 from ..conftest import PROMPTS, hf_greedy
@@ -70,16 +70,22 @@ def test_the_placement_rule_puts_dense_weights_first_and_keeps_experts_whole():
 
 
 def test_copy_or_compute_follows_the_rates():
-    expert = preset("mixtral-8x7b").expert_params()  # 176M parameters, 352 MB in bf16
+    """One expert's two costs: the CPU's grows with its tokens, the copy's does not, so taken alone a decode
+    token's expert is faster on the CPU and a prefill chunk's copied; the streamer refuses an unknown rule."""
+    from flexserve.memory.tiers import Tiers
+
+    cfg = preset("mixtral-8x7b")
+    expert = cfg.expert_params()  # 176M parameters, 352 MB in bf16
     rates = ExpertRates(cpu_flops=1e12, host_read_bytes=100e9, pcie_bytes=25e9)
-    assert not copies_expert(1, expert, 2, rates)  # a decode token: 3.9 ms on the CPU vs 14 ms of PCIe
-    assert copies_expert(512, expert, 2, rates)  # a prefill chunk: 184 ms on the CPU
-    n = copy_threshold(expert, 2, rates)
-    assert not copies_expert(n - 1, expert, 2, rates) and copies_expert(n, expert, 2, rates)
-    assert 25 < n < 35
-    assert copies_expert(1, expert, 2, rates, rule="copy") and not copies_expert(10 ** 6, expert, 2, rates, "cpu")
-    with pytest.raises(ValueError):
-        copies_expert(1, expert, 2, rates, rule="sometimes")
+    cpu, copy = expert_seconds(1, expert, 2, rates)  # a decode token: 3.9 ms on the CPU vs 14 ms of PCIe
+    assert cpu == pytest.approx(3.9e-3, rel=0.05) and copy == pytest.approx(14.1e-3, rel=0.05) and cpu < copy
+    cpu, copy = expert_seconds(512, expert, 2, rates)  # a prefill chunk: 184 ms on the CPU
+    assert copy < cpu == pytest.approx(184e-3, rel=0.05)
+    n = next(t for t in range(1, 1000) if expert_seconds(t, expert, 2, rates)[1] < expert_seconds(t, expert, 2,
+                                                                                                    rates)[0])
+    assert 25 < n < 35  # the crossover: the fewest tokens for which the copy is faster alone
+    with pytest.raises(ValueError, match="expert rule must be one of"):
+        ExpertStreamer(cfg, Tiers(torch.device("cpu")), torch.device("cpu"), torch.float32, "sometimes")
 
 
 def test_a_layers_experts_are_split_so_both_sides_finish_together():
