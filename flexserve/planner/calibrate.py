@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import PolicyError
-from .hardware import Hardware
+from .hardware import Hardware, profile
 
 MIB = 1 << 20
 
@@ -207,6 +207,8 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
 
     def overhead() -> None:
         values["layer_overhead_s"] = _layer_overhead(dev, timer)
+        # not measurable alone: a property of the executor's schedule, fitted to measured runs (planner/hardware)
+        values["layer_sync_s"] = profile("h100").layer_sync_s
 
     def cpu_attention() -> None:
         cpu_timer = _Timer(torch.device("cpu"), timer.min_time)

@@ -9,8 +9,13 @@ the batches' KV cache and hidden states move in and out. Three resources work at
 - compute (caller thread): GPU matmuls and attention (roofline: FLOPs or HBM bytes, whichever is slower),
   CPU attention when `cpu_cache_compute`, and activation copies (issued on the compute stream).
 
-With `overlap` a pseudo-layer takes max(load, store, compute), without it the sum; either way plus
-`layer_overhead_s` per GPU batch (Python and kernel launches). Decode is costed at the average context length
+- host   (caller thread): issuing each GPU batch's kernels, `layer_overhead_s` scaled by the layer's kernel
+  launches (`launches.py`); a decode step of a resident model is bound by it on a fast GPU. With CPU attention
+  the same thread attends, so its issuing joins the compute lane for the cache's CPU share.
+
+With `overlap` a pseudo-layer takes max(load, store, compute, host), without it the sum; either way plus
+`layer_sync_s` per decoder layer and GPU batch (what no lane overlaps) and, for the embed and head pseudo-layers,
+`layer_overhead_s` per GPU batch. Decode is costed at the average context length
 `prompt_len + gen_len / 2`, so the (gen_len - 1) steps cost gen_len - 1 times one average step. Every term is
 affine in the six placement fractions (see `linear.py`), which is what lets `search` solve it as a MILP.
 """
@@ -21,13 +26,13 @@ from dataclasses import dataclass, field
 from ..config import ModelConfig
 from ..errors import PolicyError
 from ..offload.policy import Policy
-from . import moe_cost
+from . import launches, moe_cost
 from .hardware import Hardware, format_size
 from .linear import Linear, Switch, TierMemory, total
 from .quant import projection_time_s
 from .sizes import Sizes, dtype_name, model_sizes
 
-RESOURCES = ("load", "store", "compute")
+RESOURCES = ("load", "store", "compute", "host")
 TIERS = ("gpu", "cpu", "disk")
 
 _LABELS = {
@@ -37,6 +42,7 @@ _LABELS = {
     ("compute", "gpu attention"): "gpu attention", ("compute", "cpu attention"): "cpu attention",
     ("compute", "act pcie"): "pcie activations", ("compute", "act disk"): "disk",
     ("load", "experts pcie"): "pcie experts", ("compute", "cpu experts"): "cpu experts",
+    ("host", "dispatch"): "launch overhead", ("compute", "dispatch"): "cpu attention",
 }
 
 
@@ -171,6 +177,7 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         return nb * per_batch, mem_bound
 
     off_cache = share("cache", "cpu") + share("cache", "disk")  # cache that is not on the GPU
+    issue_s = launches.host_seconds(cfg, hw.layer_overhead_s)  # one decoder layer's kernels, one GPU batch
     moe = moe_cost.applies(cfg, p)  # experts placed and run one by one: see moe_cost
     scheme = None if cfg.is_moe else p.quantization  # `layer_ratio`: a mixture's layers stay unquantized
     stages = []
@@ -190,7 +197,9 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
             attn = max(4.0 * blk * ctx * cfg.q_size / flops, read16 / hw.gpu_mem_bw)
         load = weight_load(sz.layer_w, contended=cpu_attends)
         store: dict[str, Linear] = {}
-        compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin + dequant)}
+        compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin)}
+        if dequant:  # the loader unpacks each weight into its slot on the copy stream, right behind its bytes
+            load["dequant"] = Linear.constant(dequant)
         if m is not None:  # only the experts the batch reaches cost, copied in or computed on the CPU
             load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
             compute.update(experts_compute)
@@ -215,8 +224,14 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         store["cache disk"] = share("cache", "disk") * (new_cache / hw.disk_write_bw)
         if phase == "prefill":  # a decode step's hidden states stay on the compute device (the executor)
             compute.update(acts(tokens))
+        # The host issues each batch's kernels ahead of the GPU, beside the copies; with CPU attention the same
+        # thread also attends, so the cache's CPU share of the issuing queues behind it.
+        host = {"dispatch": Linear.constant(nb * issue_s)}
+        if cpu_attends and p.overlap:
+            compute["dispatch"] = share("cache", "cpu") * (nb * issue_s)
         stages.append(Stage(f"{phase}.decoder", cfg.num_layers, cfg.num_layers * steps,
-                            {"load": load, "store": store, "compute": compute}, nb * hw.layer_overhead_s, mem_bound))
+                            {"load": load, "store": store, "compute": compute, "host": host}, nb * hw.layer_sync_s,
+                            mem_bound))
     # --- embed and head pseudo-layers (weights placed by the same percentages, as in the executor) -------------
     head_lin, head_mem_bound = linear_time(1, sz.head_params, sz.head_w16)
     head_dequant = dequant_s(sz.head_w, sz.head_w16)
@@ -348,7 +363,7 @@ def bottleneck(model: CostModel, x, prefill_dominates: bool = False) -> str:
         candidates = list(RESOURCES)
     best, best_t = "", -1.0
     for r in candidates:
-        for c, lin in stage.resources[r].items():
+        for c, lin in stage.resources.get(r, {}).items():
             if lin.at(x) > best_t:
                 best, best_t = _label(r, c, stage), lin.at(x)
     if stage.overhead_s > (max(times.values()) if model.policy.overlap else sum(times.values())):

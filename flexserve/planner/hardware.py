@@ -78,6 +78,11 @@ class Hardware:
     # Pinned host-to-GPU bytes/s while CPU attention runs beside the copy (both load the host's memory);
     # 0 = `h2d_pinned_bw`, no contention.
     h2d_contended_bw: float = 0.0
+    # Seconds per decoder layer and GPU batch that nothing overlaps: between a layer's weights landing and its
+    # kernels running, and the copies' own shortfall from the measured link rate. A property of the executor's
+    # schedule, fitted to measured runs like `cpu_attention_overlap`; the host's issuing of each layer's kernels
+    # is `layer_overhead_s` (planner/launches.py), which runs beside the copies.
+    layer_sync_s: float = 0.0
     # The compute device's memory is the host's (a CPU-only machine, or a unified-memory one): the "GPU" and
     # "CPU" tiers are one pool, and a plan's bytes on both count against it once.
     unified_memory: bool = False
@@ -98,7 +103,7 @@ class Hardware:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be in [0, {top}], got {v}")
             elif f.name in ("gpu_mem", "cpu_mem", "disk", "layer_overhead_s", "cpu_attention_bw", "gpu_link_bw",
                             "gpu_link_latency_s", "dequant_bw", "cpu_attention_bw_bf16", "cpu_attention_bw_fp32",
-                            "h2d_contended_bw"):
+                            "h2d_contended_bw", "layer_sync_s"):
                 if v < 0:
                     raise PolicyError(f"hardware profile {self.name!r}: {f.name} must be >= 0, got {v}")
             elif v <= 0:
@@ -175,10 +180,11 @@ def _h100() -> Hardware:
         h2d_pinned_bw=53.1e9, d2h_pinned_bw=54.9e9, h2d_pageable_bw=7.1e9, d2h_pageable_bw=7.1e9,
         disk_read_bw=0.91e9, disk_write_bw=1.2e9,
         gpu_flops_fp16=785e12, gpu_flops_bf16=777e12, gpu_flops_fp32=51e12,
-        gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=230e-6, cpu_attention_bw=37e9,
+        gpu_mem_bw=2.95e12, cpu_flops=886e9, cpu_mem_bw=93e9, layer_overhead_s=230e-6, layer_sync_s=200e-6,
+        cpu_attention_bw=37e9,
         gpu_link_bw=329e9, gpu_link_latency_s=15e-6, cpu_attention_overlap=0.9, dequant_bw=0.2e12,
         notes="REFERENCE.md figures (H100 80GB HBM3, PCIe Gen5, 16 cores); disk measured with O_DIRECT; "
-              "layer overhead, fp16 CPU-attention rate and its overlap with the weight stream fitted to "
+              "layer overhead and sync, fp16 CPU-attention rate and its overlap with the weight stream fitted to "
               "flexserve's own H100 runs, the 4-bit weight rebuild rate to its OPT-175B runs "
               "(bench/RESULTS.md); "
               "GPU link: NCCL all-reduce bus bandwidth on the 2x H100 machine (device KINDS.md), typical latency",

@@ -168,7 +168,8 @@ def format_hardware(hw: Hardware) -> str:
                        f"fp32 {tfl(hw.gpu_flops_fp32)}"),
         ("gpu memory", gbs(hw.gpu_mem_bw)),
         ("cpu", f"{tfl(hw.cpu_flops)} fp32, memory read {gbs(hw.cpu_mem_bw)}"),
-        ("overhead", f"{hw.layer_overhead_s * 1e6:.0f} us per layer per batch"),
+        ("overhead", f"{hw.layer_overhead_s * 1e6:.0f} us to issue the reference layer (10 kernels), "
+                     f"{hw.layer_sync_s * 1e6:.0f} us unoverlapped, per layer per batch"),
         ("cpu attn", f"cache read fp16 {hw.cpu_attention_rate('float16') / 1e9:.1f}, bf16 "
                      f"{hw.cpu_attention_rate('bfloat16') / 1e9:.1f}, fp32 {hw.cpu_attention_rate('float32') / 1e9:.1f}"
                      f" GB/s" + (f"; host->gpu beside it {hw.h2d_contended_bw / 1e9:.1f} GB/s" if hw.h2d_contended_bw

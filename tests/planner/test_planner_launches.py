@@ -1,0 +1,58 @@
+"""The planner's count of the kernels a decoder layer launches, read from the layer's own code."""
+import pytest
+
+from flexserve.config import preset
+from flexserve.offload.policy import Policy
+from flexserve.planner import estimate, profile
+from flexserve.planner.launches import ATTENTION_LAUNCHES, FUSED_LAUNCH_WEIGHT, host_seconds, layer_launches
+
+H100 = profile("h100")
+
+
+def test_opt_layer_launches_twelve_kernels():
+    # layer norm, q/k/v (bias folded into addmm), attention (2 cache writes + 1), o, add, layer norm, up, relu,
+    # down, add
+    assert ATTENTION_LAUNCHES == 3
+    assert layer_launches(preset("opt-6.7b")) == 12
+
+
+def test_llama_layer_counts_its_fused_kernels_once_each():
+    # 2 RMSNorms, 2 rotary embeddings and SiLU-and-multiply are one Triton kernel each on a GPU; the rest:
+    # q/k/v, attention (3), o, add, up, down, add
+    assert layer_launches(preset("llama-2-7b")) == 9 + 5 * FUSED_LAUNCH_WEIGHT
+    # biases on q/k/v (Qwen2) ride in the same GEMM; GQA changes no count
+    assert layer_launches(preset("qwen2-7b")) == layer_launches(preset("llama-2-7b"))
+    assert layer_launches(preset("mistral-7b")) == layer_launches(preset("llama-2-7b"))
+
+
+def test_qk_norm_adds_two_fused_kernels_and_a_mixture_counts_as_its_dense_twin():
+    qwen3 = preset("qwen3-30b-a3b")
+    assert qwen3.is_moe and qwen3.qk_norm
+    assert layer_launches(qwen3) == layer_launches(preset("llama-2-7b")) + 2 * FUSED_LAUNCH_WEIGHT
+    assert layer_launches(preset("mixtral-8x7b")) == layer_launches(preset("llama-2-7b"))
+
+
+def test_host_time_sets_a_small_resident_batch_and_scales_with_the_launches():
+    opt, llama = preset("opt-6.7b"), preset("llama-2-7b")
+    assert host_seconds(llama, 1e-3) / host_seconds(opt, 1e-3) == pytest.approx(layer_launches(llama) / 12)
+    resident = Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=8)
+    for cfg in (opt, llama):
+        e = estimate(cfg, resident, H100, 512, 16)
+        assert e.decode_bottleneck == "launch overhead"
+        host = e.breakdown["decode.host.dispatch"]
+        assert host == pytest.approx(cfg.num_layers * host_seconds(cfg, H100.layer_overhead_s))
+        # the step: the host lane, plus what nothing overlaps, plus the embed and head pseudo-layers
+        assert e.decode_s_per_step >= host + cfg.num_layers * H100.layer_sync_s
+
+
+def test_cpu_attention_queues_the_issuing_behind_it():
+    # the caller thread both issues the GPU's kernels and attends on the CPU: with the whole cache on the CPU
+    # the issuing joins the compute lane; with it on the GPU it does not
+    cfg = preset("llama-2-13b")
+    on_cpu = estimate(cfg, Policy.from_percent((0, 100, 0, 100, 100, 0), gpu_batch_size=16, num_gpu_batches=4,
+                                               cpu_cache_compute=True), H100, 512, 16)
+    on_gpu = estimate(cfg, Policy.from_percent((0, 100, 100, 0, 100, 0), gpu_batch_size=16, num_gpu_batches=4,
+                                               cpu_cache_compute=True), H100, 512, 16)
+    issue = cfg.num_layers * 4 * host_seconds(cfg, H100.layer_overhead_s)
+    assert on_cpu.breakdown["decode.compute.dispatch"] == pytest.approx(issue)
+    assert on_gpu.breakdown.get("decode.compute.dispatch", 0.0) == 0.0
