@@ -71,7 +71,9 @@ FIT_GRID = {  # multipliers of the profile's value (overlap: the value itself)
     "layer_overhead_s": (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0),
     "cpu_attention_overlap": (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     "dequant_bw": (0.5, 0.7, 1.0, 1.4, 2.0),
+    "layer_sync_s": (0.0, 50e-6, 100e-6, 150e-6, 200e-6, 250e-6, 300e-6, 400e-6),
 }
+ABSOLUTE = ("cpu_attention_overlap", "layer_sync_s")  # grids of values, not multipliers of the profile's
 
 
 def measure(model: str, percent, bs: int, nb: int, extra: list[str], args, prompt_len: int | None = None,
@@ -152,6 +154,16 @@ def row_error(row: dict, hw) -> float:
     return (est.decode_tok_s - row["measured"]) / row["measured"]
 
 
+def case_key(row: dict) -> tuple | None:
+    """What makes two measured rows the same case: model, placement, block, options, lengths and dtype (None
+    for a row that does not say)."""
+    fields = ("model", "percent", "bs", "nb", "prompt_len", "gen_len", "dtype")
+    if any(f not in row for f in fields):
+        return None
+    return (row["model"], tuple(row["percent"]), row["bs"], row["nb"], json.dumps(row.get("options", {}),
+            sort_keys=True), row["prompt_len"], row["gen_len"], row["dtype"])
+
+
 def median_abs(errors: list[float]) -> float:
     errs = sorted(abs(e) for e in errors)
     return errs[len(errs) // 2]
@@ -170,7 +182,7 @@ def fit_profile(hw, rows: list[dict], grid: dict = FIT_GRID):
                 continue
             scored = []
             for v in values:
-                value = v if key == "cpu_attention_overlap" else base[key] * v
+                value = v if key in ABSOLUTE else base[key] * v
                 trial = dataclasses.replace(best, **{key: value})
                 # ties go to the value nearest the profile's own
                 scored.append((round(median_abs([row_error(r, trial) for r in rows]), 9), abs(value - base[key]),
@@ -281,12 +293,23 @@ def main() -> None:
                     "report the error of --hardware on them")
     ap.add_argument("--held-out-pick", default=None, help="only these indices of HELD_OUT_CASES")
     ap.add_argument("--accuracy", default=None, help="write the error record `flexserve plan` quotes here")
-    ap.add_argument("--merge", nargs="+", default=None, help="merge held-out records into one (--accuracy)")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge held-out records into one (--accuracy); a "
+                    "later record's run of a case replaces an earlier one's")
+    ap.add_argument("--repredict", action="store_true", help="with --merge: predict every row again with "
+                    "--hardware and the cost model as it is now")
     args = ap.parse_args()
     from flexserve.planner import resolve_hardware, save_hardware
 
     if args.merge:
-        rows = [r for path in args.merge for r in json.load(open(path))["rows"]]
+        merged: dict[tuple, dict] = {}  # a later record's run of the same case replaces an earlier one
+        for path in args.merge:
+            for i, r in enumerate(json.load(open(path))["rows"]):
+                merged[case_key(r) or (path, i)] = r
+        rows = list(merged.values())
+        if args.repredict:  # today's cost model under --hardware, on the same measurements
+            hw = resolve_hardware(args.hardware)
+            rows = [{**r, "predicted": (1 + row_error(r, hw)) * r["measured"], "error": row_error(r, hw)}
+                    if r.get("measured") else r for r in rows]
         record = error_record(rows, "held-out", "bench/planner_validation.py --held-out, merged from "
                               + ", ".join(os.path.basename(p) for p in args.merge))
         print(f"held-out: median absolute error {record['median_abs_error']:.1%}, worst "
