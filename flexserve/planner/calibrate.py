@@ -207,8 +207,12 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
 
     def overhead() -> None:
         values["layer_overhead_s"] = _layer_overhead(dev, timer)
-        # not measurable alone: a property of the executor's schedule, fitted to measured runs (planner/hardware)
-        values["layer_sync_s"] = profile("h100").layer_sync_s
+        # Not measurable alone: properties of the executor's schedule, fitted to measured runs (planner/hardware
+        # says how). Left at their ideal defaults, a calibrated plan would count CPU attention as hidden behind
+        # the weight stream and nothing as unoverlapped.
+        fitted = profile("h100")
+        values["layer_sync_s"] = fitted.layer_sync_s
+        values["cpu_attention_overlap"] = fitted.cpu_attention_overlap
 
     def cpu_attention() -> None:
         cpu_timer = _Timer(torch.device("cpu"), timer.min_time)
