@@ -16,6 +16,12 @@ tokens per expert go to the GPU. Copies run on their own lane into `EXPERT_SLOTS
 landing while the previous expert computes, and all of a layer's copies and their GPU work are queued before
 the CPU starts on its share.
 
+The rates come from one probe on the machine, and one probe can be off by a large factor (on one H200 host the
+host-read probe gave 63 GB/s in one run and 22 GB/s in another). The streamer therefore times the CPU's share
+of every layer it divides and keeps a running ratio of the measured to the modelled CPU time
+(`cpu_time_factor`), which scales the CPU side of later divisions; the copy side is left at its probe, which
+does not waver. `modelled_s` stays at the probe's rates: it is the bound the benchmark reports.
+
 A slot keeps the expert it holds until the executor moves on from the layer (`ExpertStreamer.release`), so
 under the zig-zag schedule, where one layer serves every GPU batch of the block in turn, batch k+1 computes
 with an expert batch k copied instead of copying it again (FlexGen's reuse of a layer's weights across the
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +60,10 @@ from .policy import EXPERT_RULES
 
 EXPERT_SLOTS = 2  # GPU slots for copied experts: what `planner.moe_cost.staging_bytes` reserves per layer
 _EXPERT = re.compile(r"^experts\.(\d+)\.")
+
+
+CPU_FACTOR_STEP = 0.25  # weight of the newest layer's measured/modelled ratio in `cpu_time_factor`
+CPU_FACTOR_LIMIT = 20.0  # one layer's ratio is clamped to [1/20, 20]: a stall elsewhere is not a rate
 
 
 def expert_index(name: str) -> int | None:
@@ -108,6 +119,8 @@ class ExpertStreamer:
     overlap: bool = True
     counts: collections.Counter = field(default_factory=collections.Counter)  # runs; "promoted" exchanges
     modelled_s: float = 0.0  # the off-GPU experts' time at the rates, as divided: what the bench bounds by
+    cpu_time_factor: float = 1.0  # measured / modelled CPU time of the experts computed on the host so far
+    learns_cpu_time: bool = False  # set when the rates are probed here: given rates are taken as they are
     slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
     hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
@@ -129,7 +142,7 @@ class ExpertStreamer:
         swapped = self._swapped.pop(id(offloaded), None)  # the hot set changed since the layer last ran
         current_wait(swapped)
         out: list[torch.Tensor | None] = [None] * len(work)
-        to_copy, on_host = self._divide(w, offloaded, work, out)
+        to_copy, on_host, host_s = self._divide(w, offloaded, work, out)
         to_copy.sort(key=lambda i: self._held(offloaded, work[i][0]) is None)  # held ones first: no copy
         steps = self._plan(offloaded, [work[i][0] for i in to_copy])
         # the CPU's inputs leave the device first: reading them waits for the compute stream, which from here
@@ -161,16 +174,26 @@ class ExpertStreamer:
             swapped.synchronize()
         # while the copies are in flight; the outputs go back after the last one, as an upload waits for the
         # compute stream and so for the copies
+        start = time.perf_counter()
         done = {i: self._on_host(offloaded, work[i][0], host_in[i]) for i in on_host}
+        self._learn(time.perf_counter() - start, host_s)
         for i, y in done.items():
             out[i] = y.to(work[i][1].device, work[i][1].dtype)
             self.counts["cpu"] += 1
         return out  # type: ignore[return-value]
 
+    def _learn(self, measured_s: float, modelled_s: float) -> None:
+        """Move `cpu_time_factor` a step towards what the host just took against the rates' time for it."""
+        if not self.learns_cpu_time or modelled_s <= 0 or measured_s <= 0:
+            return
+        ratio = min(max(measured_s / modelled_s, 1 / CPU_FACTOR_LIMIT), CPU_FACTOR_LIMIT)
+        self.cpu_time_factor += CPU_FACTOR_STEP * (ratio - self.cpu_time_factor)
+
     def _divide(self, w, offloaded: dict[str, Handle], work: ExpertWork,
-                out: list) -> tuple[list[int], list[int]]:
+                out: list) -> tuple[list[int], list[int], float]:
         """Run the experts of `work` that live on the GPU (into `out`) and return the indices of the others,
-        (copied in, computed on the host); adds the division's time at the rates to `modelled_s`."""
+        (copied in, computed on the host), and the host's share's time at the rates; adds the division's time
+        at the rates to `modelled_s`. The division weighs the CPU side by `cpu_time_factor`."""
         if self.rates is None and self.rule == "auto":
             self._measure(offloaded, work)
         rates = self.rates or ExpertRates()
@@ -188,10 +211,14 @@ class ExpertStreamer:
                 placed.append(i)
                 cpu_s.append(cpu)
                 copy_s.append(0.0 if self._held(offloaded, e) is not None else copy)
-        copied = split_experts(cpu_s, copy_s) if self.rule == "auto" else [self.rule == "copy"] * len(placed)
+        if self.rule == "auto":
+            copied = split_experts([t * self.cpu_time_factor for t in cpu_s], copy_s)
+        else:
+            copied = [self.rule == "copy"] * len(placed)
         self.modelled_s += split_seconds(cpu_s, copy_s, copied)
         to_copy += [i for i, c in zip(placed, copied) if c]
-        return to_copy, [i for i, c in zip(placed, copied) if not c]
+        host_s = sum(t for t, c in zip(cpu_s, copied) if not c)
+        return to_copy, [i for i, c in zip(placed, copied) if not c], host_s
 
     def _measure(self, offloaded: dict[str, Handle], work: ExpertWork) -> None:
         """Set `rates` from this machine (`measure_expert_rates`) with an expert of `work` that lives in plain host
@@ -203,6 +230,7 @@ class ExpertStreamer:
                 self.rates = measure_expert_rates(
                     lambda n: self._on_host(offloaded, e, probe.expand(n, -1)), self.cfg.expert_params(),
                     sum(h.nbytes for h in handles), self.device)
+                self.learns_cpu_time = True
                 return
 
     def release(self) -> None:

@@ -135,6 +135,36 @@ def test_the_rule_auto_runs_experts_on_both_sides_and_keeps_the_tokens(tiny_mode
     assert modelled > 0
 
 
+def test_the_cpu_side_follows_the_time_it_measures(tiny_model):
+    """Probed rates can be off by a large factor: the streamer times each layer's CPU share against the rates'
+    time for it and scales later divisions' CPU side by the running ratio (clamped per layer); given rates are
+    taken as they are, and the tokens never change."""
+    from flexserve.offload.experts import CPU_FACTOR_LIMIT, CPU_FACTOR_STEP
+
+    folder = tiny_model("mixtral")[0]
+    policy = Policy.from_percent((0, 100, 100, 0, 100, 0), gpu_batch_size=1, num_gpu_batches=1)
+    with LLM(folder, dtype="float32", device="cpu", policy=policy) as llm:
+        streamer = llm.executor.experts
+        streamer.rates = ExpertRates(cpu_flops=1e15, host_read_bytes=1e15, pcie_bytes=1e3)  # all to the CPU
+        reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY)]
+        assert streamer.cpu_time_factor == 1.0  # given rates: nothing learnt
+        streamer.learns_cpu_time = True  # as after a probe on this machine
+        got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY)]
+        # a CPU a thousand times slower than the rates claim, the copy slower still: the factor rose to the
+        # clamp, and the division still computes on the CPU, where it is cheaper
+        assert streamer.cpu_time_factor > 1.0
+        assert got == reference
+        streamer.cpu_time_factor = 1.0
+        streamer._learn(3.0, 1.0)
+        assert streamer.cpu_time_factor == pytest.approx(1.0 + CPU_FACTOR_STEP * 2.0)
+        streamer._learn(1e6, 1.0)  # a stall elsewhere is not a rate: one layer moves it by at most the clamp
+        assert streamer.cpu_time_factor <= CPU_FACTOR_LIMIT
+        streamer._learn(0.0, 1.0)  # nothing measured: unchanged
+        before = streamer.cpu_time_factor
+        streamer._learn(1.0, 0.0)
+        assert streamer.cpu_time_factor == before
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
 def test_packed_experts_give_the_same_logits_wherever_they_live(tiny_model, tmp_path, kind):
     """With compress_weight the experts stay packed on every tier: unpacked on the GPU, copied packed, or
@@ -273,7 +303,8 @@ def test_bench_throughput_reports_how_the_experts_ran(tiny_model, capsys):
                                        *flags.split(), "--json"])
     runs = res["expert_runs"]
     assert rc == 0 and runs.get("cpu", 0) + runs.get("copied", 0) + runs.get("reused", 0) > 0
-    assert set(res["expert_rates"]) == {"cpu_flops", "host_read_gbps", "pcie_gbps"}
+    assert set(res["expert_rates"]) == {"cpu_flops", "host_read_gbps", "pcie_gbps", "cpu_time_factor"}
+    assert res["expert_rates"]["cpu_time_factor"] > 0  # probed here: measured over modelled CPU time
     assert res["bound_decode_tok_s_cpu_experts"] > 0
     assert res["fraction_of_cpu_experts_bound"] == pytest.approx(
         res["decode_tok_s"] / res["bound_decode_tok_s_cpu_experts"], rel=1e-9)
