@@ -198,11 +198,12 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         load = weight_load(sz.layer_w, contended=cpu_attends)
         store: dict[str, Linear] = {}
         compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin)}
-        if dequant:  # the loader unpacks each weight into its slot on the copy stream, right behind its bytes
-            load["dequant"] = Linear.constant(dequant)
         if m is not None:  # only the experts the batch reaches cost, copied in or computed on the CPU
             load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
             compute.update(experts_compute)
+            compute["gpu linear"] = Linear.constant(lin + dequant)  # packed experts: unpacked where they run
+        elif dequant:  # the loader unpacks each weight into its slot on the copy stream, right behind its bytes
+            load["dequant"] = Linear.constant(dequant)
         if phase == "decode":
             cache_read = blk * ctx * sz.kv_token * fv
             moved = share("cache", "disk") if cpu_attends else off_cache

@@ -285,3 +285,18 @@ def test_plans_leave_the_host_reserve_free():
 
 def search_plan(cfg, hw):
     return search(cfg, hw, 512, 8, gpu_batch_sizes=(16, 32, 64), num_gpu_batches=(1, 2, 4))
+
+
+def test_a_mixtures_packed_weights_still_pay_their_rebuild():
+    """A dense layer's rebuild is a copy-stream term; a mixture's stays with the GPU work that reads it (its
+    experts are unpacked where they run): either way a slower rebuild rate costs time."""
+    import dataclasses
+
+    mixtral = preset("mixtral-8x7b")
+    p = pol((20, 80, 100, 0, 100, 0), gbs=1).replace(compress_weight=True)
+    fast = estimate(mixtral, p, H100, 128, 16)
+    slow = estimate(mixtral, p, dataclasses.replace(H100, dequant_bw=H100.dequant_bw / 10), 128, 16)
+    assert slow.breakdown["decode.compute.gpu linear"] > fast.breakdown["decode.compute.gpu linear"]
+    assert "decode.load.dequant" not in slow.breakdown
+    dense = estimate(OPT30, pol((20, 80, 100, 0, 100, 0), gbs=8).replace(compress_weight=True), H100, 128, 16)
+    assert dense.breakdown["decode.load.dequant"] > 0
