@@ -262,6 +262,9 @@ ENTRIES = [
                      "OPT-2.7B CPU attention"),
     planner_held_out("c", "8,9,10,11", "OPT-2.7B split cache, Llama-2-13B split weights, 4-bit cache, CPU "
                      "attention at 768 tokens"),
+    planner_held_out("d", "12,13,14,15,16", "cases the cost model's host lane has not seen: OPT-1.3B and "
+                     "Llama-2-13B resident, OPT-1.3B CPU attention, Qwen2-7B split weights, Llama-2-7B 4-bit "
+                     "weights on the CPU"),
     Entry("planner-qwen2-recheck",
           "The two Qwen2-7B held-out runs again (the planner's two misses), with the benchmark's warm-up at the "
           "timed GPU batch size: were one-off first-use costs inside the timed decode? Beside them resident "

@@ -66,6 +66,13 @@ HELD_OUT_CASES = [
     ("llama-2-13b", (20, 80, 100, 0, 100, 0), 16, 2, [], 512, 16, "float16"),
     ("llama-2-13b", (0, 100, 50, 50, 100, 0), 16, 2, ["--compress-cache"], 256, 16, "float16"),
     ("llama-2-13b", (10, 90, 0, 100, 100, 0), 32, 2, ["--cpu-cache-compute"], 768, 16, "float16"),
+    # part d, added after the host lane: cases the revised model has not seen, resident ones whose step the
+    # host sets among them
+    ("opt-1.3b", (100, 0, 100, 0, 100, 0), 64, 1, [], 256, 32, "float16"),
+    ("llama-2-13b", (100, 0, 100, 0, 100, 0), 16, 1, [], 1024, 16, "float16"),
+    ("opt-1.3b", (0, 100, 0, 100, 100, 0), 64, 2, ["--cpu-cache-compute"], 512, 16, "float16"),
+    ("qwen2-7b", (50, 50, 100, 0, 100, 0), 32, 2, [], 768, 16, "bfloat16"),
+    ("llama-2-7b", (0, 100, 100, 0, 100, 0), 32, 4, ["--compress-weight"], 512, 16, "float16"),
 ]
 FIT_GRID = {  # multipliers of the profile's value (overlap: the value itself)
     "layer_overhead_s": (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0),

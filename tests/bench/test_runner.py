@@ -69,7 +69,8 @@ def test_every_flexserve_command_parses_with_the_cli():
                 args = parser.parse_args(argv[3:])
             except SystemExit:
                 pytest.fail(f"{e.name}: flexserve rejects {c.line!r}")
-            assert (argv[3] == "bench" and argv[4] in ("throughput", "serve")) or argv[3] == "plan", c.line
+            assert (argv[3] == "bench" and argv[4] in ("throughput", "serve")) or argv[3] in ("plan", "calibrate"), \
+                c.line
             assert args is not None
             checked += 1
     assert checked > 30
