@@ -101,12 +101,13 @@ HELD_OUT_NOTE = ("Each part fits the profile's constants on the recorded runs on
 
 
 def planner_held_out(part: str, cases: str, what: str) -> Entry:
-    """A third of the held-out cases (about 95 s each: a fresh process that builds its random weights)."""
+    """A part of the held-out cases (about 95 s each: a fresh process that builds its random weights)."""
+    n = len(cases.split(","))
     return Entry(f"planner-held-out-{part}", f"Planner error on runs held out from its fit, cases {cases}: {what}",
-                 "1 GPU", 440,
+                 "1 GPU", 40 + 100 * n,
                  (Cmd(HELD_OUT_FIT, 120),
                   Cmd(f"python bench/planner_validation.py --held-out --hardware {{out}}/fitted.json --timeout 200 "
-                      f"--held-out-pick {cases} --accuracy {{out}}/held_out_{part}.json", 560)),
+                      f"--held-out-pick {cases} --accuracy {{out}}/held_out_{part}.json", min(580, 60 + 110 * n))),
                  writes=("fitted.json", f"held_out_{part}.json"), note=HELD_OUT_NOTE)
 
 

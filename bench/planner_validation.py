@@ -148,27 +148,38 @@ def tally_rows() -> list[dict]:
             for where, m, pct, bs, nb, opts, gen, dt, tp, pp, meas in CASES if tp == 1 and pp == 1]
 
 
-def row_error(row: dict, hw) -> float:
-    """(predicted - measured) / measured of one fit or held-out row under profile `hw`."""
+def row_estimate(row: dict, hw):
+    """The cost model's `Estimate` of one fit or held-out row under profile `hw`, as placed."""
     from flexserve.config import preset
     from flexserve.offload.policy import Policy
     from flexserve.planner import estimate
 
     policy = Policy.from_percent(row["percent"], gpu_batch_size=row["bs"], num_gpu_batches=row["nb"],
                                  weight_placement=row.get("weight_placement", "flexgen"), **row.get("options", {}))
-    est = estimate(preset(row["model"]), policy, hw, row["prompt_len"], row["gen_len"], dtype=row["dtype"],
-                   dtype_bytes=4 if row["dtype"] == "float32" else 2, placed=True)
-    return (est.decode_tok_s - row["measured"]) / row["measured"]
+    return estimate(preset(row["model"]), policy, hw, row["prompt_len"], row["gen_len"], dtype=row["dtype"],
+                    dtype_bytes=4 if row["dtype"] == "float32" else 2, placed=True)
+
+
+def row_error(row: dict, hw) -> float:
+    """(predicted - measured) / measured of one fit or held-out row under profile `hw`."""
+    return (row_estimate(row, hw).decode_tok_s - row["measured"]) / row["measured"]
+
+
+def repredicted(row: dict, hw) -> dict:
+    """A measured row with its predictions and error made again under `hw` and today's cost model."""
+    est = row_estimate(row, hw)
+    return {**row, "predicted": est.decode_tok_s, "predicted_total": est.total_tok_s,
+            "error": (est.decode_tok_s - row["measured"]) / row["measured"]}
 
 
 def case_key(row: dict) -> tuple | None:
-    """What makes two measured rows the same case: model, placement, block, options, lengths and dtype (None
-    for a row that does not say)."""
+    """What makes two measured rows the same case: model, placement and its rule, block, options, lengths and
+    dtype (None for a row that does not say)."""
     fields = ("model", "percent", "bs", "nb", "prompt_len", "gen_len", "dtype")
     if any(f not in row for f in fields):
         return None
-    return (row["model"], tuple(row["percent"]), row["bs"], row["nb"], json.dumps(row.get("options", {}),
-            sort_keys=True), row["prompt_len"], row["gen_len"], row["dtype"])
+    return (row["model"], tuple(row["percent"]), row.get("weight_placement", "flexgen"), row["bs"], row["nb"],
+            json.dumps(row.get("options", {}), sort_keys=True), row["prompt_len"], row["gen_len"], row["dtype"])
 
 
 def median_abs(errors: list[float]) -> float:
@@ -305,18 +316,21 @@ def main() -> None:
     ap.add_argument("--repredict", action="store_true", help="with --merge: predict every row again with "
                     "--hardware and the cost model as it is now")
     args = ap.parse_args()
+    if args.repredict and not args.merge:
+        ap.error("--repredict goes with --merge")
     from flexserve.planner import resolve_hardware, save_hardware
 
     if args.merge:
         merged: dict[tuple, dict] = {}  # a later record's run of the same case replaces an earlier one
         for path in args.merge:
             for i, r in enumerate(json.load(open(path))["rows"]):
-                merged[case_key(r) or (path, i)] = r
+                key = case_key(r) or (path, i)
+                if r.get("measured") or key not in merged:  # a failed re-run does not drop a measured one
+                    merged[key] = r
         rows = list(merged.values())
         if args.repredict:  # today's cost model under --hardware, on the same measurements
             hw = resolve_hardware(args.hardware)
-            rows = [{**r, "predicted": (1 + row_error(r, hw)) * r["measured"], "error": row_error(r, hw)}
-                    if r.get("measured") else r for r in rows]
+            rows = [repredicted(r, hw) if r.get("measured") else r for r in rows]
         record = error_record(rows, "held-out", "bench/planner_validation.py --held-out, merged from "
                               + ", ".join(os.path.basename(p) for p in args.merge))
         print(f"held-out: median absolute error {record['median_abs_error']:.1%}, worst "

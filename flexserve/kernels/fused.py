@@ -97,9 +97,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- what the layers call ---------------------------------------------------------------------------------------
+def rms_norm_fusable(width: int) -> bool:
+    """Whether the RMSNorm kernel takes rows of this width (one program holds a whole row)."""
+    return width <= 65536
+
+
+def rope_fusable(head_dim: int) -> bool:
+    """Whether the rotary kernel takes this head size (an even one whose half is a power of two)."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and half > 0 and half & (half - 1) == 0
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of x [..., D] with weight [D]."""
-    if not fused_available(x) or x.shape[-1] > 65536:
+    if not fused_available(x) or not rms_norm_fusable(x.shape[-1]):
         return rms_norm_reference(x, weight, eps)
     x2 = _rows(x)
     y = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
@@ -113,7 +124,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x [B, S, H, hd] (any strides over B, S, H; contiguous hd) with cos, sin [B or 1, S,
     1, hd]. Returns a new contiguous tensor."""
     b, s, h, hd = x.shape
-    if (not fused_available(x) or hd % 2 or (hd // 2) & (hd // 2 - 1) or x.stride(-1) != 1
+    if (not fused_available(x) or not rope_fusable(hd) or x.stride(-1) != 1
             or cos.shape[0] != b or cos.dtype != x.dtype):
         return rope_reference(x, cos, sin)
     y = torch.empty((b, s, h, hd), dtype=x.dtype, device=x.device)

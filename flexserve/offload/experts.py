@@ -176,7 +176,8 @@ class ExpertStreamer:
         # compute stream and so for the copies
         start = time.perf_counter()
         done = {i: self._on_host(offloaded, work[i][0], host_in[i]) for i in on_host}
-        self._learn(time.perf_counter() - start, host_s)
+        if all(self._in_memory(offloaded, work[i][0]) for i in on_host):  # a disk read is not the CPU's rate
+            self._learn(time.perf_counter() - start, host_s)
         for i, y in done.items():
             out[i] = y.to(work[i][1].device, work[i][1].dtype)
             self.counts["cpu"] += 1
@@ -220,12 +221,18 @@ class ExpertStreamer:
         host_s = sum(t for t, c in zip(cpu_s, copied) if not c)
         return to_copy, [i for i, c in zip(placed, copied) if not c], host_s
 
+    @staticmethod
+    def _in_memory(offloaded: dict[str, Handle], e: int) -> bool:
+        """Expert e's weights are plain tensors in host memory (not on disk, not packed)."""
+        handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
+        return all(isinstance(h, Handle) and h.tier is Tier.CPU and h.data is not None for h in handles)
+
     def _measure(self, offloaded: dict[str, Handle], work: ExpertWork) -> None:
         """Set `rates` from this machine (`measure_expert_rates`) with an expert of `work` that lives in plain host
         memory; none such yet (on the GPU, on disk or packed): keep waiting."""
         for e, x in work:
             handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
-            if all(isinstance(h, Handle) and h.tier is Tier.CPU and h.data is not None for h in handles):
+            if self._in_memory(offloaded, e):
                 probe = torch.zeros(1, x.shape[-1], dtype=x.dtype)
                 self.rates = measure_expert_rates(
                     lambda n: self._on_host(offloaded, e, probe.expand(n, -1)), self.cfg.expert_params(),

@@ -156,6 +156,17 @@ def _layer_overhead(dev: torch.device, timer: _Timer) -> float:
         return timer(layer)
 
 
+def executor_constants(device_type: str) -> dict[str, float]:
+    """What calibrate cannot measure alone: properties of the executor's schedule, fitted to measured GPU runs
+    (planner/hardware.py says how). Left at their ideal defaults, a calibrated plan would count CPU attention
+    as hidden behind the weight stream and nothing as unoverlapped. A CPU-only machine has no copies for
+    anything to overlap or wait on, and keeps the defaults."""
+    if device_type != "cuda":
+        return {}
+    fitted = profile("h100")
+    return {"layer_sync_s": fitted.layer_sync_s, "cpu_attention_overlap": fitted.cpu_attention_overlap}
+
+
 def _sizes(dev: torch.device, folder: str) -> dict[str, float]:
     import psutil
 
@@ -207,12 +218,7 @@ def calibrate(device: str | torch.device | None = None, quick: bool = False, pro
 
     def overhead() -> None:
         values["layer_overhead_s"] = _layer_overhead(dev, timer)
-        # Not measurable alone: properties of the executor's schedule, fitted to measured runs (planner/hardware
-        # says how). Left at their ideal defaults, a calibrated plan would count CPU attention as hidden behind
-        # the weight stream and nothing as unoverlapped.
-        fitted = profile("h100")
-        values["layer_sync_s"] = fitted.layer_sync_s
-        values["cpu_attention_overlap"] = fitted.cpu_attention_overlap
+        values.update(executor_constants(dev.type))
 
     def cpu_attention() -> None:
         cpu_timer = _Timer(torch.device("cpu"), timer.min_time)

@@ -42,7 +42,7 @@ _LABELS = {
     ("compute", "gpu attention"): "gpu attention", ("compute", "cpu attention"): "cpu attention",
     ("compute", "act pcie"): "pcie activations", ("compute", "act disk"): "disk",
     ("load", "experts pcie"): "pcie experts", ("compute", "cpu experts"): "cpu experts",
-    ("host", "dispatch"): "launch overhead", ("compute", "dispatch"): "cpu attention",
+    ("host", "dispatch"): "launch overhead", ("compute", "dispatch"): "launch overhead",
 }
 
 
@@ -177,9 +177,9 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         return nb * per_batch, mem_bound
 
     off_cache = share("cache", "cpu") + share("cache", "disk")  # cache that is not on the GPU
-    issue_s = launches.host_seconds(cfg, hw.layer_overhead_s)  # one decoder layer's kernels, one GPU batch
     moe = moe_cost.applies(cfg, p)  # experts placed and run one by one: see moe_cost
     scheme = None if cfg.is_moe else p.quantization  # `layer_ratio`: a mixture's layers stay unquantized
+    issue_s = launches.host_seconds(cfg, hw.layer_overhead_s, scheme)  # a decoder layer's kernels, one GPU batch
     stages = []
     # --- decoder layers ------------------------------------------------------------------------------------
     for phase, tokens, ctx, steps in (("prefill", prompt_len, prompt_len, 1), ("decode", 1, s_dec, gen_len - 1)):
@@ -228,7 +228,9 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         # The host issues each batch's kernels ahead of the GPU, beside the copies; with CPU attention the same
         # thread also attends, so the cache's CPU share of the issuing queues behind it.
         host = {"dispatch": Linear.constant(nb * issue_s)}
-        if cpu_attends and p.overlap:
+        if hw.unified_memory:  # no GPU: the thread that issues the kernels is the one that runs them
+            compute["dispatch"], host = host["dispatch"], {}
+        elif cpu_attends and p.overlap:
             compute["dispatch"] = share("cache", "cpu") * (nb * issue_s)
         stages.append(Stage(f"{phase}.decoder", cfg.num_layers, cfg.num_layers * steps,
                             {"load": load, "store": store, "compute": compute, "host": host}, nb * hw.layer_sync_s,
@@ -368,7 +370,7 @@ def bottleneck(model: CostModel, x, prefill_dominates: bool = False) -> str:
             if lin.at(x) > best_t:
                 best, best_t = _label(r, c, stage), lin.at(x)
     if stage.overhead_s > (max(times.values()) if model.policy.overlap else sum(times.values())):
-        best = "launch overhead"
+        best = "per-layer sync"
     return prefix + best
 
 

@@ -78,10 +78,11 @@ class Hardware:
     # Pinned host-to-GPU bytes/s while CPU attention runs beside the copy (both load the host's memory);
     # 0 = `h2d_pinned_bw`, no contention.
     h2d_contended_bw: float = 0.0
-    # Seconds per decoder layer and GPU batch that nothing overlaps: between a layer's weights landing and its
-    # kernels running, and the copies' own shortfall from the measured link rate. A property of the executor's
-    # schedule, fitted to measured runs like `cpu_attention_overlap`; the host's issuing of each layer's kernels
-    # is `layer_overhead_s` (planner/launches.py), which runs beside the copies.
+    # Seconds per decoder layer and GPU batch that no lane overlaps, resident layers included: the executor's
+    # own bookkeeping between layers and, for streamed ones, the wait between weights landing and kernels
+    # starting and the copies' shortfall from the measured link rate. A property of the executor's schedule,
+    # fitted to measured runs like `cpu_attention_overlap`; the host's issuing of each layer's kernels is
+    # `layer_overhead_s` (planner/launches.py), which runs beside the copies.
     layer_sync_s: float = 0.0
     # The compute device's memory is the host's (a CPU-only machine, or a unified-memory one): the "GPU" and
     # "CPU" tiers are one pool, and a plan's bytes on both count against it once.

@@ -67,7 +67,8 @@ def test_a_later_run_of_a_case_replaces_the_earlier_and_repredict_uses_todays_mo
     first = dict(case, measured=100.0, predicted=150.0, error=0.5)
     again = dict(case, measured=400.0, predicted=150.0, error=-0.625)
     other = dict(case, model="mistral-7b", measured=300.0, predicted=330.0, error=0.1)
-    for name, rows in (("a", [first, other]), ("b", [again])):
+    failed = dict(other, measured=None, predicted=330.0, error=None, failure="timed out")  # does not replace
+    for name, rows in (("a", [first, other]), ("b", [again, failed])):
         (tmp_path / f"{name}.json").write_text(json.dumps(pv.error_record(rows, "held-out", "test")))
     out = tmp_path / "all.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "planner_validation.py"), "--merge",
@@ -79,3 +80,7 @@ def test_a_later_run_of_a_case_replaces_the_earlier_and_repredict_uses_todays_mo
     for r in rows:  # predicted again under h100 with the cost model as it is now
         assert r["error"] == pytest.approx(pv.row_error(r, H100))
         assert r["predicted"] == pytest.approx((1 + r["error"]) * r["measured"])
+        assert r["predicted_total"] == pytest.approx(pv.row_estimate(r, H100).total_tok_s)
+    alone = subprocess.run([sys.executable, str(REPO / "bench" / "planner_validation.py"), "--repredict"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert alone.returncode != 0 and "--repredict goes with --merge" in alone.stderr

@@ -113,7 +113,7 @@ def test_calibrate_quick_saves_a_positive_profile(tmp_path, capsys):
     for name, value in hw.to_dict().items():
         if name in ("gpu_link_bw", "gpu_link_latency_s"):  # one device: no GPU link to measure (0 = unknown)
             assert value == 0, name
-        elif name == "h2d_contended_bw":  # measured beside a GPU only (0 = no contention)
+        elif name in ("h2d_contended_bw", "layer_sync_s"):  # beside a GPU only (0 = no contention, no sync)
             assert value == 0, name
         elif isinstance(value, float):
             assert value > 0, name
@@ -125,8 +125,13 @@ def test_calibrate_quick_saves_a_positive_profile(tmp_path, capsys):
     assert hw.disk <= shutil.disk_usage(tmp_path).total  # the free space of the --disk-dir
     assert hw.h2d_pinned_bw > 1e8 and hw.cpu_mem_bw > 1e8 and hw.cpu_flops > 1e8 and hw.disk_read_bw > 1e6
     assert hw.layer_overhead_s < 0.1
-    # what calibrate cannot measure alone comes from the executor's fitted constants, not the ideal defaults
-    assert (hw.layer_sync_s, hw.cpu_attention_overlap) == (profile("h100").layer_sync_s,
-                                                           profile("h100").cpu_attention_overlap)
-    assert hw.cpu_attention_overlap < 1
+    # the executor's fitted constants (sync, CPU-attention overlap) are copied next to a GPU only: on a CPU
+    # there are no copies for anything to overlap or wait on
+    assert (hw.layer_sync_s, hw.cpu_attention_overlap) == (0.0, 1.0)
+    from flexserve.planner.calibrate import executor_constants
+
+    assert executor_constants("cpu") == {}
+    assert executor_constants("cuda") == {"layer_sync_s": profile("h100").layer_sync_s,
+                                          "cpu_attention_overlap": profile("h100").cpu_attention_overlap}
+    assert 0 < executor_constants("cuda")["cpu_attention_overlap"] < 1
     assert not list(tmp_path.glob("flexserve-calibrate-*"))  # temp file removed

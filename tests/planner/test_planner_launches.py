@@ -56,3 +56,36 @@ def test_cpu_attention_queues_the_issuing_behind_it():
     issue = cfg.num_layers * 4 * host_seconds(cfg, H100.layer_overhead_s)
     assert on_cpu.breakdown["decode.compute.dispatch"] == pytest.approx(issue)
     assert on_gpu.breakdown.get("decode.compute.dispatch", 0.0) == 0.0
+
+
+def test_quantized_projections_and_unfusable_shapes_launch_more():
+    import dataclasses
+
+    llama = preset("llama-2-7b")
+    plain = layer_launches(llama)
+    # fp8 / int8: a per-token activation quantiser (Triton) before each of the four projections
+    assert layer_launches(llama, "fp8") == layer_launches(llama, "int8") == plain + 4 * FUSED_LAUNCH_WEIGHT
+    # 4-bit: the fused dequantise-and-multiply Triton kernel in place of each aten GEMM
+    assert layer_launches(llama, "rtn4") == plain + 4 * (FUSED_LAUNCH_WEIGHT - 1)
+    # a head size whose half is not a power of two leaves the rotary kernel: its unfused operators count
+    odd = dataclasses.replace(llama, head_dim=96)
+    assert layer_launches(odd) > plain + 2
+
+
+def test_counting_leaves_the_layer_code_as_it_was():
+    from flexserve.models import layers
+
+    before = (layers.rms_norm, layers.rope, layers.silu_mul, layers.linear)
+    layer_launches(preset("qwen3-30b-a3b"), "awq")
+    assert (layers.rms_norm, layers.rope, layers.silu_mul, layers.linear) == before
+
+
+def test_without_a_gpu_issuing_and_computing_share_one_thread():
+    import dataclasses
+
+    cpu_box = dataclasses.replace(H100, unified_memory=True)
+    cfg = preset("opt-1.3b")
+    e = estimate(cfg, Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=4), cpu_box, 64, 8)
+    assert "decode.host.dispatch" not in e.breakdown
+    assert e.breakdown["decode.compute.dispatch"] == pytest.approx(
+        cfg.num_layers * host_seconds(cfg, cpu_box.layer_overhead_s))
