@@ -549,6 +549,16 @@ ENTRIES = [
           "bf16, through HTTP, same call",
           "1 GPU", 120,
           (Cmd(f"{REFERENCE_SERVE} --quantization fp8 --kv-cache-dtype fp8", 150), Cmd(REFERENCE_SERVE, 150))),
+    Entry("quant-fp8-profile-llama3-8b",
+          "Where an fp8 serving step's time goes: Llama-3-8B on the paged engine, 256 sequences of 512 prompt "
+          "tokens and 16 generated, fp8 weights and KV against bf16, each profiled over its whole timed block "
+          "(the kernels and operators that take the most device time)",
+          "1 GPU", 150,
+          tuple(Cmd("flexserve bench throughput --engine paged --model dummy:llama-3-8b --dtype bfloat16 "
+                    f"--prompt-len 512 --gen-len 16 --gpu-batch-size 256 --json {flags}--profile "
+                    f"{{out}}/{name}_paged_trace.json", 200)
+                for name, flags in (("fp8", "--quantization fp8 --kv-cache-dtype fp8 "), ("bf16", ""))),
+          writes=("fp8_paged_trace.json", "bf16_paged_trace.json")),
     # --- mixtures of experts under a 24 GiB GPU cap (Mixtral shapes, random bf16 weights) ------------------
     Entry("moe-mixtral-8x7b-cap24-batch1",
           "Mixtral-8x7B bf16 with dense weights and one expert per layer on the GPU (24 GiB cap): batch-1 decode "

@@ -19,6 +19,21 @@ from ..offload.policy import Policy
 from .settings import ThroughputSettings
 
 
+def _profiler(dev: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else []))
+
+
+def _report(prof, dev: torch.device, path: str, rows: int = 15) -> None:
+    """Write the trace to `path` and print the operators and kernels that took the most device time, then
+    host time."""
+    prof.export_chrome_trace(path)
+    averages = prof.key_averages()
+    for key in (["self_cuda_time_total"] if dev.type == "cuda" else []) + ["self_cpu_time_total"]:
+        print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def run_paged_throughput(args: ThroughputSettings, policy: Policy | None) -> int:
     from ..engine.sampling import SamplingParams
     from ..engine.serving import AsyncEngine, EngineConfig
@@ -56,7 +71,16 @@ def run_paged_throughput(args: ThroughputSettings, policy: Policy | None) -> int
             await engine.warm_up()  # kernels compile and decode graphs are captured before the clock starts
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            return await run_all(prompts, params)
+            if not args.profile:
+                return await run_all(prompts, params)
+            # the whole timed block, prefill and every decode step, recorded on the engine's own thread
+            prof = _profiler(dev)
+            await asyncio.wrap_future(engine.call_in_engine(prof.__enter__))
+            try:
+                return await run_all(prompts, params)
+            finally:
+                await asyncio.wrap_future(engine.call_in_engine(lambda: prof.__exit__(None, None, None)))
+                _report(prof, dev, args.profile)
         finally:
             await engine.shutdown()
 

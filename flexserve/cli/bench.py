@@ -17,7 +17,8 @@ def add_throughput_arguments(p: argparse.ArgumentParser) -> None:
                         "as `flexserve calibrate` does)")
     p.add_argument("--disk-gbps", type=float, default=None, help="disk read bandwidth for the bound")
     p.add_argument("--json", action="store_true", help="print one JSON line at the end")
-    p.add_argument("--profile", default=None, help="write a torch.profiler trace of 2 decode steps to this file")
+    p.add_argument("--profile", default=None, help="write a torch.profiler trace to this file and print its top "
+                   "operators: the last 2 decode steps (offload engine) or the whole timed block (paged engine)")
     p.add_argument("--engine", choices=["offload", "paged"], default="offload",
                    help="offload: the zig-zag offloading executor (default); paged: the serving engine (paged "
                         "KV cache, CUDA-graph decode), for resident or weights-only-offloaded models")

@@ -132,6 +132,14 @@ class AsyncEngine(EngineFront):
         self._inbox.put(("abort", request_id, None))
         self._wake.set()
 
+    def call_in_engine(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps, for what must happen there (a profiler records
+        the thread it is started on); the future holds its result or its error."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", fn, done))
+        self._wake.set()
+        return done
+
     def stats(self) -> dict:
         s = self.scheduler.stats()  # reads snapshots (list(...)) of the tables the engine thread changes
         return {
@@ -219,7 +227,7 @@ class AsyncEngine(EngineFront):
                 kind, _, fut = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if kind == "add" and not fut.done():
+            if kind in ("add", "call") and not fut.done():
                 fut.set_exception(error)
         self.outputs.deliver([(live, error) for live in self._live.values()])
         self._live.clear()
@@ -245,6 +253,12 @@ class AsyncEngine(EngineFront):
                     continue
                 self._live[item.request_id] = item
                 fut.set_result(None)
+            elif kind == "call":
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(item())
+                    except Exception as e:
+                        fut.set_exception(e)
             elif kind == "abort" and item in self._live:
                 self.scheduler.abort(item)
                 live = self._live.pop(item)

@@ -136,3 +136,20 @@ def test_cli_flag(flag, expect):
 
 def _has_model_flag(p) -> bool:
     return any("--model" in a.option_strings for a in p._actions)
+
+
+def test_a_call_runs_on_the_engine_thread_and_its_error_reaches_the_caller(reference):
+    import threading
+
+    folder, _ = reference
+    engine = AsyncEngine(EngineConfig(model=folder, dtype="float32", device="cpu", num_gpu_blocks=40))
+
+    def boom():
+        raise ValueError("boom")
+
+    async def go():
+        where = await asyncio.wrap_future(engine.call_in_engine(lambda: threading.current_thread().name))
+        with pytest.raises(ValueError, match="boom"):
+            await asyncio.wrap_future(engine.call_in_engine(boom))
+        return where
+    assert _run(engine, go) == "flexserve-engine"

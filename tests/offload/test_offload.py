@@ -210,7 +210,7 @@ def test_bench_throughput_warms_up_at_the_timed_gpu_batch_size(capsys, monkeypat
     assert calls == [(3, 16, 2, 3), (6, 24, 3, 3)]  # the warm-up: one batch of 3; then the timed block of 6
 
 
-def test_bench_throughput_on_the_paged_engine(capsys):
+def test_bench_throughput_on_the_paged_engine(capsys, tmp_path):
     """The same benchmark through the serving engine: every sequence gets its tokens, figures are reported;
     weights-only offloading works there too, cache offloading is refused."""
     flags = "--percent 50 50 100 0 100 0 --gpu-batch-size 3 --num-gpu-batches 1"
@@ -220,6 +220,13 @@ def test_bench_throughput_on_the_paged_engine(capsys):
     assert rc == 0 and res["engine"] == "paged" and res["policy"] == flags and not res["cuda_graphs"]
     assert (res["block"], res["prompt_len"], res["gen_len"], res["dtype"]) == (3, 16, 4, "float32")
     assert res["generated_tokens"] == res["block"] * res["gen_len"] == 12  # every sequence got all its tokens
+    trace = tmp_path / "paged.json"
+    rc, res, out = bench_result(capsys, ["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m",
+                                         "--device", "cpu", "--dtype", "float32", "--prompt-len", "16",
+                                         "--gen-len", "3", "--gpu-batch-size", "2", "--profile", str(trace),
+                                         "--json"])
+    assert rc == 0 and res["generated_tokens"] == 6
+    assert trace.stat().st_size > 0 and "Self CPU time total" in out and "aten::" in out  # the top operators
     rc = main(["bench", "throughput", "--engine", "paged", "--model", "dummy:opt-125m", "--device", "cpu",
                "--percent", "100", "0", "0", "100", "100", "0"])
     assert rc == 1 and "paged pools" in capsys.readouterr().err
