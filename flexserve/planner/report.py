@@ -107,6 +107,10 @@ def format_plan(plan: Plan, config: ModelConfig, work: Workload) -> str:
         ("bottleneck", f"{e.decode_bottleneck} (decode), {e.prefill_bottleneck} (prefill); overall {e.bottleneck}"),
         ("search", f"{plan.num_candidates} block shapes, {plan.num_solved} LP/MILP solves, {plan.search_s:.2f} s"),
     ]
+    if e.decode_bottleneck == "launch overhead" and p.w_gpu_percent == 100 and not hw.unified_memory:
+        rows.append(("note", "decode is bound by the host issuing kernels, not by the GPU: the model fits, so "
+                             "the paged engine (`flexserve serve`, `bench throughput --engine paged`), which "
+                             "replays decode steps as CUDA graphs, avoids that cost"))
     return "\n".join(f"{k:<11}{v}" for k, v in rows)
 
 

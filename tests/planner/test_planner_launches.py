@@ -89,3 +89,17 @@ def test_without_a_gpu_issuing_and_computing_share_one_thread():
     assert "decode.host.dispatch" not in e.breakdown
     assert e.breakdown["decode.compute.dispatch"] == pytest.approx(
         cfg.num_layers * host_seconds(cfg, cpu_box.layer_overhead_s))
+
+
+def test_plan_points_a_launch_bound_resident_model_to_the_paged_engine():
+    from flexserve.planner import search
+    from flexserve.planner.report import Workload, format_plan
+
+    cfg = preset("llama-3-8b")
+    work = Workload("llama-3-8b", "bfloat16", 512, 16)
+    resident = search(cfg, H100, 512, 16, gpu_mem="40GiB")
+    assert resident.policy.w_gpu_percent == 100 and resident.estimate.decode_bottleneck == "launch overhead"
+    assert "paged engine" in format_plan(resident, cfg, work)
+    offloaded = search(cfg, H100, 512, 16, gpu_mem="6GiB")  # weights stream: the link, not the host, bounds it
+    assert offloaded.policy.w_gpu_percent < 100
+    assert "paged engine" not in format_plan(offloaded, cfg, work)
