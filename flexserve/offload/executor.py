@@ -38,7 +38,7 @@ from ..models.layers import attention_in, attention_out, decoder_layer, embed, r
 from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
 from ..compression.kv import is_fp8, kv_storage_dtype
-from .experts import ExpertStreamer, ExpertWeights
+from .experts import ExpertStreamer, ExpertWeights, expert_slots
 from .placement import CompressedHandle, PseudoLayer, place_weights
 from .quantized import QuantHandle, layer_quantizer
 from .policy import Policy
@@ -137,7 +137,7 @@ class OffloadExecutor:
                                                        layer_quantizer(policy, source, self.device, dtype))
         self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
         self.experts = ExpertStreamer(self.cfg, self.tiers, self.device, dtype, policy.expert_compute,
-                                      overlap=policy.overlap)
+                                      overlap=policy.overlap, slots=expert_slots(self.cfg, policy))
         separate = policy.overlap
         self.load_lane = Lane(self.device, separate)
         self.store_lane = Lane(self.device, separate)

@@ -12,7 +12,7 @@ sent tokens to it, it is either copied in (its bytes cross PCIe, then the GPU co
 where it lives (the tokens cross, the CPU reads the weights from host memory). The two sides are different
 resources, so a layer's off-GPU experts are divided between them to finish together (`split_experts`, by the
 rates of `expert_rates`): a decode token's two experts run one on each side at once, a prefill's hundreds of
-tokens per expert go to the GPU. Copies run on their own lane into `EXPERT_SLOTS` GPU slots, the next copy
+tokens per expert go to the GPU. Copies run on their own lane into GPU slots (`expert_slots`), the next copy
 landing while the previous expert computes, and all of a layer's copies and their GPU work are queued before
 the CPU starts on its share.
 
@@ -26,7 +26,9 @@ A slot keeps the expert it holds until the executor moves on from the layer (`Ex
 under the zig-zag schedule, where one layer serves every GPU batch of the block in turn, batch k+1 computes
 with an expert batch k copied instead of copying it again (FlexGen's reuse of a layer's weights across the
 block, applied to experts): an expert crosses PCIe once per layer and block while the block's copied experts
-fit in the slots, and the slots never grow past what the planner and memory check count.
+fit in the slots. A block of one GPU batch needs two (one landing while the other computes); a block of
+several gets a slot for every expert one batch is expected to reach, so that the later batches find the first
+one's copies held, and the planner counts those slots on the GPU.
 
 Which experts hold the GPU's share is not fixed by index: the placement decides how many, H per layer, and
 the routing decides which (`hot_experts`). Every call counts the tokens routed to each expert from the
@@ -43,6 +45,7 @@ on the GPU, or is unpacked on the CPU and computed there. Only the packed bytes 
 from __future__ import annotations
 
 import collections
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -64,6 +67,18 @@ _EXPERT = re.compile(r"^experts\.(\d+)\.")
 
 CPU_FACTOR_STEP = 0.25  # weight of the newest layer's measured/modelled ratio in `cpu_time_factor`
 CPU_FACTOR_LIMIT = 20.0  # one layer's ratio is clamped to [1/20, 20]: a stall elsewhere is not a rate
+
+
+def expert_slots(config: ModelConfig, policy) -> int:
+    """GPU slots for copied experts under `policy`: `EXPERT_SLOTS` (one copy landing while the other expert
+    computes) for a block of one GPU batch; with several, as many as the experts one GPU batch's decode step is
+    expected to reach (at most the layer's experts), so that the block's later batches find what the first
+    copied still held and each expert crosses PCIe once per layer and block, not once per batch."""
+    if not config.is_moe or policy.num_gpu_batches <= 1:
+        return EXPERT_SLOTS
+    e, k = config.num_experts, config.experts_per_token
+    reach = e * (1.0 - (1.0 - k / e) ** policy.gpu_batch_size)
+    return int(min(e, max(EXPERT_SLOTS, math.ceil(reach - 1e-9))))
 
 
 def expert_index(name: str) -> int | None:
@@ -121,7 +136,7 @@ class ExpertStreamer:
     modelled_s: float = 0.0  # the off-GPU experts' time at the rates, as divided: what the bench bounds by
     cpu_time_factor: float = 1.0  # measured / modelled CPU time of the experts computed on the host so far
     learns_cpu_time: bool = False  # set when the rates are probed here: given rates are taken as they are
-    slots: int = EXPERT_SLOTS  # more than EXPERT_SLOTS uses GPU memory the planner does not count
+    slots: int = EXPERT_SLOTS  # the executor gives `expert_slots(policy)`, what the planner counts
     hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
     def __post_init__(self) -> None:

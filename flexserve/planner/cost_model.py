@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from ..config import ModelConfig
 from ..errors import PolicyError
+from ..offload.experts import expert_slots
 from ..offload.policy import Policy
 from . import launches, moe_cost
 from .hardware import Hardware, format_size
@@ -199,7 +200,11 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         store: dict[str, Linear] = {}
         compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin)}
         if m is not None:  # only the experts the batch reaches cost, copied in or computed on the CPU
-            load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
+            if moe_cost.reuses_across_block(cfg, p, gbs * tokens):  # the block's batches share its copies
+                load, experts_compute = moe_cost.moe_layer(cfg, p, hw, blk * tokens, b).off_gpu_terms(
+                    hw, share("w", "gpu"), share("w", "disk"), 1)
+            else:
+                load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
             compute.update(experts_compute)
             compute["gpu linear"] = Linear.constant(lin + dequant)  # packed experts: unpacked where they run
         elif dequant:  # the loader unpacks each weight into its slot on the copy stream, right behind its bytes
@@ -261,7 +266,8 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
     cache_total = blk * seq * cfg.num_layers * sz.kv_token
     act_total = blk * prompt_len * cfg.hidden_size * b
     glob_stream = sz.embed_w + sz.head_w  # one staging slot each for the embed and head pseudo-layers
-    layer_stage = moe_cost.staging_bytes(cfg, b) if moe_cost.applies(cfg, p) else 2 * sz.layer_w
+    layer_stage = (moe_cost.staging_bytes(cfg, b, expert_slots(cfg, p)) if moe_cost.applies(cfg, p)
+                   else 2 * sz.layer_w)
     cache_slot = 2 * gbs * seq * sz.kv_token16  # two GPU slots of one (layer, batch) K and V
     gpu_parts = {
         "weights": share("w", "gpu") * sz.total_w,

@@ -19,12 +19,14 @@ moves traffic, not bytes. Left out, routing is uniform (hot_capture = g) and not
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..memory.tiers import Tier
-from ..offload.experts import EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expert_index, expert_seconds
+from ..offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expert_index, expert_seconds,
+                               expert_slots)
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
@@ -94,11 +96,20 @@ def cold_traffic(config: ModelConfig, policy: Policy, hot_capture: float | None)
     return 1.0 if gpu in (0.0, 1.0) else (1 - hot_capture) / (1 - gpu)
 
 
-def staging_bytes(config: ModelConfig, dtype_bytes: int) -> float:
+def staging_bytes(config: ModelConfig, dtype_bytes: int, slots: int = EXPERT_SLOTS) -> float:
     """GPU staging one MoE layer needs while its experts run one by one: its dense weights if they stream, and
-    the executor's `EXPERT_SLOTS` expert slots (instead of two whole layers)."""
+    the executor's expert slots (`offload.experts.expert_slots`; instead of two whole layers)."""
     expert = config.expert_params()
-    return (config.num_layer_params() - config.num_experts * expert + EXPERT_SLOTS * expert) * dtype_bytes
+    return (config.num_layer_params() - config.num_experts * expert + slots * expert) * dtype_bytes
+
+
+def reuses_across_block(config: ModelConfig, policy: Policy, tokens_per_batch: float) -> bool:
+    """Whether the block's later GPU batches find the experts the first copied still in their slots: several
+    batches, and slots for every expert one batch reaches (then each expert crosses once per layer and
+    block)."""
+    slots = expert_slots(config, policy)
+    hit = expected_experts_hit(config.num_experts, config.experts_per_token, tokens_per_batch)
+    return policy.num_gpu_batches > 1 and slots >= math.ceil(hit - 1e-9)
 
 
 def applies(config: ModelConfig, policy: Policy) -> bool:
@@ -110,15 +121,20 @@ def applies(config: ModelConfig, policy: Policy) -> bool:
 
 def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int) -> dict[str, float]:
     """Bytes of off-GPU experts a decode step is expected to reach, by tier (`cpu`, `disk`): per layer and GPU
-    batch, the experts its `gpu_batch_size` tokens hit, in the proportion the layer keeps off the GPU. What
-    the transfer bound of a mixture of experts counts in place of whole streamed layers."""
+    batch, the experts its `gpu_batch_size` tokens hit, in the proportion the layer keeps off the GPU; once
+    per layer and block, the experts the whole block hits, when the slots hold one batch's experts for the
+    next. What the transfer bound of a mixture of experts counts in place of whole streamed layers."""
     cfg = executor.cfg
     if not cfg.is_moe:
         return {"cpu": 0.0, "disk": 0.0}
     hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size)
+    times = num_gpu_batches
+    if num_gpu_batches > 1 and executor.experts.slots >= math.ceil(hit - 1e-9):  # held for the later batches
+        hit, times = expected_experts_hit(cfg.num_experts, cfg.experts_per_token,
+                                          gpu_batch_size * num_gpu_batches), 1
     out = {"cpu": 0.0, "disk": 0.0}
     for layer in executor.layers:
         for h in layer.experts.values():  # each expert's up and down, on its tier (packed ones on the GPU too)
             if h.tier.value in out:
-                out[h.tier.value] += num_gpu_batches * hit / cfg.num_experts * h.nbytes
+                out[h.tier.value] += times * hit / cfg.num_experts * h.nbytes
     return out

@@ -12,7 +12,7 @@ import torch
 from flexserve import LLM, Policy, SamplingParams
 from flexserve.config import preset
 from flexserve.memory.tiers import Tier
-from flexserve.offload.experts import EXPERT_SLOTS, assign_moe_tiers, expert_index
+from flexserve.offload.experts import assign_moe_tiers, expert_index, expert_slots
 from flexserve.offload.hot_experts import HotExperts, RoutingCounter, choose_swaps
 from flexserve.planner import profile
 from flexserve.planner.moe_cost import moe_layer
@@ -169,7 +169,7 @@ def test_the_most_routed_experts_take_the_gpu_share_and_tokens_stay_the_same(bia
                 assert sorted(counts[e] for e in residents) == sorted(counts[e] for e in hottest)
         # never more on the GPU than the placement's share, nor fewer experts on any other tier
         assert step["gpu_bytes"] == steps[0]["gpu_bytes"] and step["tiers"] == steps[0]["tiers"]
-        assert step["slots"] <= EXPERT_SLOTS
+        assert step["slots"] <= expert_slots(streamer.cfg, policy)  # the slots the planner counts
     for residents in steps[-1]["residents"]:  # the experts the router favours, as many as fit
         assert len(residents) == budget
         assert set(residents) <= set(HOT[kind]) or set(HOT[kind]) <= set(residents)

@@ -83,9 +83,15 @@ def test_the_transfer_bound_counts_the_experts_a_step_reaches(tiny_model):
     with LLM(tiny_model("mixtral")[0], dtype="float32", device="cpu", policy=policy) as llm:
         ex = llm.executor
         off = sum(h.nbytes for layer in ex.layers for h in layer.experts.values())
+        # the slots hold every expert one batch reaches (4 of the tiny Mixtral's 4): the block's two batches
+        # share one crossing of each, so the bound counts the experts the block's 6 tokens reach, once
+        assert ex.experts.slots == 4
         reached = reached_expert_bytes(ex, 3, 2)
+        ex.experts.slots = 2  # too few to hold a batch's experts: every batch's reached experts count
+        per_batch = reached_expert_bytes(ex, 3, 2)
     assert off > 0 and reached["disk"] == 0
-    assert reached["cpu"] == pytest.approx(2 * expected_experts_hit(4, 2, 3) / 4 * off)
+    assert reached["cpu"] == pytest.approx(expected_experts_hit(4, 2, 6) / 4 * off)
+    assert per_batch["cpu"] == pytest.approx(2 * expected_experts_hit(4, 2, 3) / 4 * off)
 
 
 def test_the_bound_leaves_out_packed_experts_kept_on_the_gpu(tiny_model):
@@ -95,3 +101,31 @@ def test_the_bound_leaves_out_packed_experts_kept_on_the_gpu(tiny_model):
     policy = Policy.from_percent((100, 0, 100, 0, 100, 0), compress_weight=True)
     with LLM(tiny_model("mixtral")[0], dtype="float32", device="cpu", policy=policy) as llm:
         assert reached_expert_bytes(llm.executor, 1, 1) == {"cpu": 0.0, "disk": 0.0}
+
+
+def test_a_block_that_shares_its_copies_pays_them_once_and_stages_its_slots(monkeypatch):
+    """Several GPU batches: the executor keeps a slot for every expert one batch reaches, so the planner counts
+    those slots on the GPU and the block's copies once per layer, not once per batch."""
+    from flexserve.offload.experts import EXPERT_SLOTS, expert_slots
+    from flexserve.planner.moe_cost import staging_bytes
+
+    cfg = preset("mixtral-8x7b")
+    one = Policy.from_percent((20, 80, 100, 0, 100, 0), gpu_batch_size=64, num_gpu_batches=1,
+                              expert_compute="copy")
+    four = one.replace(num_gpu_batches=4)
+    assert expert_slots(cfg, one) == EXPERT_SLOTS and expert_slots(cfg, four) == cfg.num_experts
+    assert staging_bytes(cfg, 2, 8) - staging_bytes(cfg, 2) == 6 * cfg.expert_params() * 2
+    a, b = estimate(cfg, one, H100, 128, 8), estimate(cfg, four, H100, 128, 8)
+    # 64 tokens reach every expert: four batches copy the same eight once, as one batch does
+    assert b.breakdown["decode.load.experts pcie"] == pytest.approx(a.breakdown["decode.load.experts pcie"],
+                                                                    rel=1e-6)
+    # ... while with two slots they would cross four times, and six experts fewer would be staged
+    from flexserve.planner import cost_model, moe_cost
+
+    monkeypatch.setattr(moe_cost, "expert_slots", lambda *_: EXPERT_SLOTS)
+    monkeypatch.setattr(cost_model, "expert_slots", lambda *_: EXPERT_SLOTS)
+    two = estimate(cfg, four, H100, 128, 8)
+    assert two.breakdown["decode.load.experts pcie"] == pytest.approx(4 * b.breakdown["decode.load.experts pcie"],
+                                                                      rel=1e-6)
+    assert b.peak_gpu_bytes - two.peak_gpu_bytes == pytest.approx(
+        (1 - 0.2) * 6 * cfg.expert_params() * 2, rel=0.05)  # the slots stage what the GPU does not hold
