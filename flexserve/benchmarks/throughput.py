@@ -206,7 +206,8 @@ def expert_columns(ex, block: int, decode_tps: float, modelled_s: float | None =
         out["expert_rates"] = {"cpu_flops": rates.cpu_flops, "host_read_gbps": rates.host_read_bytes / 1e9,
                                "pcie_gbps": rates.pcie_bytes / 1e9,
                                "cpu_time_factor": ex.experts.cpu_time_factor}  # measured / probed CPU time
-        cpu_bytes = reached_expert_bytes(ex, ex.policy.gpu_batch_size, ex.policy.num_gpu_batches)["cpu"]
+        cpu_bytes = reached_expert_bytes(ex, ex.policy.gpu_batch_size, ex.policy.num_gpu_batches,
+                                         shared_copies=False)["cpu"]  # the CPU reads each batch's experts
         if cpu_bytes:
             bound = block / (cpu_bytes / rates.host_read_bytes)
             out["bound_decode_tok_s_cpu_experts"] = bound

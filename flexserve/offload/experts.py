@@ -27,8 +27,8 @@ under the zig-zag schedule, where one layer serves every GPU batch of the block 
 with an expert batch k copied instead of copying it again (FlexGen's reuse of a layer's weights across the
 block, applied to experts): an expert crosses PCIe once per layer and block while the block's copied experts
 fit in the slots. A block of one GPU batch needs two (one landing while the other computes); a block of
-several gets a slot for every expert one batch is expected to reach, so that the later batches find the first
-one's copies held, and the planner counts those slots on the GPU.
+several gets a slot for every expert the block is expected to reach (at most those off the GPU), so that the
+later batches find the earlier ones' copies held, and the planner counts those slots on the GPU.
 
 Which experts hold the GPU's share is not fixed by index: the placement decides how many, H per layer, and
 the routing decides which (`hot_experts`). Every call counts the tokens routed to each expert from the
@@ -71,14 +71,21 @@ CPU_FACTOR_LIMIT = 20.0  # one layer's ratio is clamped to [1/20, 20]: a stall e
 
 def expert_slots(config: ModelConfig, policy) -> int:
     """GPU slots for copied experts under `policy`: `EXPERT_SLOTS` (one copy landing while the other expert
-    computes) for a block of one GPU batch; with several, as many as the experts one GPU batch's decode step is
-    expected to reach (at most the layer's experts), so that the block's later batches find what the first
-    copied still held and each expert crosses PCIe once per layer and block, not once per batch."""
+    computes) for a block of one GPU batch; with several, as many as the experts the whole block's decode step
+    is expected to reach, at most the experts a layer keeps off the GPU, so that the block's later batches find
+    what the earlier ones copied still held and each expert crosses PCIe once per layer and block, not once per
+    batch."""
     if not config.is_moe or policy.num_gpu_batches <= 1:
         return EXPERT_SLOTS
     e, k = config.num_experts, config.experts_per_token
-    reach = e * (1.0 - (1.0 - k / e) ** policy.gpu_batch_size)
-    return int(min(e, max(EXPERT_SLOTS, math.ceil(reach - 1e-9))))
+    reach = e * (1.0 - (1.0 - k / e) ** (policy.gpu_batch_size * policy.num_gpu_batches))
+    return int(max(EXPERT_SLOTS, min(off_gpu_experts(config, policy), math.ceil(reach - 1e-9))))
+
+
+def off_gpu_experts(config: ModelConfig, policy) -> int:
+    """How many of a decoder layer's experts `policy`'s placement keeps off the GPU."""
+    tiers = assign_moe_tiers(config.layer_weight_sizes(), policy.w_gpu_percent, policy.w_cpu_percent)
+    return len({expert_index(n) for n, t in tiers.items() if t is not Tier.GPU} - {None})
 
 
 def expert_index(name: str) -> int | None:
@@ -348,8 +355,11 @@ class ExpertStreamer:
             self._used[s] = self._tick
         return steps
 
-    def _eviction_order(self, s: int) -> tuple[bool, int]:
-        return s < len(self._slots) and self._slots[s].holds is not None, self._used.get(s, -1)
+    def _eviction_order(self, s: int) -> tuple[bool, bool, int]:
+        """Free slots that exist first, then new ones (allocated only when needed), then the least recently
+        used held one."""
+        return s < len(self._slots) and self._slots[s].holds is not None, s >= len(self._slots), \
+            self._used.get(s, -1)
 
     def _slot(self, n: int) -> _Slot:
         while len(self._slots) <= n:

@@ -200,11 +200,10 @@ def build(config: ModelConfig, policy: Policy, hardware: Hardware, prompt_len: i
         store: dict[str, Linear] = {}
         compute: dict[str, Linear] = {"gpu linear": Linear.constant(lin)}
         if m is not None:  # only the experts the batch reaches cost, copied in or computed on the CPU
-            if moe_cost.reuses_across_block(cfg, p, gbs * tokens):  # the block's batches share its copies
-                load, experts_compute = moe_cost.moe_layer(cfg, p, hw, blk * tokens, b).off_gpu_terms(
+            load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
+            if moe_cost.reuses_across_block(cfg, p, blk * tokens):  # the block's batches share their copies
+                load, _ = moe_cost.moe_layer(cfg, p, hw, blk * tokens, b).off_gpu_terms(
                     hw, share("w", "gpu"), share("w", "disk"), 1)
-            else:
-                load, experts_compute = m.off_gpu_terms(hw, share("w", "gpu"), share("w", "disk"), nb)
             compute.update(experts_compute)
             compute["gpu linear"] = Linear.constant(lin + dequant)  # packed experts: unpacked where they run
         elif dequant:  # the loader unpacks each weight into its slot on the copy stream, right behind its bytes
@@ -266,8 +265,11 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
     cache_total = blk * seq * cfg.num_layers * sz.kv_token
     act_total = blk * prompt_len * cfg.hidden_size * b
     glob_stream = sz.embed_w + sz.head_w  # one staging slot each for the embed and head pseudo-layers
-    layer_stage = (moe_cost.staging_bytes(cfg, b, expert_slots(cfg, p)) if moe_cost.applies(cfg, p)
-                   else 2 * sz.layer_w)
+    per_expert = moe_cost.applies(cfg, p)
+    # a mixture's layer stages its dense weights; its expert slots are allocated whole once any expert is off the
+    # GPU (the executor fills every slot it has over a few layers), a switch rather than a share
+    layer_stage = moe_cost.staging_bytes(cfg, b, 0) if per_expert else 2 * sz.layer_w
+    expert_slot_bytes = expert_slots(cfg, p) * cfg.expert_params() * b if per_expert else 0.0
     cache_slot = 2 * gbs * seq * sz.kv_token16  # two GPU slots of one (layer, batch) K and V
     gpu_parts = {
         "weights": share("w", "gpu") * sz.total_w,
@@ -298,6 +300,8 @@ def _memory(cfg: ModelConfig, p: Policy, sz: Sizes, prompt_len: int, gen_len: in
     store_staging = gbs * prompt_len * 2 * cfg.kv_size * b
     gpu_switches = (Switch(1 - share("cache", "gpu"), cache_slot, "cache slots"),
                     Switch(1 - share("cache", "gpu"), store_staging, "cache store staging"))
+    if per_expert:
+        gpu_switches += (Switch(1 - share("w", "gpu"), expert_slot_bytes, "expert slots"),)
     cpu_switches = [Switch(share("cache", "disk"), cache_slot, "cache disk staging")]
     if p.cpu_cache_compute:
         cpu_attn_ws = gbs * cfg.num_heads * seq * 4 + gbs * cfg.q_size * b * 2

@@ -26,7 +26,7 @@ from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..memory.tiers import Tier
 from ..offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expert_index, expert_seconds,
-                               expert_slots)
+                               expert_slots, off_gpu_experts)
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
@@ -103,13 +103,14 @@ def staging_bytes(config: ModelConfig, dtype_bytes: int, slots: int = EXPERT_SLO
     return (config.num_layer_params() - config.num_experts * expert + slots * expert) * dtype_bytes
 
 
-def reuses_across_block(config: ModelConfig, policy: Policy, tokens_per_batch: float) -> bool:
-    """Whether the block's later GPU batches find the experts the first copied still in their slots: several
-    batches, and slots for every expert one batch reaches (then each expert crosses once per layer and
-    block)."""
-    slots = expert_slots(config, policy)
-    hit = expected_experts_hit(config.num_experts, config.experts_per_token, tokens_per_batch)
-    return policy.num_gpu_batches > 1 and slots >= math.ceil(hit - 1e-9)
+def reuses_across_block(config: ModelConfig, policy: Policy, block_tokens: float) -> bool:
+    """Whether the block's GPU batches share the experts they copy: several batches, a rule that copies, and
+    slots for every off-GPU expert the block's `block_tokens` reach (then each crosses once per layer and
+    block; the CPU's share is still computed, and its weights read, batch by batch)."""
+    if policy.num_gpu_batches <= 1 or policy.expert_compute == "cpu":
+        return False
+    hit = expected_experts_hit(config.num_experts, config.experts_per_token, block_tokens)
+    return expert_slots(config, policy) >= min(off_gpu_experts(config, policy), math.ceil(hit - 1e-9))
 
 
 def applies(config: ModelConfig, policy: Policy) -> bool:
@@ -119,19 +120,22 @@ def applies(config: ModelConfig, policy: Policy) -> bool:
     return config.is_moe and per_expert(config.layer_weight_sizes())
 
 
-def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int) -> dict[str, float]:
+def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int,
+                         shared_copies: bool = True) -> dict[str, float]:
     """Bytes of off-GPU experts a decode step is expected to reach, by tier (`cpu`, `disk`): per layer and GPU
-    batch, the experts its `gpu_batch_size` tokens hit, in the proportion the layer keeps off the GPU; once
-    per layer and block, the experts the whole block hits, when the slots hold one batch's experts for the
-    next. What the transfer bound of a mixture of experts counts in place of whole streamed layers."""
+    batch, the experts its `gpu_batch_size` tokens hit, in the proportion the layer keeps off the GPU; with
+    `shared_copies` (what crosses PCIe), once per layer and block, the experts the whole block hits, when the
+    slots hold them for the block's later batches. What the transfer bound of a mixture of experts counts in
+    place of whole streamed layers; the CPU computes, and reads, each batch's experts (`shared_copies=False`)."""
     cfg = executor.cfg
     if not cfg.is_moe:
         return {"cpu": 0.0, "disk": 0.0}
     hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size)
     times = num_gpu_batches
-    if num_gpu_batches > 1 and executor.experts.slots >= math.ceil(hit - 1e-9):  # held for the later batches
-        hit, times = expected_experts_hit(cfg.num_experts, cfg.experts_per_token,
-                                          gpu_batch_size * num_gpu_batches), 1
+    block_hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size * num_gpu_batches)
+    off = max((sum(1 for n in layer.experts if n.endswith("up.weight")) for layer in executor.layers), default=0)
+    if shared_copies and num_gpu_batches > 1 and executor.experts.slots >= min(off, math.ceil(block_hit - 1e-9)):
+        hit, times = block_hit, 1  # held for the block's later batches
     out = {"cpu": 0.0, "disk": 0.0}
     for layer in executor.layers:
         for h in layer.experts.values():  # each expert's up and down, on its tier (packed ones on the GPU too)
