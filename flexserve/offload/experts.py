@@ -77,9 +77,19 @@ def expert_slots(config: ModelConfig, policy) -> int:
     batch."""
     if not config.is_moe or policy.num_gpu_batches <= 1:
         return EXPERT_SLOTS
-    e, k = config.num_experts, config.experts_per_token
-    reach = e * (1.0 - (1.0 - k / e) ** (policy.gpu_batch_size * policy.num_gpu_batches))
+    reach = expected_experts_hit(config.num_experts, config.experts_per_token, policy.block_size)
     return int(max(EXPERT_SLOTS, min(off_gpu_experts(config, policy), math.ceil(reach - 1e-9))))
+
+
+def expected_experts_hit(num_experts: int, k: int, tokens: float) -> float:
+    """Expected distinct experts that `tokens` tokens, each routed to k of `num_experts`, reach."""
+    return num_experts * (1.0 - (1.0 - k / num_experts) ** tokens)
+
+
+def slots_hold(slots: int, off_gpu: int, hit: float) -> bool:
+    """Whether `slots` copy slots hold every off-GPU expert that `hit` reached experts expected can need (a
+    layer keeps `off_gpu` off the GPU): then a block's later batches find the earlier ones' copies held."""
+    return slots >= min(off_gpu, math.ceil(hit - 1e-9))
 
 
 def off_gpu_experts(config: ModelConfig, policy) -> int:

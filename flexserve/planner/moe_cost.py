@@ -19,22 +19,16 @@ moves traffic, not bytes. Left out, routing is uniform (hot_capture = g) and not
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..compression.config import compression_ratio
 from ..config import ModelConfig
 from ..memory.tiers import Tier
-from ..offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expert_index, expert_seconds,
-                               expert_slots, off_gpu_experts)
+from ..offload.experts import (EXPERT_SLOTS, ExpertRates, assign_moe_tiers, expected_experts_hit,
+                               expert_index, expert_seconds, expert_slots, off_gpu_experts, slots_hold)
 from ..offload.policy import Policy
 from .hardware import Hardware
 from .linear import Linear
-
-
-def expected_experts_hit(num_experts: int, k: int, tokens: float) -> float:
-    """Expected distinct experts that `tokens` tokens, each routed to k of `num_experts`, reach."""
-    return num_experts * (1.0 - (1.0 - k / num_experts) ** tokens)
 
 
 @dataclass(frozen=True)
@@ -110,7 +104,7 @@ def reuses_across_block(config: ModelConfig, policy: Policy, block_tokens: float
     if policy.num_gpu_batches <= 1 or policy.expert_compute == "cpu":
         return False
     hit = expected_experts_hit(config.num_experts, config.experts_per_token, block_tokens)
-    return expert_slots(config, policy) >= min(off_gpu_experts(config, policy), math.ceil(hit - 1e-9))
+    return slots_hold(expert_slots(config, policy), off_gpu_experts(config, policy), hit)
 
 
 def applies(config: ModelConfig, policy: Policy) -> bool:
@@ -134,7 +128,7 @@ def reached_expert_bytes(executor, gpu_batch_size: int, num_gpu_batches: int,
     times = num_gpu_batches
     block_hit = expected_experts_hit(cfg.num_experts, cfg.experts_per_token, gpu_batch_size * num_gpu_batches)
     off = max((sum(1 for n in layer.experts if n.endswith("up.weight")) for layer in executor.layers), default=0)
-    if shared_copies and num_gpu_batches > 1 and executor.experts.slots >= min(off, math.ceil(block_hit - 1e-9)):
+    if shared_copies and num_gpu_batches > 1 and slots_hold(executor.experts.slots, off, block_hit):
         hit, times = block_hit, 1  # held for the block's later batches
     out = {"cpu": 0.0, "disk": 0.0}
     for layer in executor.layers:
