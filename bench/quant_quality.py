@@ -24,6 +24,11 @@ ROWS = (
     ("rtn4 g128", {"quantization": "rtn4"}),
     ("awq g128", {"quantization": "awq"}),
     ("fp8 KV cache", {"kv_cache_dtype": "fp8"}),
+    ("rtn4 g64", {"quantization": "rtn4", "quant_group_size": 64}),
+    ("awq g64", {"quantization": "awq", "quant_group_size": 64}),
+    ("rtn4 g32", {"quantization": "rtn4", "quant_group_size": 32}),
+    ("awq g32", {"quantization": "awq", "quant_group_size": 32}),
+    ("gguf (the file's own Q4_1 blocks, kept packed)", {"quantization": "gguf"}),
 )
 
 

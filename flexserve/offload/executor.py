@@ -38,7 +38,7 @@ from ..models.layers import attention_in, attention_out, decoder_layer, embed, r
 from ..weights import WeightSource
 from ..compression import CompressedTensor, CompressionConfig, compress_into, decompress
 from ..compression.kv import is_fp8, kv_storage_dtype
-from .experts import ExpertStreamer, ExpertWeights, expert_slots
+from .experts import ExpertStreamer, ExpertWeights, expert_slots, prefetches_next_layer
 from .placement import CompressedHandle, PseudoLayer, place_weights
 from .quantized import QuantHandle, layer_quantizer
 from .policy import Policy
@@ -137,7 +137,8 @@ class OffloadExecutor:
                                                        layer_quantizer(policy, source, self.device, dtype))
         self.inv_freq = rope_inv_freq(self.cfg).to(self.device) if self.cfg.positional == "rope" else None
         self.experts = ExpertStreamer(self.cfg, self.tiers, self.device, dtype, policy.expert_compute,
-                                      overlap=policy.overlap, slots=expert_slots(self.cfg, policy))
+                                      overlap=policy.overlap, slots=expert_slots(self.cfg, policy),
+                                      ahead=prefetches_next_layer(self.cfg, policy))
         separate = policy.overlap
         self.load_lane = Lane(self.device, separate)
         self.store_lane = Lane(self.device, separate)
@@ -377,10 +378,13 @@ class OffloadExecutor:
                 w = ExpertWeights(w, self.experts, layer.experts)
             for ahead in range(1, PREFETCH_DEPTH + 1):  # keep the load stream queued, never idle
                 self._prefetch((j + ahead) % n)
+            following = next((m for m in self.layers[j + 1:] + self.layers[:j + 1] if m.experts), None)
+            if following is not None and following is not layer:  # the next layer's experts, ahead
+                self.experts.prefetch(following.experts)
             yield layer, w
             self._release_weights(j)
             if layer.experts:  # every batch of the block has run the layer: its copied experts can go
-                self.experts.release()
+                self.experts.release(layer.experts)
         self.experts.end_step(self.layers)  # between steps: the most routed experts may take the GPU's share
 
     def embed_batch(self, layer: PseudoLayer, w, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

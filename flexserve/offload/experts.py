@@ -22,6 +22,14 @@ of every layer it divides and keeps a running ratio of the measured to the model
 (`cpu_time_factor`), which scales the CPU side of later divisions; the copy side is left at its probe, which
 does not waver. `modelled_s` stays at the probe's rates: it is the bound the benchmark reports.
 
+When the block is that large, the router's choice hardly matters to what crosses: every off-GPU expert of the
+next layer is going to be reached. The experts a layer routes to are known only once its router has run, so
+without help the copy lane would sit idle through the CPU attention, the CPU experts and the GPU work of every
+batch between one layer's last copy and the next layer's first router; the step would take the copies' time
+plus all of that. Such a block therefore gets twice the slots (`prefetches_next_layer`), and while a layer
+computes, the next layer's off-GPU experts held in host memory are already crossing into the other half
+(`ExpertStreamer.prefetch`): the copies then hide everything but themselves.
+
 A slot keeps the expert it holds until the executor moves on from the layer (`ExpertStreamer.release`), so
 under the zig-zag schedule, where one layer serves every GPU batch of the block in turn, batch k+1 computes
 with an expert batch k copied instead of copying it again (FlexGen's reuse of a layer's weights across the
@@ -67,6 +75,7 @@ _EXPERT = re.compile(r"^experts\.(\d+)\.")
 
 CPU_FACTOR_STEP = 0.25  # weight of the newest layer's measured/modelled ratio in `cpu_time_factor`
 CPU_FACTOR_LIMIT = 20.0  # one layer's ratio is clamped to [1/20, 20]: a stall elsewhere is not a rate
+PREFETCH_MISS = 0.1  # the largest chance that a block leaves one expert unreached for it to copy ahead
 
 
 def expert_slots(config: ModelConfig, policy) -> int:
@@ -74,11 +83,24 @@ def expert_slots(config: ModelConfig, policy) -> int:
     computes) for a block of one GPU batch; with several, as many as the experts the whole block's decode step
     is expected to reach, at most the experts a layer keeps off the GPU, so that the block's later batches find
     what the earlier ones copied still held and each expert crosses PCIe once per layer and block, not once per
-    batch."""
+    batch; twice that when the next layer's experts are copied ahead (`prefetches_next_layer`)."""
     if not config.is_moe or policy.num_gpu_batches <= 1:
         return EXPERT_SLOTS
+    off = off_gpu_experts(config, policy)
+    if prefetches_next_layer(config, policy):
+        return max(EXPERT_SLOTS, 2 * off)
     reach = expected_experts_hit(config.num_experts, config.experts_per_token, policy.block_size)
-    return int(max(EXPERT_SLOTS, min(off_gpu_experts(config, policy), math.ceil(reach - 1e-9))))
+    return int(max(EXPERT_SLOTS, min(off, math.ceil(reach - 1e-9))))
+
+
+def prefetches_next_layer(config: ModelConfig, policy) -> bool:
+    """Whether a layer's off-GPU experts are copied while the layer before it computes: a block of several GPU
+    batches whose decode step leaves any one expert unreached with probability at most `PREFETCH_MISS` (uniform
+    routing), under a rule that copies, with overlapped lanes. A miss costs one expert's copy for nothing."""
+    if not config.is_moe or policy.num_gpu_batches <= 1 or policy.expert_compute == "cpu" or not policy.overlap:
+        return False
+    miss = (1.0 - config.experts_per_token / config.num_experts) ** policy.block_size
+    return miss <= PREFETCH_MISS and off_gpu_experts(config, policy) > 0
 
 
 def expected_experts_hit(num_experts: int, k: int, tokens: float) -> float:
@@ -154,6 +176,7 @@ class ExpertStreamer:
     cpu_time_factor: float = 1.0  # measured / modelled CPU time of the experts computed on the host so far
     learns_cpu_time: bool = False  # set when the rates are probed here: given rates are taken as they are
     slots: int = EXPERT_SLOTS  # the executor gives `expert_slots(policy)`, what the planner counts
+    ahead: bool = False  # copy the next layer's experts while a layer computes (`prefetches_next_layer`)
     hot: HotExperts = field(init=False)  # routing counts and the hot-set schedule (tests may replace it)
 
     def __post_init__(self) -> None:
@@ -254,6 +277,13 @@ class ExpertStreamer:
         return to_copy, [i for i, c in zip(placed, copied) if not c], host_s
 
     @staticmethod
+    def _in_host_memory(offloaded: dict, e: int) -> bool:
+        """Expert e's weights (plain, or every packed part) live in host memory, not on disk or the GPU."""
+        handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
+        parts = [q for h in handles for q in ([h] if isinstance(h, Handle) or h is None else h.parts.values())]
+        return all(isinstance(q, Handle) and q.tier is Tier.CPU and q.data is not None for q in parts)
+
+    @staticmethod
     def _in_memory(offloaded: dict[str, Handle], e: int) -> bool:
         """Expert e's weights are plain tensors in host memory (not on disk, not packed)."""
         handles = [offloaded.get(f"experts.{e}.{p}.weight") for p in ("up", "down")]
@@ -272,10 +302,34 @@ class ExpertStreamer:
                 self.learns_cpu_time = True
                 return
 
-    def release(self) -> None:
-        """Forget what the slots hold: the executor has moved on from the layer for this block."""
+    def release(self, offloaded: dict | None = None) -> None:
+        """Forget what the slots hold of the layer whose off-GPU experts are `offloaded` (every layer's if None):
+        the executor has moved on from it for this block. A layer copied ahead keeps its slots."""
         for slot in self._slots:
-            slot.holds = None
+            if offloaded is None or slot.holds is not None and slot.holds[0] == id(offloaded):
+                slot.holds = None
+
+    def prefetch(self, offloaded: dict[str, Handle]) -> None:
+        """With `ahead`, queue copies of the off-GPU experts in host memory of the layer whose experts are
+        `offloaded` (the next one to run) into slots no layer holds, on the expert lane, behind the copies
+        already queued: they cross while the current layer computes, and that layer's `run` finds them held.
+        Experts on disk are left to `run` (their read would hold this thread)."""
+        if not self.ahead:
+            return
+        taken = {s for s, slot in enumerate(self._slots) if slot.holds is not None}
+        for e in sorted({expert_index(n) for n in offloaded} - {None}):
+            if self._held(offloaded, e) is not None or not self._in_host_memory(offloaded, e):
+                continue
+            free = [s for s in range(self.slots) if s not in taken]
+            if not free:
+                return
+            s = min(free, key=self._eviction_order)
+            taken.add(s)
+            self._tick += 1
+            self._used[s] = self._tick
+            self._load(s, offloaded, e)
+            self.counts["copied"] += 1
+            self.counts["prefetched"] += 1
 
     def end_step(self, layers) -> None:
         """The executor has walked every layer (a step): count it, and when the hot set is due, exchange in

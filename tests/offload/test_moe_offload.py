@@ -201,24 +201,34 @@ def test_quantized_attention_with_experts_placed_one_by_one(tiny_model):
 
 
 def _spy_on_expert_copies(streamer):
-    """Per layer and block forward (closed by `release`): the experts its batches route off the GPU, how many
-    (batch, expert) runs that is, and how many copies cross."""
-    groups = [{"routed": set(), "runs": 0, "copies": 0}]
+    """Per layer and block forward (from the layer's first copy or run to its `release`): the experts its
+    batches route off the GPU, how many (batch, expert) runs that is, and how many copies cross for it, those
+    made ahead while the layer before it computed included."""
+    groups, open_ = [], {}
     run, load, release = streamer.run, streamer._load, streamer.release
+
+    def group(offloaded):
+        if id(offloaded) not in open_:
+            open_[id(offloaded)] = {"routed": set(), "runs": 0, "copies": 0}
+            groups.append(open_[id(offloaded)])
+        return open_[id(offloaded)]
 
     def spy_run(w, offloaded, work):
         off = {e for e, _ in work if f"experts.{e}.up.weight" not in w}
-        groups[-1]["routed"] |= off
-        groups[-1]["runs"] += len(off)
+        group(offloaded)["routed"] |= off
+        group(offloaded)["runs"] += len(off)
         return run(w, offloaded, work)
 
     def spy_load(n, offloaded, e):
-        groups[-1]["copies"] += 1
+        group(offloaded)["copies"] += 1
         return load(n, offloaded, e)
 
-    def spy_release():
-        groups.append({"routed": set(), "runs": 0, "copies": 0})
-        release()
+    def spy_release(offloaded=None):
+        if offloaded is None:
+            open_.clear()
+        else:
+            open_.pop(id(offloaded), None)
+        release(offloaded)
 
     streamer.run, streamer._load, streamer.release = spy_run, spy_load, spy_release
     return groups
@@ -238,8 +248,8 @@ def test_copied_experts_are_reused_by_the_blocks_other_batches(tiny_model, tmp_p
                                  expert_compute="copy")
     with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
         streamer = llm.executor.experts
-        if slots is not None:
-            streamer.slots = slots
+        streamer.ahead = False  # the copies a batch makes itself (copying ahead has its own test)
+        streamer.slots = slots or EXPERT_SLOTS
         groups = _spy_on_expert_copies(streamer)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
         groups = [g for g in groups if g["runs"]]
@@ -265,8 +275,9 @@ def test_a_block_of_several_batches_gets_slots_for_the_blocks_experts(tiny_model
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     with LLM(folder, dtype="float32", device="cpu", policy=Policy.from_percent((100, 0, 100, 0, 100, 0))) as llm:
         resident = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    # serial lanes: no copies ahead, so the slots are the block's reach (see the test after this one)
     policy = Policy.from_percent((0, 100, 100, 0, 100, 0), gpu_batch_size=2, num_gpu_batches=3,
-                                 expert_compute="copy")
+                                 expert_compute="copy").replace(overlap=False)
     assert expert_slots(llm.config, policy) == 4 and expert_slots(llm.config, policy.replace(num_gpu_batches=1)) \
         == EXPERT_SLOTS
     with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
@@ -279,6 +290,41 @@ def test_a_block_of_several_batches_gets_slots_for_the_blocks_experts(tiny_model
     assert all(g["copies"] <= len(g["routed"]) for g in groups)  # never more copies than distinct experts
     assert sum(g["copies"] for g in groups) < sum(g["runs"] for g in groups)
     assert len(streamer._slots) <= 4
+
+
+def test_a_block_that_reaches_every_expert_copies_the_next_layers_ahead(tiny_model, tmp_path):
+    """A block whose tokens are all but sure to reach every off-GPU expert gets twice the slots, and each layer's
+    experts are copied while the layer before it computes: every copy is one made ahead, each expert crosses
+    at most once per layer and block, the layers find their experts held, and the tokens are the resident
+    run's."""
+    from flexserve.offload.experts import expert_slots, off_gpu_experts, prefetches_next_layer
+
+    folder = tiny_model("mixtral")[0]  # 4 experts, top-2: 6 tokens leave one unreached with chance 1/64
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(folder, dtype="float32", device="cpu", policy=Policy.from_percent((100, 0, 100, 0, 100, 0))) as llm:
+        resident = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        cfg = llm.config
+    policy = Policy.from_percent((0, 100, 100, 0, 100, 0), gpu_batch_size=2, num_gpu_batches=3,
+                                 expert_compute="auto")
+    off = off_gpu_experts(cfg, policy)
+    assert prefetches_next_layer(cfg, policy) and expert_slots(cfg, policy) == 2 * off == 8
+    # not with one batch, a CPU rule, serial lanes, or a block small enough to miss experts often
+    assert not any(prefetches_next_layer(cfg, q) for q in (policy.replace(num_gpu_batches=1),
+                                                             policy.replace(expert_compute="cpu"),
+                                                             policy.replace(overlap=False),
+                                                             policy.replace(gpu_batch_size=1, num_gpu_batches=2)))
+    with LLM(folder, dtype="float32", device="cpu", policy=policy, offload_dir=str(tmp_path)) as llm:
+        streamer = llm.executor.experts
+        assert streamer.ahead and streamer.slots == 8
+        groups = _spy_on_expert_copies(streamer)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+        counts = streamer.counts
+    assert got == resident
+    assert counts["prefetched"] > 0 and counts["copied"] == counts["prefetched"] and counts["cpu"] == 0
+    assert all(g["copies"] <= off for g in groups)
+    ran = [g for g in groups if g["runs"]]
+    assert ran and sum(g["copies"] for g in ran) < sum(g["runs"] for g in ran)
+    assert len(streamer._slots) <= 8
 
 
 @pytest.mark.parametrize("rule", ["auto", "copy"])
