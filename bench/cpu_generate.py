@@ -1,4 +1,4 @@
-"""CPU speed of flexserve vs transformers `generate` on the default SmolLM2-135M GGUF (issue 3's benchmark).
+"""CPU speed of flexserve vs transformers `generate` on the default SmolLM2-135M GGUF.
 
 Both run greedy decoding in float32 on the same prompts in the same process; eos is ignored so every row makes
 exactly --max-tokens tokens. Prints one table row per (engine, batch) and a JSON line.

@@ -1,4 +1,4 @@
-"""Throughput of tensor/pipeline-parallel generation (issue 8), one JSON line from rank 0.
+"""Throughput of tensor/pipeline-parallel generation, one JSON line from rank 0.
 
     torchrun --nproc-per-node 2 bench/parallel_throughput.py --model dummy:llama-3-70b --dtype bfloat16 \
         --tensor-parallel 2 --batch 16 --prompt-len 512 --gen-len 32

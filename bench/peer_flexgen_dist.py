@@ -1,5 +1,5 @@
 """FlexGen 0.1.8's pipeline-parallel mode (`flexgen.dist_flex_opt`) run offline with dummy weights: the peer
-of issue 8's OPT-175B pipeline runs. One process per GPU, started by torchrun; FlexGen's own initializer is
+of the OPT-175B pipeline runs. One process per GPU, started by torchrun; FlexGen's own initializer is
 given torchrun's rank and world size, on the port after torchrun's. FlexGen asks the model hub for an OPT
 tokenizer even with dummy weights, so a stand-in that returns fixed-length token ids takes its place (the
 content of the prompts does not change the timing); everything else is FlexGen's code. The last rank prints

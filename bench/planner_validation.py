@@ -1,4 +1,4 @@
-"""Issue 5's check: the planner's predicted throughput against measured runs, and `--policy auto` under caps.
+"""How far the planner's predicted throughput is from measured runs, and `--policy auto` under caps.
 
 For every policy in the list it runs `flexserve bench throughput` (a subprocess each, so peak memory and CUDA
 state do not leak between runs), asks `flexserve.planner.estimate` for the same policy on the same hardware
@@ -144,7 +144,7 @@ def tally_rows() -> list[dict]:
     from planner_tally import CASES
 
     return [dict(model=m, percent=list(pct), bs=bs, nb=nb, options=opts, prompt_len=512, gen_len=gen, dtype=dt,
-                 weight_placement="flexgen" if where.startswith("s6") else "largest-first", measured=meas)
+                 weight_placement="flexgen" if where.startswith("F") else "largest-first", measured=meas)
             for where, m, pct, bs, nb, opts, gen, dt, tp, pp, meas in CASES if tp == 1 and pp == 1]
 
 
@@ -221,10 +221,10 @@ def error_record(rows: list[dict], kind: str, source: str) -> dict:
 
 
 # Hand policies measured beside the planner's under a cap: FlexGen's README policy for OPT-30B on a 16 GB GPU,
-# and the planner's choice of session 2 (before the CPU-attention overlap was fitted).
+# and an earlier choice of the planner (before the CPU-attention overlap was fitted).
 CAP_HAND_POLICIES = {
     "opt-30b": [("FlexGen README policy", (20, 80, 0, 100, 0, 100), 16, 3, ["--cpu-cache-compute"]),
-                ("planner choice, session 2", (2, 98, 17, 83, 100, 0), 32, 2, ["--cpu-cache-compute"])],
+                ("earlier planner choice", (2, 98, 17, 83, 100, 0), 32, 2, ["--cpu-cache-compute"])],
 }
 
 

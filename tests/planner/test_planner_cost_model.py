@@ -235,7 +235,7 @@ def test_cpu_attention_overlap_slows_only_cpu_attention_policies():
         dataclasses.replace(hw, cpu_attention_overlap=1.5)
 
 
-# Peak GPU bytes measured on one H100 (session 6, bench/RESULTS.md section 2): the plan must not under-promise
+# Peak GPU bytes measured on one H100 (bench/RESULTS.md section 2): the plan must not under-promise
 # by more than a little, or a plan made for a 16 GiB card overflows it.
 MEASURED_GPU_PEAKS = [  # (model, --percent, gpu batch, num gpu batches, gen len, measured peak GB)
     ("opt-30b", (20, 80, 0, 100, 0, 100), 16, 3, 32, 11.03),

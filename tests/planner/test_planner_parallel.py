@@ -49,7 +49,7 @@ def test_pipeline_bubble_without_enough_micro_batches():
 def test_pipeline_stages_rebuild_weights_once_per_micro_batch():
     """Weight-bound stages (4-bit OPT-175B, all on the GPUs): splitting the batch into micro-batches costs a
     rebuild of every weight per micro-batch, so two stages decode no faster than one GPU would if it could
-    hold the model (the session-4 H200 runs: 6.6 tok/s on two GPUs)."""
+    hold the model (the two-GPU H200 runs: 6.6 tok/s)."""
     cfg = preset("opt-175b")
     pol = Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=8, compress_weight=True)
     pp2 = estimate_parallel(cfg, pol, H100, 512, 8, pp=2)
