@@ -58,24 +58,31 @@ def awq_scales(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int
 
 def awq_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int = CLIP_GRID) -> torch.Tensor:
     """The weight [N, K] with each (output channel, group) clipped to the range that minimises
-    sum_t (x_t,group . (w - Q(w))_group)^2 over calibration rows x [T, K]; K must be a multiple of
-    `group_size` (else the weight is returned unclipped)."""
+    sum_t (x_t,group . (w - Q(w))_group)^2 over calibration rows x [T, K]. When K is not a multiple of
+    `group_size`, the last, shorter group is searched like the others: it is padded as the quantiser pads it
+    (copies of its last weight, which clip alike) and the padding meets zero activations."""
     n, k = weight.shape
-    if k % group_size:
-        return weight
-    x = _subsample(x.reshape(-1, k), CLIP_MAX_ROWS).to(weight.dtype).view(-1, k // group_size, group_size)
-    wg = weight.view(n, k // group_size, group_size)  # [N, G, gs]
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    x = _subsample(x.reshape(-1, k), CLIP_MAX_ROWS).to(weight.dtype)
+    padded = weight
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+        padded = torch.cat([weight, weight[:, -1:].expand(n, pad)], dim=1)
+    x = x.view(-1, groups, group_size)
+    wg = padded.view(n, groups, group_size)  # [N, G, gs]
     max_abs = wg.abs().amax(dim=-1, keepdim=True)  # [N, G, 1]
     best_err = torch.full(max_abs.shape, float("inf"), device=weight.device)
     best = max_abs.clone()
     for i in range(grid // 2 + 1):  # r = 1, 1 - 1/grid, ..., 0.5
         limit = max_abs * (1 - i / grid)
-        clipped = torch.maximum(torch.minimum(wg, limit), -limit)
-        err = fake_quantize("rtn4", clipped.view(n, k), group_size).view_as(wg) - wg
+        clipped = torch.maximum(torch.minimum(wg, limit), -limit).view(n, -1)
+        err = fake_quantize("rtn4", clipped[:, :k], group_size) - weight  # the quantiser pads as above
+        err = torch.nn.functional.pad(err, (0, pad)).view(n, groups, group_size)
         err = torch.einsum("tgj,ngj->ngt", x, err).float().pow(2).sum(-1, keepdim=True)  # [N, G, 1]
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, limit, best)
-    return torch.maximum(torch.minimum(wg, best), -best).view(n, k)
+    return torch.maximum(torch.minimum(wg, best), -best).view(n, -1)[:, :k].contiguous()
 
 
 def _subsample(x: torch.Tensor, rows: int = AWQ_MAX_ROWS) -> torch.Tensor:

@@ -179,17 +179,21 @@ def test_bad_quant_config_is_refused_clearly(kw, msg):
         QuantConfig(**kw)
 
 
-def test_awq_clipping_lowers_the_error_on_heavy_tailed_weights():
+@pytest.mark.parametrize("width", [256, 288])  # 288: four whole groups of 64 and a last one of 32
+def test_awq_clipping_lowers_the_error_on_heavy_tailed_weights(width):
     from flexserve.compression.smoothing import awq_clip
 
     torch.manual_seed(5)
-    w = torch.distributions.StudentT(2.0).sample((64, 256)) * 0.02  # a few large weights per group
-    x = torch.randn(256, 256)
+    w = torch.distributions.StudentT(2.0).sample((64, width)) * 0.02  # a few large weights per group
+    x = torch.randn(256, width)
     ref = x @ w.t()
     err = lambda m: float((x @ fake_quantize("rtn4", m, 64).t() - ref).pow(2).mean())  # noqa: E731
     clipped = awq_clip(x, w, 64)
-    assert (clipped.abs() <= w.abs()).all() and not torch.equal(clipped, w)
+    assert clipped.shape == w.shape and (clipped.abs() <= w.abs()).all() and not torch.equal(clipped, w)
     assert err(clipped) < 0.97 * err(w)  # the search minimises this very error; r = 1 is a candidate
+    tail = slice(width // 64 * 64, width)  # the short last group is searched too
+    if width % 64:
+        assert not torch.equal(clipped[:, tail], w[:, tail])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU matmuls need CUDA")
